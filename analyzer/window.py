@@ -1,0 +1,220 @@
+"""The mergeable state of one (model, student_version, window) and the fields it reports.
+
+``WindowState`` composes the metric states; every part merges by addition (or by set union for
+membership scores), so partitions, replicas and roll-ups combine exactly:
+``a.merge(b)`` gives the same result as one state that saw both event sets, in any order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from analyzer.calibration import CalibrationState
+from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, DriftState, Reference
+from analyzer.fidelity import FidelityState, student_log_probs, teacher_log_probs
+from analyzer.membership import MembershipState, attack_scores
+from analyzer.sketch import QuantileSketch
+
+
+def _group_by_classes(indices_dists: Sequence[tuple[int, Any]]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, dist in indices_dists:
+        groups[dist.probs.shape[0]].append(i)
+    return groups
+
+
+# The updates take "distributions": objects with ``probs`` (K,) and ``log_probs`` (K,) or None,
+# such as collector.contract.Distribution.
+
+
+def _stack(dists: Sequence[Any], student: bool) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.stack([d.probs for d in dists])
+    logs = np.stack([
+        (student_log_probs if student else teacher_log_probs)(d.probs, d.log_probs) for d in dists
+    ])
+    return probs, logs
+
+
+@dataclass
+class WindowState:
+    n: int = 0
+    n_rejected: int = 0
+    n_late: int = 0
+    n_duplicate: int = 0
+    n_audit: int = 0
+    fidelity: FidelityState = field(default_factory=FidelityState)
+    calibration: CalibrationState = field(default_factory=CalibrationState)
+    # Over events having both a label and a teacher replay.
+    n_labeled_with_teacher: int = 0
+    n_correct_student_lt: int = 0
+    teacher_calibration: CalibrationState = field(default_factory=CalibrationState)
+    drift: DriftState = field(default_factory=DriftState)
+    membership: MembershipState = field(default_factory=MembershipState)
+    latency: QuantileSketch = field(default_factory=QuantileSketch)
+
+    # ---- updates (each takes a batch of events of this window) ----
+
+    def add_predictions(self, predictions: Sequence[Any], reference: Reference | None) -> None:
+        """Student-only contributions of production predictions (not audit records)."""
+        if not predictions:
+            return
+        self.n += len(predictions)
+        latencies = [p.latency_ms for p in predictions if p.latency_ms is not None]
+        if latencies:
+            self.latency.update(np.asarray(latencies))
+        if reference is not None:
+            columns: dict[str, list[Any]] = {CONFIDENCE: [], PREDICTED_CLASS: []}
+            for name in reference.features:
+                if not name.startswith("_"):
+                    columns[name] = []
+            for p in predictions:
+                columns[CONFIDENCE].append(float(p.dist.probs.max()))
+                columns[PREDICTED_CLASS].append(str(int(np.argmax(p.dist.probs))))
+                feats = p.features or {}
+                for name, col in columns.items():
+                    if not name.startswith("_"):
+                        col.append(feats.get(name))
+            self.drift.update(reference, columns)
+
+    def add_pairs(self, teacher: Sequence[Any], student: Sequence[Any]) -> None:
+        """Fidelity of joined (teacher replay, student prediction) distribution pairs."""
+        for idx in _group_by_classes(list(enumerate(teacher))).values():
+            t, log_t = _stack([teacher[i] for i in idx], student=False)
+            s, log_s = _stack([student[i] for i in idx], student=True)
+            self.fidelity.update(t, log_t, s, log_s)
+
+    def add_labels(self, student: Sequence[Any], labels: Sequence[int]) -> None:
+        """Student calibration and accuracy over labelled predictions."""
+        if not student:
+            return
+        confidence = np.array([d.probs.max() for d in student])
+        correct = np.array([int(np.argmax(d.probs)) == y for d, y in zip(student, labels, strict=True)])
+        self.calibration.update(confidence, correct)
+
+    def add_labels_with_teacher(self, teacher: Sequence[Any], student: Sequence[Any], labels: Sequence[int]) -> None:
+        """Teacher calibration and both accuracies over events having a label and a replay."""
+        if not teacher:
+            return
+        y = np.asarray(labels)
+        t_pred = np.array([int(np.argmax(d.probs)) for d in teacher])
+        s_pred = np.array([int(np.argmax(d.probs)) for d in student])
+        self.n_labeled_with_teacher += len(teacher)
+        self.n_correct_student_lt += int((s_pred == y).sum())
+        self.teacher_calibration.update(np.array([d.probs.max() for d in teacher]), t_pred == y)
+
+    def add_audit(self, request_ids: Sequence[str], student: Sequence[Any], labels: Sequence[int], member: Sequence[bool]) -> None:
+        """Membership-inference scores of audit replays."""
+        if not student:
+            return
+        self.n_audit += len(student)
+        for idx in _group_by_classes(list(enumerate(student))).values():
+            probs, logs = _stack([student[i] for i in idx], student=True)
+            scores = attack_scores(probs, logs, np.asarray([labels[i] for i in idx]))
+            self.membership.update([request_ids[i] for i in idx], np.asarray([member[i] for i in idx]), scores)
+
+    # ---- merge and result ----
+
+    def merge(self, other: WindowState) -> WindowState:
+        self.n += other.n
+        self.n_rejected += other.n_rejected
+        self.n_late += other.n_late
+        self.n_duplicate += other.n_duplicate
+        self.n_audit += other.n_audit
+        self.fidelity.merge(other.fidelity)
+        self.calibration.merge(other.calibration)
+        self.n_labeled_with_teacher += other.n_labeled_with_teacher
+        self.n_correct_student_lt += other.n_correct_student_lt
+        self.teacher_calibration.merge(other.teacher_calibration)
+        self.drift.merge(other.drift)
+        self.membership.merge(other.membership)
+        self.latency.merge(other.latency)
+        return self
+
+    def result(self, reference: Reference | None = None) -> dict[str, Any]:
+        """The window's reported fields (see the README); a metric without samples is None."""
+        n_labeled = self.calibration.n
+        n_lt = self.n_labeled_with_teacher
+        acc_student = sum(self.calibration.correct) / n_labeled if n_labeled else None
+        acc_student_lt = self.n_correct_student_lt / n_lt if n_lt else None
+        acc_teacher = sum(self.teacher_calibration.correct) / n_lt if n_lt else None
+        out: dict[str, Any] = {
+            "n": self.n,
+            "n_joined": self.fidelity.n_joined,
+            "n_labeled": n_labeled,
+            "teacher_sample_rate": self.fidelity.n_joined / self.n if self.n else None,
+        }
+        out.update(self.fidelity.result())
+        out.update({
+            "ece": self.calibration.ece(),
+            "ece_teacher": self.teacher_calibration.ece(),
+            "accuracy_student": acc_student,
+            "accuracy_teacher": acc_teacher,
+            "accuracy_delta": acc_student_lt - acc_teacher if acc_student_lt is not None and acc_teacher is not None else None,
+            "n_labeled_with_teacher": n_lt,
+        })
+        out.update(self.drift.result(reference))
+        out["mia"] = self.membership.result()
+        out["n_audit"] = self.n_audit
+        out["latency_p50_ms"] = self.latency.quantile(0.50)
+        out["latency_p95_ms"] = self.latency.quantile(0.95)
+        out["latency_p99_ms"] = self.latency.quantile(0.99)
+        out["n_rejected"] = self.n_rejected
+        out["n_late"] = self.n_late
+        out["n_duplicate"] = self.n_duplicate
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n, "n_rejected": self.n_rejected, "n_late": self.n_late,
+            "n_duplicate": self.n_duplicate, "n_audit": self.n_audit,
+            "fidelity": self.fidelity.to_dict(), "calibration": self.calibration.to_dict(),
+            "n_labeled_with_teacher": self.n_labeled_with_teacher,
+            "n_correct_student_lt": self.n_correct_student_lt,
+            "teacher_calibration": self.teacher_calibration.to_dict(),
+            "drift": self.drift.to_dict(), "membership": self.membership.to_dict(),
+            "latency": self.latency.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WindowState:
+        return cls(
+            n=data["n"], n_rejected=data["n_rejected"], n_late=data["n_late"],
+            n_duplicate=data["n_duplicate"], n_audit=data["n_audit"],
+            fidelity=FidelityState.from_dict(data["fidelity"]),
+            calibration=CalibrationState.from_dict(data["calibration"]),
+            n_labeled_with_teacher=data["n_labeled_with_teacher"],
+            n_correct_student_lt=data["n_correct_student_lt"],
+            teacher_calibration=CalibrationState.from_dict(data["teacher_calibration"]),
+            drift=DriftState.from_dict(data["drift"]),
+            membership=MembershipState.from_dict(data["membership"]),
+            latency=QuantileSketch.from_dict(data["latency"]),
+        )
+
+
+def rfc3339(ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC text: 2026-11-28T03:00:00Z (milliseconds when not whole)."""
+    from datetime import UTC, datetime
+
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if ms % 1000:
+        text += f".{ms % 1000:03d}"
+    return text + "Z"
+
+
+def window_result(model: str, student_version: str, window_start_ms: int, window_ms: int,
+                  state: WindowState, reference: Reference | None = None) -> dict[str, Any]:
+    """One window's public record: identity first, then the fields of ``WindowState.result``."""
+    out: dict[str, Any] = {
+        "model": model,
+        "student_version": student_version,
+        "window_start": rfc3339(window_start_ms),
+        "window_end": rfc3339(window_start_ms + window_ms),
+    }
+    out.update(state.result(reference))
+    return out

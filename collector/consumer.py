@@ -1,0 +1,259 @@
+"""The Kafka collector: a consumer-group member that joins, windows and stores, exactly once.
+
+Each co-partition ``p`` (partition p of the predictions, teacher and labels topics, which the range
+assignor gives to one member) has a :class:`PartitionJoiner` whose whole state (windows, join
+buffer, watermark) and consumed offsets live in the database. A poll's records of ``p`` become one
+transaction (storage.sql.SqlStore.commit_batch); on (re)assignment the member loads ``p`` from the
+database and seeks to the stored offsets. So after a crash at any moment the stored aggregates equal
+those of an uninterrupted run. Dead letters are produced and flushed before the commit: the
+dead-letter topic is at-least-once (its headers carry the original coordinates for de-duplication),
+the counters are exactly-once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from sqlalchemy.exc import OperationalError
+
+from analyzer.drift import Reference
+from collector.ingest import ingest
+from collector.join import Changes, PartitionJoiner, Source
+from kdwatch.errors import ConfigError, StoreConflict
+from storage.sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+DLT_SUFFIX = ".DLT"
+
+
+@dataclass(frozen=True)
+class Topics:
+    predictions: str = "kdwatch.predictions"
+    teacher: str = "kdwatch.teacher"
+    labels: str = "kdwatch.labels"
+
+    def kinds(self) -> dict[str, str]:
+        """topic -> kind of event it carries."""
+        return {self.predictions: "prediction", self.teacher: "teacher", self.labels: "label"}
+
+
+@dataclass
+class CollectorConfig:
+    bootstrap_servers: str
+    group_id: str = "kdwatch-collector"
+    topics: Topics = field(default_factory=Topics)
+    window_ms: int = 60_000
+    grace_ms: int = 600_000
+    max_poll_records: int = 5_000
+    poll_timeout_ms: int = 500
+    kafka_options: dict[str, Any] = field(default_factory=dict)  # security settings and the like
+
+
+@dataclass
+class _Unit:
+    """One owned co-partition: its joiner and the offsets as last committed."""
+
+    joiner: PartitionJoiner
+    committed: dict[str, int | None]
+    expected: dict[str, int]
+
+
+def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, options: dict[str, Any] | None = None) -> None:
+    """Create the topics that are missing, with ``partitions`` partitions each."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **(options or {}))
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                log.debug("topics created concurrently by another member")
+    finally:
+        admin.close()
+
+
+class Collector:
+    """Run with :meth:`run`; stop by setting the ``stop`` event it was given."""
+
+    def __init__(self, config: CollectorConfig, store: SqlStore, references: dict[str, Reference] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.references = references or {}
+        self.kinds = config.topics.kinds()
+        self.units: dict[int, _Unit] = {}
+        self.processed = 0
+
+    # ---- start-up ----
+
+    def _check_partitions(self, consumer: KafkaConsumer) -> int:
+        counts = {}
+        for topic in self.kinds:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                raise ConfigError("topics", f"topic {topic!r} does not exist (create it with `kdwatch topics create`)")
+            counts[topic] = len(parts)
+        if len(set(counts.values())) != 1:
+            raise ConfigError("topics", f"the three topics must be co-partitioned (same partition count), got {counts}")
+        return next(iter(counts.values()))
+
+    def _consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
+            bootstrap_servers=self.config.bootstrap_servers,
+            group_id=self.config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=[RangePartitionAssignor],
+            max_poll_records=self.config.max_poll_records,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
+            **self.config.kafka_options,
+        )
+
+    # ---- assignment ----
+
+    def _sync_assignment(self, consumer: KafkaConsumer) -> None:
+        assigned = consumer.assignment()
+        owned = {tp.partition for tp in assigned if tp.topic == self.config.topics.predictions}
+        for p in list(self.units):
+            if p not in owned:
+                log.info("partition %d revoked", p)
+                del self.units[p]
+        for p in sorted(owned - set(self.units)):
+            self._load(consumer, p)
+
+    def _load(self, consumer: KafkaConsumer, p: int) -> None:
+        snapshot = self.store.load_partition(self.config.group_id, p, self.kinds)
+        tps = [TopicPartition(t, p) for t in self.kinds]
+        beginnings = consumer.beginning_offsets(tps)
+        expected: dict[str, int] = {}
+        for tp in tps:
+            start = snapshot.offsets.get(tp.topic)
+            if start is None:
+                start = beginnings[tp]
+            expected[tp.topic] = start
+            if tp in consumer.assignment():
+                consumer.seek(tp, start)
+        joiner = PartitionJoiner(self.config.window_ms, self.config.grace_ms, self.references,
+                                 watermark=snapshot.watermark, windows=snapshot.windows, entries=snapshot.entries)
+        self.units[p] = _Unit(joiner, {t: snapshot.offsets.get(t) for t in self.kinds}, expected)
+        log.info("partition %d loaded: offsets %s, %d open windows, %d buffered", p, expected,
+                 len(snapshot.windows), len(snapshot.entries))
+
+    # ---- the loop ----
+
+    def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
+        """Consume until ``stop`` is set (or nothing arrived for ``idle_exit_s`` seconds)."""
+        stop = stop or threading.Event()
+        consumer = self._consumer()
+        producer = KafkaProducer(bootstrap_servers=self.config.bootstrap_servers, acks="all", linger_ms=5,
+                                 max_request_size=16 * 1024 * 1024, **self.config.kafka_options)
+        try:
+            partitions = self._check_partitions(consumer)
+            ensure_topics(self.config.bootstrap_servers, [t + DLT_SUFFIX for t in self.kinds], partitions,
+                          self.config.kafka_options)
+            consumer.subscribe(list(self.kinds))
+            last_data = time.monotonic()
+            backoff = 0.5
+            while not stop.is_set():
+                batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
+                try:
+                    self._sync_assignment(consumer)
+                    if batch:
+                        self._process(consumer, producer, batch)
+                        last_data = time.monotonic()
+                    backoff = 0.5
+                except OperationalError as exc:
+                    # The database is unavailable: drop in-memory state (it is ahead of the DB),
+                    # wait, and resume from the stored offsets once it answers again.
+                    log.warning("database unavailable (%s); pausing %.1fs", exc.orig, backoff)
+                    self.units.clear()
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                    break
+        finally:
+            producer.close(timeout=10)
+            consumer.close(autocommit=False)
+
+    def _process(self, consumer: KafkaConsumer, producer: KafkaProducer, batch: dict[TopicPartition, list[Any]]) -> None:
+        by_unit: dict[int, dict[str, list[Any]]] = defaultdict(dict)
+        for tp, records in batch.items():
+            by_unit[tp.partition][tp.topic] = records
+        for p, topics in sorted(by_unit.items()):
+            unit = self.units.get(p)
+            if unit is None:
+                continue  # not (or no longer) ours
+            advanced: dict[str, tuple[int | None, int]] = {}
+            for topic in self.kinds:  # predictions, then replays, then labels
+                records = topics.get(topic)
+                if not records:
+                    continue
+                kind = self.kinds[topic]
+                start = unit.expected[topic]
+                for record in records:
+                    if record.offset < unit.expected[topic]:
+                        continue  # fetched before our seek: already applied
+                    if record.offset > unit.expected[topic]:
+                        # Compacted or deleted offsets are the only legitimate gap.
+                        log.debug("%s[%d]: gap %d -> %d", topic, p, unit.expected[topic], record.offset)
+                    source = Source(topic, p, record.offset, record.timestamp, record.key, record.value or b"")
+                    ingest(unit.joiner, kind, record.value or b"", source)
+                    unit.expected[topic] = record.offset + 1
+                    self.processed += 1
+                if unit.expected[topic] != start:
+                    advanced[topic] = (unit.committed[topic], unit.expected[topic])
+            if not advanced:
+                continue
+            changes = unit.joiner.end_batch()
+            self._dead_letter(producer, changes)
+            try:
+                self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, advanced)
+            except StoreConflict as exc:
+                log.warning("dropping partition %d: %s", p, exc)
+                del self.units[p]
+                continue
+            except OperationalError:
+                del self.units[p]
+                raise
+            for topic, (_old, new) in advanced.items():
+                unit.committed[topic] = new
+            # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
+            consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
+
+    def _dead_letter(self, producer: KafkaProducer, changes: Changes) -> None:
+        if not changes.dead_letters:
+            return
+        for dl in changes.dead_letters:
+            src = dl.source
+            headers = [
+                ("kdwatch.original.topic", src.topic.encode()),
+                ("kdwatch.original.partition", str(src.partition).encode()),
+                ("kdwatch.original.offset", str(src.offset).encode()),
+                ("kdwatch.original.timestamp", str(src.timestamp_ms).encode()),
+                ("kdwatch.error.class", dl.reason.encode()),
+                ("kdwatch.error.message", dl.message[:1000].encode()),
+            ]
+            producer.send(src.topic + DLT_SUFFIX, key=src.key, value=src.value, partition=src.partition, headers=headers)
+        try:
+            producer.flush(timeout=30)
+        except KafkaError as exc:
+            raise RuntimeError(f"could not write {len(changes.dead_letters)} dead letters: {exc}") from exc
+
+
+def _offset_meta(offset: int) -> Any:
+    from kafka.structs import OffsetAndMetadata
+
+    return OffsetAndMetadata(offset, "", -1)

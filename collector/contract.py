@@ -1,0 +1,285 @@
+"""Event contract v1: the wire format of predictions, teacher replays and labels.
+
+Each Kafka value (and each JSONL line offline) is one JSON object; the key is the ``request_id``.
+``decode_prediction`` / ``decode_teacher`` / ``decode_label`` validate a raw value and return a typed
+event, or raise :class:`ContractError` with a stable ``reason`` code. The JSON Schema files under
+``schemas/`` describe the same rules for producers in other languages.
+
+>>> decode_label(b'{"request_id": "r1", "model": "m", "label": 3, "ts": 1767225600000}').label
+3
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import orjson
+
+from kdwatch.errors import ContractError
+
+CONTRACT_VERSION = 1
+MAX_VALUE_BYTES = 1024 * 1024
+MAX_STRING_CHARS = 256
+MAX_FEATURES = 256
+MAX_CLASSES = 10_000
+# Probabilities must sum to 1 within this tolerance before they are renormalised.
+PROB_SUM_TOLERANCE = 1e-3
+# Event times outside [2000-01-01, 2100-01-01) are typos (seconds for milliseconds, say), not data.
+MIN_TS_MS = 946_684_800_000
+MAX_TS_MS = 4_102_444_800_000
+
+PREDICTION_FIELDS = frozenset(
+    {"v", "request_id", "model", "student_version", "ts", "probs", "logits", "latency_ms",
+     "features", "label", "audit", "segment"}
+)
+TEACHER_FIELDS = frozenset({"v", "request_id", "model", "teacher_version", "ts", "probs", "logits"})
+LABEL_FIELDS = frozenset({"v", "request_id", "model", "label", "ts"})
+AUDIT_VALUES = ("member", "nonmember")
+
+Features = dict[str, float | str]
+
+
+@dataclass(slots=True)
+class Distribution:
+    """A class distribution as sent: ``probs`` renormalised; ``log_probs`` exact when sent as logits."""
+
+    probs: np.ndarray
+    log_probs: np.ndarray | None
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs.shape[0])
+
+
+@dataclass(slots=True)
+class Prediction:
+    request_id: str
+    model: str
+    student_version: str
+    ts_ms: int
+    dist: Distribution
+    latency_ms: float | None = None
+    features: Features | None = None
+    label: int | None = None
+    audit: str | None = None
+    segment: str | None = None
+
+
+@dataclass(slots=True)
+class TeacherReplay:
+    request_id: str
+    model: str
+    teacher_version: str
+    ts_ms: int
+    dist: Distribution
+
+
+@dataclass(slots=True)
+class Label:
+    request_id: str
+    model: str
+    label: int
+    ts_ms: int
+
+
+Event = Prediction | TeacherReplay | Label
+
+
+def _load(raw: bytes | str) -> dict[str, Any]:
+    size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
+    if size > MAX_VALUE_BYTES:
+        raise ContractError("too_large", f"value is {size} bytes, the limit is {MAX_VALUE_BYTES}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson rejects invalid UTF-8 with its own message; keep the reason specific.
+        reason = "invalid_utf8" if "utf-8" in str(exc).lower() else "invalid_json"
+        raise ContractError(reason, f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ContractError("not_an_object", f"value must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _check_fields(obj: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ContractError("unknown_field", f"unknown field(s) {unknown[:5]}")
+    version = obj.get("v", CONTRACT_VERSION)
+    if version != CONTRACT_VERSION or isinstance(version, bool):
+        raise ContractError("unsupported_version", f"v must be {CONTRACT_VERSION}, got {version!r}")
+
+
+def _string(obj: dict[str, Any], field: str, required: bool = True) -> str | None:
+    value = obj.get(field)
+    if value is None:
+        if required:
+            raise ContractError("missing_field", f"{field} is required")
+        return None
+    if not isinstance(value, str):
+        raise ContractError("wrong_type", f"{field} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ContractError("empty_string", f"{field} must not be empty")
+    if len(value) > MAX_STRING_CHARS:
+        raise ContractError("string_too_long", f"{field} has {len(value)} characters, the limit is {MAX_STRING_CHARS}")
+    return value
+
+
+def parse_ts(value: Any, field: str = "ts") -> int:
+    """Event time as integer epoch milliseconds, from RFC 3339 text or integer epoch milliseconds."""
+    if value is None:
+        raise ContractError("missing_field", f"{field} is required")
+    if isinstance(value, bool):
+        raise ContractError("wrong_type", f"{field} must be an RFC 3339 string or integer epoch milliseconds")
+    if isinstance(value, int):
+        ts_ms = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ContractError("invalid_timestamp", f"{field} {value[:40]!r} is not RFC 3339") from None
+        if parsed.tzinfo is None:
+            raise ContractError("invalid_timestamp", f"{field} {value[:40]!r} has no UTC offset")
+        ts_ms = round(parsed.timestamp() * 1000)
+    else:
+        raise ContractError("wrong_type", f"{field} must be an RFC 3339 string or integer epoch milliseconds")
+    if not MIN_TS_MS <= ts_ms < MAX_TS_MS:
+        raise ContractError("timestamp_out_of_range", f"{field} {value!r} is outside years 2000-2099 (epoch milliseconds?)")
+    return ts_ms
+
+
+def _number_array(obj: dict[str, Any], field: str) -> np.ndarray:
+    values = obj[field]
+    if not isinstance(values, list):
+        raise ContractError("wrong_type", f"{field} must be an array of numbers")
+    if not 2 <= len(values) <= MAX_CLASSES:
+        raise ContractError("bad_class_count", f"{field} must have 2..{MAX_CLASSES} classes, got {len(values)}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ContractError("wrong_type", f"{field} must contain only numbers, got {type(v).__name__}")
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ContractError("not_finite", f"{field} contains NaN or infinity")
+    return array
+
+
+def _distribution(obj: dict[str, Any]) -> Distribution:
+    has_probs, has_logits = "probs" in obj, "logits" in obj
+    if has_probs == has_logits:
+        raise ContractError("probs_or_logits", "exactly one of probs or logits is required")
+    if has_logits:
+        logits = _number_array(obj, "logits")
+        shifted = logits - logits.max()
+        log_probs = shifted - math.log(float(np.exp(shifted).sum()))
+        return Distribution(np.exp(log_probs), log_probs)
+    probs = _number_array(obj, "probs")
+    if (probs < 0).any():
+        raise ContractError("negative_probability", "probs contains a negative value")
+    total = float(probs.sum())
+    if abs(total - 1.0) > PROB_SUM_TOLERANCE:
+        raise ContractError("probs_not_normalised", f"probs sum to {total:.6g}, not 1 within {PROB_SUM_TOLERANCE}")
+    return Distribution(probs / total, None)
+
+
+def _label(obj: dict[str, Any], required: bool) -> int | None:
+    value = obj.get("label")
+    if value is None:
+        if required:
+            raise ContractError("missing_field", "label is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ContractError("wrong_type", f"label must be an integer class index, got {type(value).__name__}")
+    if value < 0 or value >= MAX_CLASSES:
+        raise ContractError("label_out_of_range", f"label {value} is not a class index")
+    return value
+
+
+def _features(obj: dict[str, Any]) -> Features | None:
+    features = obj.get("features")
+    if features is None:
+        return None
+    if not isinstance(features, dict):
+        raise ContractError("wrong_type", "features must be an object of name -> number or string")
+    if len(features) > MAX_FEATURES:
+        raise ContractError("too_many_features", f"features has {len(features)} entries, the limit is {MAX_FEATURES}")
+    out: Features = {}
+    for name, value in features.items():
+        if len(name) > MAX_STRING_CHARS or not name:
+            raise ContractError("bad_feature_name", f"feature names must have 1..{MAX_STRING_CHARS} characters")
+        if name.startswith("_"):
+            raise ContractError("bad_feature_name", f"feature {name[:40]!r}: names starting with _ are reserved")
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ContractError("wrong_type", f"feature {name!r} must be a number or a string")
+        if isinstance(value, str):
+            if len(value) > MAX_STRING_CHARS:
+                raise ContractError("string_too_long", f"feature {name!r} value is longer than {MAX_STRING_CHARS}")
+            out[name] = value
+        else:
+            number = float(value)
+            if not math.isfinite(number):
+                raise ContractError("not_finite", f"feature {name!r} is not finite")
+            out[name] = number
+    return out
+
+
+def decode_prediction(raw: bytes | str) -> Prediction:
+    obj = _load(raw)
+    _check_fields(obj, PREDICTION_FIELDS)
+    request_id = _string(obj, "request_id")
+    model = _string(obj, "model")
+    student_version = _string(obj, "student_version")
+    ts_ms = parse_ts(obj.get("ts"))
+    dist = _distribution(obj)
+    latency = obj.get("latency_ms")
+    if latency is not None:
+        if isinstance(latency, bool) or not isinstance(latency, int | float) or not math.isfinite(latency) or latency < 0:
+            raise ContractError("bad_latency", "latency_ms must be a finite number >= 0")
+        latency = float(latency)
+    label = _label(obj, required=False)
+    if label is not None and label >= dist.n_classes:
+        raise ContractError("label_out_of_range", f"label {label} but only {dist.n_classes} classes")
+    audit = obj.get("audit")
+    if audit is not None:
+        if audit not in AUDIT_VALUES:
+            raise ContractError("bad_audit", f"audit must be one of {AUDIT_VALUES}, got {str(audit)[:40]!r}")
+        if label is None:
+            raise ContractError("missing_field", "label is required on an audit record")
+    assert request_id is not None and model is not None and student_version is not None
+    return Prediction(
+        request_id=request_id,
+        model=model,
+        student_version=student_version,
+        ts_ms=ts_ms,
+        dist=dist,
+        latency_ms=latency,
+        features=_features(obj),
+        label=label,
+        audit=audit,
+        segment=_string(obj, "segment", required=False),
+    )
+
+
+def decode_teacher(raw: bytes | str) -> TeacherReplay:
+    obj = _load(raw)
+    _check_fields(obj, TEACHER_FIELDS)
+    request_id = _string(obj, "request_id")
+    model = _string(obj, "model")
+    teacher_version = _string(obj, "teacher_version")
+    assert request_id is not None and model is not None and teacher_version is not None
+    return TeacherReplay(request_id, model, teacher_version, parse_ts(obj.get("ts")), _distribution(obj))
+
+
+def decode_label(raw: bytes | str) -> Label:
+    obj = _load(raw)
+    _check_fields(obj, LABEL_FIELDS)
+    request_id = _string(obj, "request_id")
+    model = _string(obj, "model")
+    label = _label(obj, required=True)
+    assert request_id is not None and model is not None and label is not None
+    return Label(request_id, model, label, parse_ts(obj.get("ts")))
+
+
+DECODERS = {"prediction": decode_prediction, "teacher": decode_teacher, "label": decode_label}

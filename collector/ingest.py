@@ -1,0 +1,41 @@
+"""Decode one raw value and hand it to a joiner: the step shared by the Kafka and offline paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
+from collector.join import PartitionJoiner, Source, WindowKey, window_start_of
+from kdwatch.errors import ContractError
+
+KINDS = ("prediction", "teacher", "label")
+
+
+def _window_hint(raw: bytes, window_ms: int) -> WindowKey | None:
+    """The window a rejected prediction would have counted in, when that much of it is readable."""
+    try:
+        obj: Any = orjson.loads(raw)
+        model, version = obj["model"], obj["student_version"]
+        if isinstance(model, str) and isinstance(version, str) and 0 < len(model) <= 256 and 0 < len(version) <= 256:
+            return WindowKey(model, version, window_start_of(parse_ts(obj["ts"]), window_ms))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ContractError):
+        pass  # no window to attribute it to: it is still counted per topic and dead-lettered
+    return None
+
+
+def ingest(joiner: PartitionJoiner, kind: str, raw: bytes, source: Source | None = None) -> None:
+    """Validate ``raw`` as a ``kind`` event and feed it to ``joiner``; reject it with its reason."""
+    try:
+        if kind == "prediction":
+            joiner.add_prediction(decode_prediction(raw), source)
+        elif kind == "teacher":
+            joiner.add_teacher(decode_teacher(raw), source)
+        elif kind == "label":
+            joiner.add_label(decode_label(raw), source)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+    except ContractError as exc:
+        hint = _window_hint(raw, joiner.window_ms) if kind == "prediction" else None
+        joiner.reject(kind, source, exc.reason, exc.message, hint)

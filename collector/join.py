@@ -1,0 +1,399 @@
+"""The request_id join and event-time windows of one co-partition, as pure logic.
+
+``PartitionJoiner`` takes decoded events in arrival order and keeps:
+
+- the join buffer: every prediction of an open window (for late partners and de-duplication), and
+  teacher replays / labels that arrived before their prediction;
+- the open windows' :class:`~analyzer.window.WindowState`;
+- the watermark: the highest prediction event time seen on the partition.
+
+A window [start, start + size) closes when the watermark reaches ``start + size + grace``: its state
+is final and its buffer entries go. A replay or label joins its prediction whichever arrives first,
+as long as both arrive before the prediction's window closes. A prediction for a closed window is
+*late*: dead-lettered with reason ``late`` and counted in its stored window's ``n_late``. A replay or
+label still unmatched when its own window closes is dead-lettered with reason ``unmatched``.
+Nothing touches Kafka or a database here: each batch returns a :class:`Changes` for the caller to
+make durable atomically (collector.consumer with storage.sql, or the offline path).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from analyzer.drift import Reference
+from analyzer.window import WindowState
+from collector.contract import Distribution, Label, Prediction, TeacherReplay
+
+PREDICTION, TEACHER, LABEL = "p", "t", "l"
+
+
+class Source(NamedTuple):
+    """Where a record came from: enough to dead-letter it later."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+
+
+class WindowKey(NamedTuple):
+    model: str
+    student_version: str
+    window_start: int
+
+
+@dataclass(slots=True)
+class Entry:
+    """One join-buffer entry: a prediction of an open window, or an early replay / label."""
+
+    kind: str
+    model: str
+    request_id: str
+    window_start: int
+    version: str = ""
+    dist: Distribution | None = None  # the student's (p) or the teacher's (t)
+    label: int | None = None
+    teacher: Distribution | None = None  # p: the joined replay, kept for a label that comes later
+    has_teacher: bool = False
+    has_label: bool = False
+    audit: bool = False
+    source: Source | None = None  # t, l: for the dead-letter topic when they expire unmatched
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    source: Source
+    reason: str
+    message: str
+
+
+@dataclass
+class Changes:
+    """What one batch changed, to be made durable in one transaction."""
+
+    upserted: dict[tuple[str, str, str], Entry] = field(default_factory=dict)
+    deleted: set[tuple[str, str, str]] = field(default_factory=set)
+    windows: dict[WindowKey, WindowState] = field(default_factory=dict)  # open windows touched
+    closed: dict[WindowKey, WindowState] = field(default_factory=dict)  # windows closed now (final)
+    late: dict[WindowKey, int] = field(default_factory=lambda: defaultdict(int))
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    counters: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    watermark: int | None = None
+
+
+@dataclass
+class _Pending:
+    """Contributions of one window gathered during a batch, applied vectorised at its end."""
+
+    predictions: list[Prediction] = field(default_factory=list)
+    pair_teacher: list[Distribution] = field(default_factory=list)
+    pair_student: list[Distribution] = field(default_factory=list)
+    label_student: list[Distribution] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    lt_teacher: list[Distribution] = field(default_factory=list)
+    lt_student: list[Distribution] = field(default_factory=list)
+    lt_labels: list[int] = field(default_factory=list)
+    audit_ids: list[str] = field(default_factory=list)
+    audit_student: list[Distribution] = field(default_factory=list)
+    audit_labels: list[int] = field(default_factory=list)
+    audit_member: list[bool] = field(default_factory=list)
+    rejected: int = 0
+    duplicate: int = 0
+
+
+def window_start_of(ts_ms: int, window_ms: int) -> int:
+    """Tumbling windows aligned to the epoch."""
+    return ts_ms - ts_ms % window_ms
+
+
+class PartitionJoiner:
+    """Join, window and aggregate the events of one co-partition (see the module docstring)."""
+
+    def __init__(
+        self,
+        window_ms: int,
+        grace_ms: int,
+        references: dict[str, Reference] | None = None,
+        *,
+        watermark: int | None = None,
+        windows: dict[WindowKey, WindowState] | None = None,
+        entries: list[Entry] | None = None,
+    ) -> None:
+        if window_ms <= 0 or grace_ms < 0:
+            raise ValueError("window must be > 0 and grace >= 0")
+        self.window_ms = window_ms
+        self.grace_ms = grace_ms
+        self.references = references or {}
+        self.watermark = watermark
+        self.windows: dict[WindowKey, WindowState] = dict(windows or {})
+        self.entries: dict[tuple[str, str, str], Entry] = {}
+        self._by_window: dict[int, set[tuple[str, str, str]]] = defaultdict(set)
+        for entry in entries or []:
+            self._put(entry)
+        self._changes = Changes()
+        self._pending: dict[WindowKey, _Pending] = defaultdict(_Pending)
+
+    # ---- buffer bookkeeping ----
+
+    def _put(self, entry: Entry) -> None:
+        key = (entry.kind, entry.model, entry.request_id)
+        old = self.entries.get(key)
+        if old is not None and old.window_start != entry.window_start:
+            self._by_window[old.window_start].discard(key)
+        self.entries[key] = entry
+        self._by_window[entry.window_start].add(key)
+
+    def _touch(self, entry: Entry) -> None:
+        key = (entry.kind, entry.model, entry.request_id)
+        self._changes.upserted[key] = entry
+        self._changes.deleted.discard(key)
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        entry = self.entries.pop(key)
+        keys = self._by_window.get(entry.window_start)
+        if keys is not None:
+            keys.discard(key)
+        self._changes.upserted.pop(key, None)
+        self._changes.deleted.add(key)
+
+    def _is_closed(self, window_start: int) -> bool:
+        return self.watermark is not None and window_start + self.window_ms + self.grace_ms <= self.watermark
+
+    def _live(self, kind: str, model: str, request_id: str) -> Entry | None:
+        """The buffered entry, unless its window is already closed by the watermark.
+
+        Windows close at the end of a batch, but an entry of a closed window must behave as gone at
+        once, so the outcome never depends on where batch boundaries fall.
+        """
+        entry = self.entries.get((kind, model, request_id))
+        if entry is None or self._is_closed(entry.window_start):
+            return None
+        return entry
+
+    # ---- events ----
+
+    def add_prediction(self, event: Prediction, source: Source | None = None) -> None:
+        start = window_start_of(event.ts_ms, self.window_ms)
+        wkey = WindowKey(event.model, event.student_version, start)
+        if self._is_closed(start):
+            self._changes.late[wkey] += 1
+            if source is not None:
+                self._changes.dead_letters.append(DeadLetter(source, "late", f"window {start} closed at watermark {self.watermark}"))
+            self._changes.counters[("prediction", "late")] += 1
+            return
+        if self._live(PREDICTION, event.model, event.request_id) is not None:
+            self._pending[wkey].duplicate += 1
+            self._changes.counters[("prediction", "duplicate")] += 1
+            return
+        pending = self._pending[wkey]
+        entry = Entry(PREDICTION, event.model, event.request_id, start, event.student_version, event.dist,
+                      event.label, has_label=event.label is not None, audit=event.audit is not None)
+        self._put(entry)
+        self._touch(entry)
+        self._advance_watermark(event.ts_ms)
+        if entry.audit:
+            assert event.label is not None  # the contract requires a label on audit records
+            pending.audit_ids.append(event.request_id)
+            pending.audit_student.append(event.dist)
+            pending.audit_labels.append(event.label)
+            pending.audit_member.append(event.audit == "member")
+            return
+        pending.predictions.append(event)
+        if event.label is not None:
+            pending.label_student.append(event.dist)
+            pending.labels.append(event.label)
+        early_teacher = self._live(TEACHER, event.model, event.request_id)
+        if early_teacher is not None:
+            self._drop((TEACHER, event.model, event.request_id))
+            self._join_teacher(entry, early_teacher.dist, early_teacher.source)
+        early_label = self._live(LABEL, event.model, event.request_id)
+        if early_label is not None:
+            self._drop((LABEL, event.model, event.request_id))
+            if entry.has_label:
+                pending.duplicate += 1
+                self._changes.counters[("label", "duplicate")] += 1
+            else:
+                assert early_label.label is not None
+                self._join_label(entry, early_label.label, early_label.source)
+
+    def add_teacher(self, event: TeacherReplay, source: Source | None = None) -> None:
+        prediction = self._live(PREDICTION, event.model, event.request_id)
+        if prediction is not None:
+            if prediction.has_teacher or prediction.audit:
+                self._count_duplicate(prediction, "teacher")
+                return
+            self._join_teacher(prediction, event.dist, source)
+            return
+        self._buffer_early(TEACHER, event.model, event.request_id, event.ts_ms, source, dist=event.dist, version=event.teacher_version)
+
+    def add_label(self, event: Label, source: Source | None = None) -> None:
+        prediction = self._live(PREDICTION, event.model, event.request_id)
+        if prediction is not None:
+            if prediction.has_label or prediction.audit:
+                self._count_duplicate(prediction, "label")
+                return
+            self._join_label(prediction, event.label, source)
+            return
+        self._buffer_early(LABEL, event.model, event.request_id, event.ts_ms, source, label=event.label)
+
+    def reject(self, kind: str, source: Source | None, reason: str, message: str, window: WindowKey | None = None) -> None:
+        """Count a record that failed validation (and dead-letter it when it came from Kafka)."""
+        self._changes.counters[(kind, reason)] += 1
+        if source is not None:
+            self._changes.dead_letters.append(DeadLetter(source, reason, message))
+        if window is not None and not self._is_closed(window.window_start):
+            self._pending[window].rejected += 1
+
+    # ---- joins ----
+
+    def _count_duplicate(self, prediction: Entry, kind: str) -> None:
+        self._pending[WindowKey(prediction.model, prediction.version, prediction.window_start)].duplicate += 1
+        self._changes.counters[(kind, "duplicate")] += 1
+
+    def _buffer_early(self, kind: str, model: str, request_id: str, ts_ms: int, source: Source | None,
+                      dist: Distribution | None = None, label: int | None = None, version: str = "") -> None:
+        topic = "teacher" if kind == TEACHER else "label"
+        start = window_start_of(ts_ms, self.window_ms)
+        if self._is_closed(start):
+            self._changes.counters[(topic, "late")] += 1
+            if source is not None:
+                self._changes.dead_letters.append(DeadLetter(source, "late", f"window {start} closed at watermark {self.watermark}"))
+            return
+        if self._live(kind, model, request_id) is not None:
+            self._changes.counters[(topic, "duplicate")] += 1
+            return
+        entry = Entry(kind, model, request_id, start, version, dist, label, source=source)
+        self._put(entry)
+        self._touch(entry)
+
+    def _mismatch(self, prediction: Entry, dist: Distribution | None, label: int | None, source: Source | None, kind: str) -> bool:
+        assert prediction.dist is not None
+        k = prediction.dist.n_classes
+        if dist is not None and dist.n_classes != k:
+            self.reject(kind, source, "class_count_mismatch", f"{dist.n_classes} classes but the student has {k}")
+            return True
+        if label is not None and label >= k:
+            self.reject(kind, source, "label_out_of_range", f"label {label} but the student has {k} classes")
+            return True
+        return False
+
+    def _join_teacher(self, prediction: Entry, teacher: Distribution | None, source: Source | None) -> None:
+        assert teacher is not None and prediction.dist is not None
+        if self._mismatch(prediction, teacher, None, source, "teacher"):
+            return
+        pending = self._pending[WindowKey(prediction.model, prediction.version, prediction.window_start)]
+        prediction.has_teacher = True
+        prediction.teacher = teacher
+        self._touch(prediction)
+        pending.pair_teacher.append(teacher)
+        pending.pair_student.append(prediction.dist)
+        if prediction.label is not None:
+            pending.lt_teacher.append(teacher)
+            pending.lt_student.append(prediction.dist)
+            pending.lt_labels.append(prediction.label)
+
+    def _join_label(self, prediction: Entry, label: int, source: Source | None) -> None:
+        assert prediction.dist is not None
+        if self._mismatch(prediction, None, label, source, "label"):
+            return
+        pending = self._pending[WindowKey(prediction.model, prediction.version, prediction.window_start)]
+        prediction.has_label = True
+        prediction.label = label
+        self._touch(prediction)
+        pending.label_student.append(prediction.dist)
+        pending.labels.append(label)
+        if prediction.teacher is not None:
+            pending.lt_teacher.append(prediction.teacher)
+            pending.lt_student.append(prediction.dist)
+            pending.lt_labels.append(label)
+
+    # ---- windows ----
+
+    def _advance_watermark(self, ts_ms: int) -> None:
+        if self.watermark is None or ts_ms > self.watermark:
+            self.watermark = ts_ms
+            self._changes.watermark = ts_ms
+
+    def _apply_pending(self) -> None:
+        for wkey, p in self._pending.items():
+            state = self.windows.get(wkey)
+            if state is None:
+                state = self.windows[wkey] = WindowState()
+            state.add_predictions(p.predictions, self.references.get(wkey.model))
+            state.add_pairs(p.pair_teacher, p.pair_student)
+            state.add_labels(p.label_student, p.labels)
+            state.add_labels_with_teacher(p.lt_teacher, p.lt_student, p.lt_labels)
+            state.add_audit(p.audit_ids, p.audit_student, p.audit_labels, p.audit_member)
+            state.n_rejected += p.rejected
+            state.n_duplicate += p.duplicate
+            self._changes.windows[wkey] = state
+        self._pending.clear()
+
+    def _close_windows(self, everything: bool) -> None:
+        for wkey in sorted(self.windows):
+            if everything or self._is_closed(wkey.window_start):
+                state = self.windows.pop(wkey)
+                self._changes.windows.pop(wkey, None)
+                self._changes.closed[wkey] = state
+        for start in sorted(self._by_window):
+            if not (everything or self._is_closed(start)):
+                continue
+            for key in sorted(self._by_window.pop(start)):
+                entry = self.entries.get(key)
+                if entry is None or entry.window_start != start:
+                    continue
+                if entry.kind != PREDICTION:
+                    topic = "teacher" if entry.kind == TEACHER else "label"
+                    self._changes.counters[(topic, "unmatched")] += 1
+                    if entry.source is not None:
+                        self._changes.dead_letters.append(
+                            DeadLetter(entry.source, "unmatched", f"no prediction for request_id {entry.request_id!r} within the grace"))
+                self.entries.pop(key)
+                self._changes.upserted.pop(key, None)
+                self._changes.deleted.add(key)
+
+    def end_batch(self, close_all: bool = False) -> Changes:
+        """Apply the batch's contributions, close due windows, and hand over what changed.
+
+        ``close_all`` closes every window (the offline path at the end of its input).
+        """
+        self._apply_pending()
+        self._close_windows(close_all)
+        changes, self._changes = self._changes, Changes()
+        return changes
+
+
+def entry_to_dict(entry: Entry) -> dict[str, Any]:
+    """A JSON-able form of a buffer entry (for storage)."""
+
+    def dist(d: Distribution | None) -> list[Any] | None:
+        if d is None:
+            return None
+        return [d.probs.tolist(), d.log_probs.tolist() if d.log_probs is not None else None]
+
+    src = entry.source
+    return {
+        "w": entry.window_start, "v": entry.version, "d": dist(entry.dist), "y": entry.label,
+        "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit,
+        "s": None if src is None else [src.topic, src.partition, src.offset, src.timestamp_ms,
+                                       src.key.decode("utf-8", "replace") if src.key is not None else None,
+                                       src.value.decode("utf-8")],
+    }
+
+
+def entry_from_dict(kind: str, model: str, request_id: str, data: dict[str, Any]) -> Entry:
+    import numpy as np
+
+    def dist(d: list[Any] | None) -> Distribution | None:
+        if d is None:
+            return None
+        return Distribution(np.asarray(d[0], dtype=np.float64), None if d[1] is None else np.asarray(d[1], dtype=np.float64))
+
+    s = data["s"]
+    source = None if s is None else Source(s[0], s[1], s[2], s[3], None if s[4] is None else s[4].encode(), s[5].encode())
+    return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], dist(data["t"]),
+                 data["ht"], data["hl"], data["a"], source)

@@ -1,0 +1,108 @@
+"""The offline path: the same validation, join, windows and metrics over JSONL files.
+
+Lines are merged by event time across the three files (as they would arrive in a stream), fed to one
+:class:`PartitionJoiner`, and every window is closed at the end of input. With events no later than
+the grace, the result equals the Kafka path's stored windows (tests/integration/test_streaming_equals_offline.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
+from analyzer.window import WindowState
+from collector.contract import decode_prediction, parse_ts
+from collector.ingest import ingest
+from collector.join import Changes, PartitionJoiner, WindowKey
+from kdwatch.errors import ContractError
+
+# Batch size between end_batch() calls: bounds the un-aggregated contributions held at once.
+BATCH = 5_000
+
+
+def _sort_ts(raw: bytes) -> int:
+    """A record's event time for the merge, or -1 (emit at once) when it has none readable."""
+    try:
+        ts = orjson.loads(raw).get("ts")
+    except (orjson.JSONDecodeError, AttributeError):
+        return -1
+    if isinstance(ts, int) and not isinstance(ts, bool):
+        return ts
+    if isinstance(ts, str):
+        try:
+            return parse_ts(ts)
+        except ContractError:
+            return -1
+    return -1
+
+
+def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, str, bytes]]:
+    with path.open("rb") as handle:
+        for lineno, line in enumerate(handle):
+            line = line.rstrip(b"\r\n")
+            if line.strip():
+                yield (_sort_ts(line), order, lineno, kind, line)
+
+
+def merged_events(predictions: Path, teacher: Path | None = None, labels: Path | None = None) -> Iterator[tuple[str, bytes]]:
+    """(kind, raw) in event-time order across the files; ties keep file order, predictions first."""
+    streams = [_lines(predictions, "prediction", 0)]
+    if teacher is not None:
+        streams.append(_lines(teacher, "teacher", 1))
+    if labels is not None:
+        streams.append(_lines(labels, "label", 2))
+    for _ts, _order, _lineno, kind, raw in heapq.merge(*streams):
+        yield kind, raw
+
+
+def load_reference(path: Path) -> dict[str, Reference]:
+    """Per-model references from a JSONL file of (valid) baseline predictions."""
+    columns: dict[str, dict[str, list[Any]]] = {}
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            event = decode_prediction(line)
+            if event.audit is not None:
+                continue
+            cols = columns.setdefault(event.model, {CONFIDENCE: [], PREDICTED_CLASS: []})
+            cols[CONFIDENCE].append(float(event.dist.probs.max()))
+            cols[PREDICTED_CLASS].append(str(int(event.dist.probs.argmax())))
+            for name, value in (event.features or {}).items():
+                cols.setdefault(name, []).append(value)
+    return {model: Reference.from_columns(cols) for model, cols in columns.items()}
+
+
+def analyze_files(
+    predictions: Path,
+    teacher: Path | None = None,
+    labels: Path | None = None,
+    *,
+    window_ms: int = 60_000,
+    grace_ms: int = 600_000,
+    references: dict[str, Reference] | None = None,
+) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
+    """Final window states and per-(kind, reason) counters of the files."""
+    joiner = PartitionJoiner(window_ms, grace_ms, references)
+    windows: dict[WindowKey, WindowState] = {}
+    counters: dict[tuple[str, str], int] = {}
+
+    def collect(changes: Changes) -> None:
+        for wkey, state in changes.closed.items():
+            windows[wkey] = windows[wkey].merge(state) if wkey in windows else state
+        for wkey, count in changes.late.items():
+            windows.setdefault(wkey, WindowState()).n_late += count
+        for key, count in changes.counters.items():
+            counters[key] = counters.get(key, 0) + count
+
+    for i, (kind, raw) in enumerate(merged_events(predictions, teacher, labels), start=1):
+        ingest(joiner, kind, raw)
+        if i % BATCH == 0:
+            collect(joiner.end_batch())
+    collect(joiner.end_batch(close_all=True))
+    return windows, counters

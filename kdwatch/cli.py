@@ -1,0 +1,261 @@
+"""The ``kdwatch`` command line: the composition root that wires settings, Kafka and the database."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+
+from kdwatch.durations import parse_duration_ms
+from kdwatch.errors import KdwatchError
+
+app = typer.Typer(help="Fidelity monitoring and SLOs for distilled models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+dev_kafka_app = typer.Typer(help="A local Apache Kafka broker for development and tests.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+reference_app = typer.Typer(help="PSI reference baselines per model.", no_args_is_help=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+app.add_typer(dev_kafka_app, name="dev-kafka")
+app.add_typer(topics_app, name="topics")
+app.add_typer(reference_app, name="reference")
+app.add_typer(db_app, name="db")
+
+err = Console(stderr=True)
+DEFAULT_HOME = Path(".kdwatch")
+
+
+def _duration(value: str, name: str) -> int:
+    try:
+        return parse_duration_ms(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=name) from None
+
+
+def _emit(record: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(record).decode() + "\n")
+
+
+# ---- offline ----
+
+
+@app.command()
+def analyze(
+    predictions: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="JSONL of predictions")],
+    teacher: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL of teacher replays")] = None,
+    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL of labels")] = None,
+    window: Annotated[str, typer.Option(help="window size")] = "1m",
+    grace: Annotated[str, typer.Option(help="join grace after a window closes")] = "10m",
+    reference: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL baseline predictions for PSI")] = None,
+) -> None:
+    """Analyse JSONL files with no broker and no database; one JSON object per window on stdout."""
+    from analyzer.window import window_result
+    from collector.offline import analyze_files, load_reference
+
+    window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
+    refs = load_reference(reference) if reference is not None else {}
+    windows, counters = analyze_files(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs)
+    for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
+        _emit(window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model)))
+    rejected = {f"{kind}.{reason}": count for (kind, reason), count in sorted(counters.items())}
+    if rejected:
+        err.print(f"[yellow]not counted in any window metric:[/] {rejected}")
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="directory for predictions.jsonl, teacher.jsonl, labels.jsonl")],
+    n: Annotated[int, typer.Option(min=1, help="number of predictions")] = 10_000,
+    seed: int = 0,
+    rate: Annotated[float, typer.Option(help="predictions per second of event time")] = 50.0,
+) -> None:
+    """Write synthetic contract-v1 traffic to JSONL files."""
+    from kdwatch.generator import TrafficSpec, generate as gen
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"prediction": "predictions.jsonl", "teacher": "teacher.jsonl", "label": "labels.jsonl"}
+    handles = {kind: (out / name).open("wb") for kind, name in names.items()}
+    try:
+        for kind, _rid, value in gen(TrafficSpec(seed=seed, events_per_second=rate), n):
+            handles[kind].write(value + b"\n")
+    finally:
+        for handle in handles.values():
+            handle.close()
+    err.print(f"wrote {n} predictions to {out}")
+
+
+# ---- streaming ----
+
+
+def _settings(**overrides: Any) -> Any:
+    from kdwatch.settings import load_settings
+
+    return load_settings(**overrides)
+
+
+@app.command()
+def collect(
+    bootstrap_servers: Annotated[str | None, typer.Option(help="overrides KDWATCH_BOOTSTRAP_SERVERS")] = None,
+    database_url: Annotated[str | None, typer.Option(help="overrides KDWATCH_DATABASE_URL")] = None,
+    group_id: Annotated[str | None, typer.Option(help="overrides KDWATCH_GROUP_ID")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="exit after this many seconds without records")] = None,
+) -> None:
+    """Run a collector (one consumer-group member) until interrupted."""
+    from collector.consumer import Collector, CollectorConfig, Topics
+    from storage.sql import SqlStore
+
+    settings = _settings(bootstrap_servers=bootstrap_servers, database_url=database_url, group_id=group_id)
+    store = SqlStore.from_url(settings.database_url.get_secret_value())
+    store.migrate()
+    config = CollectorConfig(
+        bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
+        topics=Topics(settings.topic_predictions, settings.topic_teacher, settings.topic_labels),
+        window_ms=settings.window_ms, grace_ms=settings.grace_ms, max_poll_records=settings.max_poll_records,
+        kafka_options=settings.kafka_options())
+    collector = Collector(config, store, store.references())
+    stop = threading.Event()
+    err.print(f"collector {settings.group_id} consuming from {settings.bootstrap_servers}")
+    try:
+        collector.run(stop, idle_exit_s=idle_exit)
+    except KeyboardInterrupt:
+        stop.set()
+    err.print(f"processed {collector.processed} records")
+
+
+@app.command()
+def produce(
+    bootstrap_servers: Annotated[str | None, typer.Option(help="overrides KDWATCH_BOOTSTRAP_SERVERS")] = None,
+    n: Annotated[int, typer.Option(min=1)] = 10_000,
+    seed: int = 0,
+) -> None:
+    """Produce synthetic contract-v1 traffic into the three topics."""
+    from kdwatch.generator import TrafficSpec
+    from kdwatch.loadgen import produce_traffic
+
+    settings = _settings(bootstrap_servers=bootstrap_servers)
+    count = produce_traffic(settings, TrafficSpec(seed=seed), n)
+    err.print(f"produced {count} records")
+
+
+@app.command()
+def windows(
+    database_url: Annotated[str | None, typer.Option(help="overrides KDWATCH_DATABASE_URL")] = None,
+    model: str | None = None,
+) -> None:
+    """Print the stored windows (merged across partitions) as JSON lines, like `analyze`."""
+    from analyzer.window import window_result
+    from storage.sql import SqlStore
+
+    settings = _settings(database_url=database_url)
+    store = SqlStore.from_url(settings.database_url.get_secret_value())
+    refs = store.references()
+    for key, (state, final, window_ms) in sorted(store.windows(model=model).items(), key=lambda kv: kv[0].window_start):
+        record = window_result(key.model, key.student_version, key.window_start, window_ms, state, refs.get(key.model))
+        record["final"] = final
+        _emit(record)
+
+
+@topics_app.command("create")
+def topics_create(
+    bootstrap_servers: Annotated[str | None, typer.Option()] = None,
+    partitions: Annotated[int, typer.Option(min=1)] = 4,
+) -> None:
+    """Create the three co-partitioned topics and their dead-letter topics."""
+    from collector.consumer import DLT_SUFFIX, ensure_topics
+
+    settings = _settings(bootstrap_servers=bootstrap_servers)
+    names = [settings.topic_predictions, settings.topic_teacher, settings.topic_labels]
+    ensure_topics(settings.bootstrap_servers, names + [n + DLT_SUFFIX for n in names], partitions, settings.kafka_options())
+    err.print(f"topics ready: {names} ({partitions} partitions each)")
+
+
+@reference_app.command("set")
+def reference_set(
+    model: Annotated[str, typer.Option()],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL baseline predictions")],
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Store (or replace) a model's PSI baseline; collectors started afterwards use it."""
+    from collector.offline import load_reference
+    from storage.sql import SqlStore
+
+    refs = load_reference(file)
+    if model not in refs:
+        raise typer.BadParameter(f"no predictions of model {model!r} in {file}", param_hint="--model")
+    store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
+    store.migrate()
+    store.put_reference(model, refs[model])
+    err.print(f"reference for {model}: {len(refs[model].features)} features, fingerprint {refs[model].fingerprint}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: Annotated[str | None, typer.Option()] = None) -> None:
+    """Apply database migrations."""
+    from storage.sql import SqlStore
+
+    SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value()).migrate()
+    err.print("database schema is current")
+
+
+# ---- the local broker ----
+
+
+@dev_kafka_app.command("start")
+def dev_kafka_start(home: Path = DEFAULT_HOME / "kafka", port: int | None = None) -> None:
+    """Start a local single-node KRaft broker (fetches the jars with Maven the first time)."""
+    from kdwatch.devkafka import DevKafka
+
+    started = time.monotonic()
+    info = DevKafka(home).start(port)
+    err.print(f"broker ready in {time.monotonic() - started:.1f}s (pid {info.pid})")
+    print(info.bootstrap)
+
+
+@dev_kafka_app.command("stop")
+def dev_kafka_stop(home: Path = DEFAULT_HOME / "kafka") -> None:
+    """Stop the local broker."""
+    from kdwatch.devkafka import DevKafka
+
+    err.print("stopped" if DevKafka(home).stop() else "not running")
+
+
+@dev_kafka_app.command("status")
+def dev_kafka_status(home: Path = DEFAULT_HOME / "kafka") -> None:
+    """Print the bootstrap address of the running local broker (exit 1 when none runs)."""
+    from kdwatch.devkafka import DevKafka
+
+    info = DevKafka(home).info()
+    if info is None:
+        err.print("not running")
+        raise typer.Exit(1)
+    print(info.bootstrap)
+
+
+@app.command()
+def demo(
+    n: Annotated[int, typer.Option(min=100, help="predictions to send")] = 60_000,
+    home: Path = DEFAULT_HOME,
+) -> None:
+    """Start the local broker and a collector, send generated traffic through Kafka, print the windows."""
+    from kdwatch.demo import run_demo
+
+    run_demo(home, n)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KdwatchError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""A real single-node Apache Kafka 4.x (KRaft broker + controller) for development and tests.
+
+The jars come from Maven Central through ``mvn dependency:copy-dependencies`` (pom.xml beside this
+file) into a cache shared by every checkout; the broker runs as ``java -cp 'jars/*' kafka.Kafka``
+on free loopback ports. Ready means an admin client can list topics.
+
+>>> broker = DevKafka(Path(".kdwatch/kafka"))   # doctest: +SKIP
+>>> broker.start().bootstrap                     # doctest: +SKIP
+'127.0.0.1:41234'
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdwatch.errors import DevKafkaError
+
+KAFKA_VERSION = "4.1.1"
+POM = Path(__file__).with_name("pom.xml")
+DEFAULT_CACHE = Path(os.environ.get("KDWATCH_CACHE", Path.home() / ".cache" / "kdwatch"))
+
+LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {logdir}/server.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+"""
+
+SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:{cport}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={datadir}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+auto.create.topics.enable=false
+message.max.bytes=16777216
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def jars_dir(cache: Path = DEFAULT_CACHE) -> Path:
+    return cache / f"kafka-{KAFKA_VERSION}" / "jars"
+
+
+def ensure_jars(cache: Path = DEFAULT_CACHE) -> Path:
+    """Fetch the broker's jars with Maven once; later calls reuse the cache."""
+    target = jars_dir(cache)
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise DevKafkaError("Maven (mvn) is needed to fetch the Kafka jars: run `make setup` or install maven and a JDK 17")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    result = subprocess.run(
+        [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", "-DincludeScope=runtime",
+         f"-DoutputDirectory={target}"],
+        capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DevKafkaError(f"mvn failed to fetch the Kafka jars:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    marker.write_text(KAFKA_VERSION)
+    return target
+
+
+@dataclass
+class BrokerInfo:
+    pid: int
+    port: int
+    controller_port: int
+    home: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class DevKafka:
+    """Start, stop and inspect one local broker whose files live under ``home``."""
+
+    def __init__(self, home: Path, cache: Path = DEFAULT_CACHE) -> None:
+        self.home = home.resolve()
+        self.cache = cache
+        self.state_file = self.home / "broker.json"
+        self._process: subprocess.Popen[bytes] | None = None  # when started by this object
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise DevKafkaError("Java 17+ is needed to run the broker: run `make setup` or install a JDK")
+        return java
+
+    def info(self) -> BrokerInfo | None:
+        """The running broker, or None (a stale state file is removed)."""
+        if not self.state_file.exists():
+            return None
+        info = BrokerInfo(**json.loads(self.state_file.read_text()))
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            self.state_file.unlink(missing_ok=True)
+            return None
+        return info
+
+    def start(self, port: int | None = None, timeout_s: float = 90.0) -> BrokerInfo:
+        running = self.info()
+        if running is not None:
+            return running
+        jars = ensure_jars(self.cache)
+        java = self._java()
+        port = port or free_port()
+        cport = free_port()
+        datadir, logdir = self.home / "data", self.home / "logs"
+        shutil.rmtree(datadir, ignore_errors=True)
+        datadir.mkdir(parents=True)
+        logdir.mkdir(parents=True, exist_ok=True)
+        props = self.home / "server.properties"
+        props.write_text(SERVER_PROPERTIES.format(port=port, cport=cport, datadir=datadir))
+        log4j = self.home / "log4j2.properties"
+        log4j.write_text(LOG4J2.format(logdir=logdir))
+        jvm = ["-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true", f"-Dkafka.logs.dir={logdir}",
+               f"-Dlog4j2.configurationFile=file:{log4j}"]
+        classpath = f"{jars}/*"
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run(
+            [java, *jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
+             "-t", cluster_id, "-c", str(props)], capture_output=True, text=True, check=False)
+        if fmt.returncode != 0:
+            raise DevKafkaError(f"formatting the broker storage failed: {fmt.stderr[-2000:] or fmt.stdout[-2000:]}")
+        out = (logdir / "stdout.log").open("ab")
+        process = subprocess.Popen([java, *jvm, "-cp", classpath, "kafka.Kafka", str(props)],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        self._process = process
+        info = BrokerInfo(process.pid, port, cport, str(self.home))
+        self.state_file.write_text(json.dumps(info.__dict__))
+        try:
+            wait_ready(info.bootstrap, timeout_s, process)
+        except DevKafkaError:
+            self.stop()
+            raise
+        return info
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the broker; True when one was running."""
+        info = self.info()
+        if info is None:
+            return False
+        try:
+            os.killpg(info.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(info.pid, 0)
+            except ProcessLookupError:
+                break
+            _reap(info.pid)
+            time.sleep(0.2)
+        else:
+            try:
+                os.killpg(info.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _reap(info.pid)
+        self.state_file.unlink(missing_ok=True)
+        if self._process is not None:
+            self._process.wait(timeout=10)
+            self._process = None
+        return True
+
+
+def _reap(pid: int) -> None:
+    """Collect our own child's exit status so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child (started by another process): nothing to reap
+
+
+def wait_ready(bootstrap: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until an admin client can list topics on ``bootstrap``."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise DevKafkaError(f"the broker exited with status {process.returncode}; see its logs")
+        # A plain TCP probe first: kafka-python leaks the sockets of refused connection attempts.
+        host, port = bootstrap.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError as exc:
+            last_error = exc
+            time.sleep(0.3)
+            continue
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, OSError) as exc:
+            last_error = exc
+            time.sleep(0.5)
+    raise DevKafkaError(f"broker at {bootstrap} not ready after {timeout_s:.0f}s: {last_error}")

@@ -1,0 +1,43 @@
+"""The root of kdwatch's exception tree.
+
+KdwatchError
+├── ContractError      an event breaks contract v1 (collector.contract)
+├── ConfigError        a setting or file is invalid at start-up (kdwatch.settings)
+├── StoreConflict      another collector took over a partition (storage)
+└── DevKafkaError      the local development broker failed (kdwatch.devkafka)
+"""
+
+from __future__ import annotations
+
+
+class KdwatchError(Exception):
+    """Base class of every error kdwatch raises on purpose."""
+
+
+class ContractError(KdwatchError):
+    """An event does not satisfy the event contract.
+
+    ``reason`` is a stable machine-readable code (``invalid_json``, ``missing_field``, ...) that is
+    written to the dead-letter headers and counted; ``str(error)`` is the human-readable detail.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class ConfigError(KdwatchError):
+    """Invalid configuration; ``field`` names the offending setting."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class StoreConflict(KdwatchError):
+    """The stored offsets moved under us: another consumer owns the partition now."""
+
+
+class DevKafkaError(KdwatchError):
+    """The local development broker could not be fetched, formatted or started."""

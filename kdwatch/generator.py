@@ -1,0 +1,86 @@
+"""A generator of realistic contract-v1 traffic for demos, tests and benchmarks.
+
+A teacher has a latent class per request; the student agrees with it most of the time, with
+softmax outputs whose sharpness varies. A fraction of requests is replayed against the teacher and
+a fraction gets a delayed label. Events come out in arrival order: each replay a little after its
+prediction, each label later still (but within the default grace). Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+
+@dataclass(frozen=True)
+class TrafficSpec:
+    model: str = "fraud-distil"
+    student_version: str = "s1"
+    teacher_version: str = "t1"
+    n_classes: int = 10
+    n_features: int = 10
+    start_ms: int = 1_795_000_000_000  # 2026-11-18T09:46:40Z
+    events_per_second: float = 50.0
+    teacher_rate: float = 0.10
+    label_rate: float = 0.10
+    disagreement: float = 0.05
+    feature_shift: float = 0.0
+    logits: bool = False
+    seed: int = 0
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
+    """(kind, request_id, value) for ``n`` predictions with their replays and labels, in arrival order."""
+    rng = np.random.default_rng(spec.seed)
+    k = spec.n_classes
+    step_ms = 1000.0 / spec.events_per_second
+    pending: list[tuple[int, int, str, str, bytes]] = []  # (due_ms, seq, kind, request_id, value)
+    seq = 0
+    for i in range(n):
+        ts = spec.start_ms + int(i * step_ms)
+        rid = f"{spec.model}-{spec.seed}-{i}"
+        true_class = int(rng.integers(k))
+        teacher_logits = rng.normal(0, 1, k)
+        teacher_logits[true_class] += 4.0
+        student_logits = teacher_logits * rng.uniform(0.6, 1.2) + rng.normal(0, 0.5, k)
+        if rng.random() < spec.disagreement:
+            student_logits[int(rng.integers(k))] += 6.0
+        features = {f"f{j}": round(float(rng.normal(j * 0.1 + spec.feature_shift, 1.0)), 6) for j in range(spec.n_features)}
+        prediction: dict[str, object] = {
+            "request_id": rid, "model": spec.model, "student_version": spec.student_version, "ts": ts,
+            "latency_ms": round(float(rng.lognormal(2.5, 0.4)), 3), "features": features,
+        }
+        if spec.logits:
+            prediction["logits"] = [round(float(x), 6) for x in student_logits]
+        else:
+            prediction["probs"] = [float(x) for x in _softmax(student_logits)]
+        yield "prediction", rid, orjson.dumps(prediction)
+        label = int(np.argmax(teacher_logits)) if rng.random() < 0.9 else int(rng.integers(k))
+        if rng.random() < spec.teacher_rate:
+            teacher = {"request_id": rid, "model": spec.model, "teacher_version": spec.teacher_version,
+                       "ts": ts + 2_000}
+            if spec.logits:
+                teacher["logits"] = [round(float(x), 6) for x in teacher_logits]
+            else:
+                teacher["probs"] = [float(x) for x in _softmax(teacher_logits)]
+            heapq.heappush(pending, (ts + 2_000, seq, "teacher", rid, orjson.dumps(teacher)))
+            seq += 1
+        if rng.random() < spec.label_rate:
+            delay = int(rng.uniform(10_000, 120_000))
+            heapq.heappush(pending, (ts + delay, seq, "label", rid,
+                            orjson.dumps({"request_id": rid, "model": spec.model, "label": label, "ts": ts + delay})))
+            seq += 1
+        while pending and pending[0][0] <= ts:
+            _due, _s, kind, prid, value = heapq.heappop(pending)
+            yield kind, prid, value
+    for _due, _s, kind, prid, value in sorted(pending):
+        yield kind, prid, value

@@ -1,0 +1,1 @@
+"""SLOs, error budgets, burn-rate alerts and retrain webhooks (see the SLO issue)."""

@@ -1,0 +1,276 @@
+"""The SQL window store (SQLite by default, PostgreSQL by URL) behind one narrow interface.
+
+Exactly-once effect: a collector batch (its window states, join-buffer changes, counters, watermark
+and the offsets it consumed) commits in one transaction. Offsets are compare-and-set: if another
+consumer advanced them since we loaded them, the transaction fails with :class:`StoreConflict`
+and nothing of the batch is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from analyzer.drift import Reference
+from analyzer.window import WindowState
+from collector.join import Changes, Entry, WindowKey, entry_from_dict, entry_to_dict
+from kdwatch.errors import StoreConflict
+from storage.schema import (
+    consumer_offsets,
+    event_counters,
+    join_entries,
+    partition_watermarks,
+    references,
+    window_state,
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class PartitionSnapshot:
+    """What a collector needs to resume a co-partition exactly where the last commit left it."""
+
+    offsets: dict[str, int]
+    watermark: int | None
+    windows: dict[WindowKey, WindowState]
+    entries: list[Entry]
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine with SQLite set up for several processes (WAL, busy timeout, BEGIN IMMEDIATE)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_setup(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash (kill -9); only power loss can drop the tail.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock up front: no deadlock on a read-then-write upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class SqlStore:
+    """Window state, join buffer, offsets and counters in one SQL database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    @classmethod
+    def from_url(cls, url: str) -> SqlStore:
+        return cls(create_db_engine(url))
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    # ---- the collector's side ----
+
+    def load_partition(self, group_id: str, partition: int, topics: Iterable[str]) -> PartitionSnapshot:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(consumer_offsets.c.topic, consumer_offsets.c.next_offset).where(
+                    consumer_offsets.c.group_id == group_id, consumer_offsets.c.partition == partition,
+                    consumer_offsets.c.topic.in_(list(topics)))
+            ).all()
+            offsets = {topic: offset for topic, offset in rows}
+            watermark = conn.execute(
+                select(partition_watermarks.c.watermark).where(
+                    partition_watermarks.c.group_id == group_id, partition_watermarks.c.partition == partition)
+            ).scalar()
+            windows = {
+                WindowKey(r.model, r.student_version, r.window_start): WindowState.from_dict(orjson.loads(r.state))
+                for r in conn.execute(
+                    select(window_state).where(window_state.c.partition == partition, window_state.c.closed.is_(False)))
+            }
+            entries = [
+                entry_from_dict(r.kind, r.model, r.request_id, orjson.loads(r.payload))
+                for r in conn.execute(select(join_entries).where(join_entries.c.partition == partition))
+            ]
+        return PartitionSnapshot(offsets, watermark, windows, entries)
+
+    def commit_batch(
+        self,
+        group_id: str,
+        partition: int,
+        window_ms: int,
+        changes: Changes,
+        offsets: dict[str, tuple[int | None, int]],
+    ) -> None:
+        """Make one batch durable; ``offsets`` maps topic -> (offset loaded/last committed, new)."""
+        try:
+            with self.engine.begin() as conn:
+                self._advance_offsets(conn, group_id, partition, offsets)
+                self._write_windows(conn, partition, window_ms, changes)
+                self._write_entries(conn, partition, changes)
+                self._add_counters(conn, partition, changes.counters.items())
+                if changes.watermark is not None:
+                    stmt = self._insert(partition_watermarks).values(
+                        group_id=group_id, partition=partition, watermark=changes.watermark)
+                    conn.execute(stmt.on_conflict_do_update(
+                        index_elements=["group_id", "partition"], set_={"watermark": changes.watermark}))
+        except IntegrityError as exc:
+            raise StoreConflict(f"partition {partition}: offsets were created by another consumer") from exc
+
+    def _advance_offsets(self, conn: Connection, group_id: str, partition: int,
+                         offsets: dict[str, tuple[int | None, int]]) -> None:
+        for topic, (old, new) in offsets.items():
+            if old is None:
+                conn.execute(consumer_offsets.insert().values(
+                    group_id=group_id, topic=topic, partition=partition, next_offset=new))
+                continue
+            result = conn.execute(
+                update(consumer_offsets)
+                .where(consumer_offsets.c.group_id == group_id, consumer_offsets.c.topic == topic,
+                       consumer_offsets.c.partition == partition, consumer_offsets.c.next_offset == old)
+                .values(next_offset=new))
+            if result.rowcount != 1:
+                raise StoreConflict(f"{topic}[{partition}]: stored offset is no longer {old}; another consumer owns it")
+
+    def _write_windows(self, conn: Connection, partition: int, window_ms: int, changes: Changes) -> None:
+        now = _now_ms()
+        rows = [
+            {"model": k.model, "student_version": k.student_version, "window_start": k.window_start,
+             "partition": partition, "window_ms": window_ms, "closed": closed,
+             "state": orjson.dumps(state.to_dict()).decode(), "updated_at": now}
+            for closed, group in ((False, changes.windows), (True, changes.closed))
+            for k, state in group.items()
+        ]
+        if rows:
+            stmt = self._insert(window_state)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["model", "student_version", "window_start", "partition"],
+                set_={"closed": stmt.excluded.closed, "state": stmt.excluded.state,
+                      "updated_at": stmt.excluded.updated_at}), rows)
+        for k, count in changes.late.items():
+            key = and_(window_state.c.model == k.model, window_state.c.student_version == k.student_version,
+                       window_state.c.window_start == k.window_start, window_state.c.partition == partition)
+            stored = conn.execute(select(window_state.c.state).where(key)).scalar()
+            state = WindowState.from_dict(orjson.loads(stored)) if stored is not None else WindowState()
+            state.n_late += count
+            payload = orjson.dumps(state.to_dict()).decode()
+            if stored is None:
+                conn.execute(window_state.insert().values(
+                    model=k.model, student_version=k.student_version, window_start=k.window_start,
+                    partition=partition, window_ms=window_ms, closed=True, state=payload, updated_at=now))
+            else:
+                conn.execute(update(window_state).where(key).values(state=payload, updated_at=now))
+
+    def _write_entries(self, conn: Connection, partition: int, changes: Changes) -> None:
+        if changes.deleted:
+            conn.execute(
+                delete(join_entries).where(
+                    join_entries.c.partition == partition, join_entries.c.kind == bindparam("k"),
+                    join_entries.c.model == bindparam("m"), join_entries.c.request_id == bindparam("r")),
+                [{"k": k, "m": m, "r": r} for k, m, r in sorted(changes.deleted)])
+        if changes.upserted:
+            stmt = self._insert(join_entries)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["partition", "kind", "model", "request_id"],
+                    set_={"window_start": stmt.excluded.window_start, "payload": stmt.excluded.payload}),
+                [{"partition": partition, "kind": e.kind, "model": e.model, "request_id": e.request_id,
+                  "window_start": e.window_start, "payload": orjson.dumps(entry_to_dict(e)).decode()}
+                 for e in changes.upserted.values()])
+
+    def _add_counters(self, conn: Connection, partition: int, items: Iterable[tuple[tuple[str, str], int]]) -> None:
+        rows = [{"kind": kind, "partition": partition, "reason": reason, "count": count}
+                for (kind, reason), count in items if count]
+        if rows:
+            stmt = self._insert(event_counters)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["kind", "partition", "reason"],
+                set_={"count": event_counters.c.count + stmt.excluded.count}), rows)
+
+    # ---- the readers' side ----
+
+    def windows(
+        self,
+        model: str | None = None,
+        student_version: str | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> dict[WindowKey, tuple[WindowState, bool, int]]:
+        """Stored windows merged across partitions: key -> (state, final, window_ms)."""
+        query = select(window_state)
+        if model is not None:
+            query = query.where(window_state.c.model == model)
+        if student_version is not None:
+            query = query.where(window_state.c.student_version == student_version)
+        if start_ms is not None:
+            query = query.where(window_state.c.window_start >= start_ms)
+        if end_ms is not None:
+            query = query.where(window_state.c.window_start < end_ms)
+        merged: dict[WindowKey, tuple[WindowState, bool, int]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)):
+                key = WindowKey(r.model, r.student_version, r.window_start)
+                state = WindowState.from_dict(orjson.loads(r.state))
+                if key in merged:
+                    prior, final, window_ms = merged[key]
+                    merged[key] = (prior.merge(state), final and r.closed, window_ms)
+                else:
+                    merged[key] = (state, bool(r.closed), r.window_ms)
+        return merged
+
+    def counters(self) -> dict[tuple[str, str], int]:
+        """Counts per (kind, reason), summed over partitions."""
+        out: dict[tuple[str, str], int] = {}
+        with self.engine.connect() as conn:
+            for kind, reason, count in conn.execute(
+                    select(event_counters.c.kind, event_counters.c.reason, event_counters.c.count)):
+                out[(kind, reason)] = out.get((kind, reason), 0) + count
+        return out
+
+    def put_reference(self, model: str, reference: Reference) -> None:
+        stmt = self._insert(references).values(
+            model=model, fingerprint=reference.fingerprint,
+            data=orjson.dumps(reference.to_dict()).decode(), updated_at=_now_ms())
+        with self.engine.begin() as conn:
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["model"],
+                set_={"fingerprint": stmt.excluded.fingerprint, "data": stmt.excluded.data,
+                      "updated_at": stmt.excluded.updated_at}))
+
+    def references(self) -> dict[str, Reference]:
+        with self.engine.connect() as conn:
+            return {r.model: Reference.from_dict(orjson.loads(r.data)) for r in conn.execute(select(references))}

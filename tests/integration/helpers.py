@@ -1,0 +1,80 @@
+"""Shared steps of the integration tests: topics, traffic, a collector run, the offline truth."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from analyzer.drift import Reference
+from analyzer.window import window_result
+from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
+from collector.offline import analyze_files
+from storage.sql import SqlStore
+
+KIND_FILES = {"prediction": "predictions.jsonl", "teacher": "teacher.jsonl", "label": "labels.jsonl"}
+
+
+def new_topics(bootstrap: str, partitions: int = 3) -> Topics:
+    run = f"t{uuid.uuid4().hex[:10]}"
+    topics = Topics(f"{run}.predictions", f"{run}.teacher", f"{run}.labels")
+    ensure_topics(bootstrap, [topics.predictions, topics.teacher, topics.labels], partitions)
+    return topics
+
+
+def topic_map(topics: Topics) -> dict[str, str]:
+    return {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
+
+
+def write_jsonl(records: list[tuple[str, str, bytes]], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {kind: directory / name for kind, name in KIND_FILES.items()}
+    handles = {kind: path.open("wb") for kind, path in paths.items()}
+    for kind, _rid, value in records:
+        handles[kind].write(value + b"\n")
+    for handle in handles.values():
+        handle.close()
+    return paths
+
+
+def offline_results(paths: dict[str, Path], references: dict[str, Reference] | None = None,
+                    window_ms: int = 60_000, grace_ms: int = 600_000) -> dict[tuple[str, str, int], dict[str, Any]]:
+    windows, _counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
+                                       window_ms=window_ms, grace_ms=grace_ms, references=references)
+    return {(k.model, k.student_version, k.window_start): window_result(k.model, k.student_version, k.window_start, window_ms,
+                                                                         s, (references or {}).get(k.model))
+            for k, s in windows.items()}
+
+
+def stored_results(store: SqlStore, references: dict[str, Reference] | None = None) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {(k.model, k.student_version, k.window_start): window_result(k.model, k.student_version, k.window_start, wms, s,
+                                                                         (references or {}).get(k.model))
+            for k, (s, _final, wms) in store.windows().items()}
+
+
+def run_collector_until(config: CollectorConfig, store: SqlStore, expected_records: int, timeout_s: float = 180.0,
+                        references: dict[str, Reference] | None = None) -> Collector:
+    """Run a collector in a thread until it has processed ``expected_records``, then stop it."""
+    collector = Collector(config, store, references)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            collector.run(stop)
+        except BaseException as exc:  # surfaced to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while collector.processed < expected_records and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.2)
+    stop.set()
+    thread.join(30)
+    if errors:
+        raise errors[0]
+    assert collector.processed == expected_records, f"processed {collector.processed} of {expected_records}"
+    return collector
