@@ -56,6 +56,7 @@ class CollectorConfig:
     grace_ms: int = 600_000
     max_poll_records: int = 5_000
     poll_timeout_ms: int = 500
+    session_timeout_ms: int = 10_000
     kafka_options: dict[str, Any] = field(default_factory=dict)  # security settings and the like
 
 
@@ -117,8 +118,8 @@ class Collector:
             max_poll_records=self.config.max_poll_records,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=3_000,
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=max(self.config.session_timeout_ms // 3, 100),
             **self.config.kafka_options,
         )
 
@@ -171,8 +172,8 @@ class Collector:
                 batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
                 try:
                     self._sync_assignment(consumer)
+                    self._process(consumer, producer, batch)
                     if batch:
-                        self._process(consumer, producer, batch)
                         last_data = time.monotonic()
                     backoff = 0.5
                 except OperationalError as exc:
@@ -192,35 +193,23 @@ class Collector:
         by_unit: dict[int, dict[str, list[Any]]] = defaultdict(dict)
         for tp, records in batch.items():
             by_unit[tp.partition][tp.topic] = records
-        for p, topics in sorted(by_unit.items()):
-            unit = self.units.get(p)
-            if unit is None:
-                continue  # not (or no longer) ours
-            advanced: dict[str, tuple[int | None, int]] = {}
-            for topic in self.kinds:  # predictions, then replays, then labels
-                records = topics.get(topic)
-                if not records:
-                    continue
-                kind = self.kinds[topic]
-                start = unit.expected[topic]
-                for record in records:
-                    if record.offset < unit.expected[topic]:
-                        continue  # fetched before our seek: already applied
-                    if record.offset > unit.expected[topic]:
-                        # Compacted or deleted offsets are the only legitimate gap.
-                        log.debug("%s[%d]: gap %d -> %d", topic, p, unit.expected[topic], record.offset)
-                    source = Source(topic, p, record.offset, record.timestamp, record.key, record.value or b"")
-                    ingest(unit.joiner, kind, record.value or b"", source)
-                    unit.expected[topic] = record.offset + 1
-                    self.processed += 1
-                if unit.expected[topic] != start:
-                    advanced[topic] = (unit.committed[topic], unit.expected[topic])
-            if not advanced:
+        # Every owned unit, even one without new records: its inputs may have caught up, which
+        # can move its watermark and close windows.
+        for p in sorted(self.units):
+            unit = self.units[p]
+            advanced = self._ingest_unit(p, unit, by_unit.get(p, {}))
+            caught_up = {}
+            for topic, kind in self.kinds.items():
+                highwater = consumer.highwater(TopicPartition(topic, p))
+                caught_up[kind] = highwater is not None and unit.expected[topic] >= highwater
+            changes = unit.joiner.end_batch(caught_up)
+            if not advanced and changes.watermark is None:
                 continue
-            changes = unit.joiner.end_batch()
+            # Offsets not advanced are still compare-and-set (old == new): the fence holds for every write.
+            fence = {t: (old, old) for t, old in unit.committed.items() if old is not None and t not in advanced}
             self._dead_letter(producer, changes)
             try:
-                self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, advanced)
+                self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, {**fence, **advanced})
             except StoreConflict as exc:
                 log.warning("dropping partition %d: %s", p, exc)
                 del self.units[p]
@@ -230,8 +219,25 @@ class Collector:
                 raise
             for topic, (_old, new) in advanced.items():
                 unit.committed[topic] = new
-            # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
-            consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
+            if advanced:
+                # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
+                consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
+
+    def _ingest_unit(self, p: int, unit: _Unit, topics: dict[str, list[Any]]) -> dict[str, tuple[int | None, int]]:
+        """Feed a unit's new records to its joiner; topic -> (committed, new) for topics that moved."""
+        advanced: dict[str, tuple[int | None, int]] = {}
+        for topic, kind in self.kinds.items():  # predictions, then replays, then labels
+            start = unit.expected[topic]
+            for record in topics.get(topic, ()):
+                if record.offset < unit.expected[topic]:
+                    continue  # fetched before our seek: already applied
+                value = record.value or b""
+                ingest(unit.joiner, kind, value, Source(topic, p, record.offset, record.timestamp, record.key, value))
+                unit.expected[topic] = record.offset + 1
+                self.processed += 1
+            if unit.expected[topic] != start:
+                advanced[topic] = (unit.committed[topic], unit.expected[topic])
+        return advanced
 
     def _dead_letter(self, producer: KafkaProducer, changes: Changes) -> None:
         if not changes.dead_letters:

@@ -5,9 +5,13 @@
 - the join buffer: every prediction of an open window (for late partners and de-duplication), and
   teacher replays / labels that arrived before their prediction;
 - the open windows' :class:`~analyzer.window.WindowState`;
-- the watermark: the highest prediction event time seen on the partition.
+- the watermark: how far event time has surely progressed on all three inputs. Each input's
+  highest event time seen counts, except that an input with nothing left to read (caught up) does
+  not hold the others back; so a predictions topic consumed far ahead of its replays cannot close
+  windows whose replays are still unread (Flink's min-over-inputs watermark).
 
-A window [start, start + size) closes when the watermark reaches ``start + size + grace``: its state
+A window [start, start + size) closes, at the end of a batch, when the watermark reaches
+``start + size + grace``: its state
 is final and its buffer entries go. A replay or label joins its prediction whichever arrives first,
 as long as both arrive before the prediction's window closes. A prediction for a closed window is
 *late*: dead-lettered with reason ``late`` and counted in its stored window's ``n_late``. A replay or
@@ -27,6 +31,7 @@ from analyzer.window import WindowState
 from collector.contract import Distribution, Label, Prediction, TeacherReplay
 
 PREDICTION, TEACHER, LABEL = "p", "t", "l"
+INPUTS = ("prediction", "teacher", "label")
 
 
 class Source(NamedTuple):
@@ -129,6 +134,7 @@ class PartitionJoiner:
         self.grace_ms = grace_ms
         self.references = references or {}
         self.watermark = watermark
+        self.observed: dict[str, int] = {}  # input kind -> highest event time seen
         self.windows: dict[WindowKey, WindowState] = dict(windows or {})
         self.entries: dict[tuple[str, str, str], Entry] = {}
         self._by_window: dict[int, set[tuple[str, str, str]]] = defaultdict(set)
@@ -194,7 +200,7 @@ class PartitionJoiner:
                       event.label, has_label=event.label is not None, audit=event.audit is not None)
         self._put(entry)
         self._touch(entry)
-        self._advance_watermark(event.ts_ms)
+        self._observe("prediction", event.ts_ms)
         if entry.audit:
             assert event.label is not None  # the contract requires a label on audit records
             pending.audit_ids.append(event.request_id)
@@ -221,6 +227,7 @@ class PartitionJoiner:
                 self._join_label(entry, early_label.label, early_label.source)
 
     def add_teacher(self, event: TeacherReplay, source: Source | None = None) -> None:
+        self._observe("teacher", event.ts_ms)
         prediction = self._live(PREDICTION, event.model, event.request_id)
         if prediction is not None:
             if prediction.has_teacher or prediction.audit:
@@ -231,6 +238,7 @@ class PartitionJoiner:
         self._buffer_early(TEACHER, event.model, event.request_id, event.ts_ms, source, dist=event.dist, version=event.teacher_version)
 
     def add_label(self, event: Label, source: Source | None = None) -> None:
+        self._observe("label", event.ts_ms)
         prediction = self._live(PREDICTION, event.model, event.request_id)
         if prediction is not None:
             if prediction.has_label or prediction.audit:
@@ -313,10 +321,27 @@ class PartitionJoiner:
 
     # ---- windows ----
 
-    def _advance_watermark(self, ts_ms: int) -> None:
-        if self.watermark is None or ts_ms > self.watermark:
-            self.watermark = ts_ms
-            self._changes.watermark = ts_ms
+    def _observe(self, kind: str, ts_ms: int) -> None:
+        if ts_ms > self.observed.get(kind, -1):
+            self.observed[kind] = ts_ms
+
+    def _advance_watermark(self, caught_up: dict[str, bool]) -> None:
+        """Move the watermark to the least event time of the inputs that still have records to read."""
+        if not self.observed:
+            return
+        newest = max(self.observed.values())
+        candidates = []
+        for kind in INPUTS:
+            if caught_up.get(kind, False):
+                candidates.append(newest)
+            elif kind in self.observed:
+                candidates.append(self.observed[kind])
+            else:
+                return  # an input not read yet: it may hold anything
+        candidate = min(candidates)
+        if self.watermark is None or candidate > self.watermark:
+            self.watermark = candidate
+            self._changes.watermark = candidate
 
     def _apply_pending(self) -> None:
         for wkey, p in self._pending.items():
@@ -356,12 +381,14 @@ class PartitionJoiner:
                 self._changes.upserted.pop(key, None)
                 self._changes.deleted.add(key)
 
-    def end_batch(self, close_all: bool = False) -> Changes:
-        """Apply the batch's contributions, close due windows, and hand over what changed.
+    def end_batch(self, caught_up: dict[str, bool] | None = None, close_all: bool = False) -> Changes:
+        """Apply the batch's contributions, advance the watermark, close due windows, hand over changes.
 
+        ``caught_up`` tells, per input kind, whether it has nothing left to read right now;
         ``close_all`` closes every window (the offline path at the end of its input).
         """
         self._apply_pending()
+        self._advance_watermark(caught_up or {})
         self._close_windows(close_all)
         changes, self._changes = self._changes, Changes()
         return changes

@@ -49,15 +49,33 @@ def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, s
                 yield (_sort_ts(line), order, lineno, kind, line)
 
 
-def merged_events(predictions: Path, teacher: Path | None = None, labels: Path | None = None) -> Iterator[tuple[str, bytes]]:
-    """(kind, raw) in event-time order across the files; ties keep file order, predictions first."""
-    streams = [_lines(predictions, "prediction", 0)]
+def merged_events(predictions: Path, teacher: Path | None = None, labels: Path | None = None) -> Iterator[tuple[str, bytes, str | None]]:
+    """(kind, raw, exhausted) in event-time order across the files; ties keep file order, predictions first.
+
+    ``exhausted`` names the input whose file just ended (after that record), so the watermark no
+    longer waits for it.
+    """
+    streams = {"prediction": _lines(predictions, "prediction", 0)}
     if teacher is not None:
-        streams.append(_lines(teacher, "teacher", 1))
+        streams["teacher"] = _lines(teacher, "teacher", 1)
     if labels is not None:
-        streams.append(_lines(labels, "label", 2))
-    for _ts, _order, _lineno, kind, raw in heapq.merge(*streams):
-        yield kind, raw
+        streams["label"] = _lines(labels, "label", 2)
+    heads: list[tuple[int, int, int, str, bytes]] = []
+    for kind, stream in list(streams.items()):
+        head = next(stream, None)
+        if head is None:
+            del streams[kind]
+            yield kind, b"", kind
+        else:
+            heapq.heappush(heads, head)
+    while heads:
+        _ts, _order, _lineno, kind, raw = heapq.heappop(heads)
+        following = next(streams[kind], None)
+        if following is None:
+            yield kind, raw, kind
+        else:
+            heapq.heappush(heads, following)
+            yield kind, raw, None
 
 
 def load_reference(path: Path) -> dict[str, Reference]:
@@ -100,9 +118,14 @@ def analyze_files(
         for key, count in changes.counters.items():
             counters[key] = counters.get(key, 0) + count
 
-    for i, (kind, raw) in enumerate(merged_events(predictions, teacher, labels), start=1):
-        ingest(joiner, kind, raw)
+    # Inputs without a file have nothing to read: they never hold the watermark back.
+    caught_up = {"prediction": False, "teacher": teacher is None, "label": labels is None}
+    for i, (kind, raw, exhausted) in enumerate(merged_events(predictions, teacher, labels), start=1):
+        if raw:
+            ingest(joiner, kind, raw)
+        if exhausted is not None:
+            caught_up[exhausted] = True
         if i % BATCH == 0:
-            collect(joiner.end_batch())
-    collect(joiner.end_batch(close_all=True))
+            collect(joiner.end_batch(caught_up))
+    collect(joiner.end_batch(caught_up, close_all=True))
     return windows, counters

@@ -117,7 +117,7 @@ def collect(
         bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
         topics=Topics(settings.topic_predictions, settings.topic_teacher, settings.topic_labels),
         window_ms=settings.window_ms, grace_ms=settings.grace_ms, max_poll_records=settings.max_poll_records,
-        kafka_options=settings.kafka_options())
+        session_timeout_ms=settings.session_timeout_ms, kafka_options=settings.kafka_options())
     collector = Collector(config, store, store.references())
     stop = threading.Event()
     err.print(f"collector {settings.group_id} consuming from {settings.bootstrap_servers}")

@@ -42,7 +42,8 @@ def run_demo(home: Path, n: int) -> None:
         db_path = home / f"{run}.db"
         store = SqlStore.from_url(f"sqlite:///{db_path}")
         store.migrate()
-        # Event times start 2 hours ago, 50 predictions per second of event time.
+        # Event times start 2 hours ago, 50 predictions per second of event time: 60,000 predictions
+        # span 20 minutes, so the first 10 windows are final (closed by the 10-minute grace).
         spec = TrafficSpec(start_ms=int(time.time() * 1000) - 2 * 3_600_000)
         kinds = {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
         with Progress(console=console) as progress:
@@ -64,12 +65,12 @@ def run_demo(home: Path, n: int) -> None:
         console.print(f"collector consumed {collector.processed} records in {elapsed:.1f}s "
                       f"({collector.processed / max(elapsed, 1e-9):,.0f} records/s, 4 partitions, SQLite)")
         table = Table(title="windows from events that went through Kafka (merged across partitions)")
-        for column in ("window_start", "final", "n", "n_joined", "n_labeled", "agreement", "kl_mean", "ece", "latency_p95_ms"):
+        for column in ("start (UTC)", "final", "n", "n_joined", "n_labeled", "agreement", "kl_mean", "ece", "latency_p95_ms"):
             table.add_column(column)
         rows = sorted(store.windows().items(), key=lambda kv: kv[0].window_start)
         for key, (state, final, window_ms) in rows:
             record = window_result(key.model, key.student_version, key.window_start, window_ms, state)
-            table.add_row(record["window_start"], str(final), str(record["n"]), str(record["n_joined"]),
+            table.add_row(record["window_start"][11:19], "yes" if final else "open", str(record["n"]), str(record["n_joined"]),
                           str(record["n_labeled"]), _fmt(record["agreement"]), _fmt(record["kl_mean"]),
                           _fmt(record["ece"]), _fmt(record["latency_p95_ms"], 1))
         console.print(table)

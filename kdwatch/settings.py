@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     window: str = "1m"
     grace: str = "10m"
     max_poll_records: int = Field(5_000, ge=1, le=100_000)
+    session_timeout: str = "10s"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_ssl_cafile: str | None = None
     kafka_ssl_certfile: str | None = None
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
 
-    @field_validator("window", "grace")
+    @field_validator("window", "grace", "session_timeout")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration_ms(value)
@@ -51,6 +52,10 @@ class Settings(BaseSettings):
     @property
     def grace_ms(self) -> int:
         return parse_duration_ms(self.grace)
+
+    @property
+    def session_timeout_ms(self) -> int:
+        return parse_duration_ms(self.session_timeout)
 
     def kafka_options(self) -> dict[str, Any]:
         """Security options for kafka-python clients (empty for PLAINTEXT)."""

@@ -78,3 +78,24 @@ def run_collector_until(config: CollectorConfig, store: SqlStore, expected_recor
         raise errors[0]
     assert collector.processed == expected_records, f"processed {collector.processed} of {expected_records}"
     return collector
+
+
+def differences(actual: dict[Any, dict[str, Any]], expected: dict[Any, dict[str, Any]]) -> list[tuple[Any, str, Any, Any]]:
+    """(window, field, actual, expected) for every field that differs; missing windows too."""
+    out: list[tuple[Any, str, Any, Any]] = []
+    for key in sorted(set(actual) | set(expected)):
+        a, e = actual.get(key), expected.get(key)
+        if a is None or e is None:
+            out.append((key, "<window>", a is not None, e is not None))
+            continue
+        out.extend((key, f, a.get(f), e.get(f)) for f in sorted(set(a) | set(e)) if a.get(f) != e.get(f))
+    return out
+
+
+def explain(diffs: list[tuple[Any, str, Any, Any]]) -> str:
+    """A short account of ``differences``: how many per field, and the first few."""
+    per_field: dict[str, int] = {}
+    for _key, name, _a, _e in diffs:
+        per_field[name] = per_field.get(name, 0) + 1
+    head = "\n".join(f"  {k[2] if isinstance(k, tuple) else k} {name}: {a!r:.80} != {e!r:.80}" for k, name, a, e in diffs[:12])
+    return f"{len(diffs)} differences, per field {per_field}\n{head}"

@@ -9,7 +9,7 @@ from collector.offline import load_reference
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from storage.sql import SqlStore
-from tests.integration.helpers import new_topics, offline_results, run_collector_until, stored_results, topic_map, write_jsonl
+from tests.integration.helpers import differences, explain, new_topics, offline_results, run_collector_until, stored_results, topic_map, write_jsonl
 
 
 def test_windows_stored_from_kafka_equal_the_offline_analysis(kafka: str, store: SqlStore, tmp_path: Path) -> None:
@@ -27,4 +27,5 @@ def test_windows_stored_from_kafka_equal_the_offline_analysis(kafka: str, store:
     expected = offline_results(paths, refs)
     assert sum(r["n"] for r in stored.values()) == 3_000
     assert sum(r["n_joined"] for r in stored.values()) == sum(1 for k, _, _ in records if k == "teacher")
-    assert stored == expected
+    diffs = differences(stored, expected)
+    assert not diffs, explain(diffs)

@@ -1,0 +1,73 @@
+"""kill -9 the collector at random moments: the stored windows still equal one uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kdwatch.generator import TrafficSpec, generate
+from kdwatch.loadgen import produce_records
+from storage.sql import SqlStore
+from tests.integration.helpers import differences, explain, new_topics, offline_results, stored_results, topic_map, write_jsonl
+
+KILLS = 5
+
+
+def _collector(kafka: str, database_url: str, topics: object, group: str, log: Path, idle_exit: float | None) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KDWATCH_DATABASE_URL": database_url,
+        "KDWATCH_BOOTSTRAP_SERVERS": kafka,
+        "KDWATCH_GROUP_ID": group,
+        "KDWATCH_TOPIC_PREDICTIONS": topics.predictions,  # type: ignore[attr-defined]
+        "KDWATCH_TOPIC_TEACHER": topics.teacher,  # type: ignore[attr-defined]
+        "KDWATCH_TOPIC_LABELS": topics.labels,  # type: ignore[attr-defined]
+        "KDWATCH_SESSION_TIMEOUT": "3s",
+        # Small transactions, so a kill lands between many commits and inside some.
+        "KDWATCH_MAX_POLL_RECORDS": "500",
+    }
+    args = [sys.executable, "-m", "kdwatch.cli", "collect"]
+    if idle_exit is not None:
+        args += ["--idle-exit", str(idle_exit)]
+    with log.open("ab") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(kafka: str, database_url: str, store: SqlStore, tmp_path: Path) -> None:
+    rng = random.Random(20261128)
+    total = 50_000
+    records = list(generate(TrafficSpec(seed=11, events_per_second=40), total))
+    paths = write_jsonl(records, tmp_path / "events")
+    topics = new_topics(kafka, partitions=2)
+    produce_records(kafka, topic_map(topics), records)
+    group = "crash-" + topics.predictions
+    log = tmp_path / "collector.log"
+
+    def stored_n() -> int:
+        return sum(r["n"] for r in stored_results(store).values())
+
+    progress = []
+    for _ in range(KILLS):
+        before = stored_n()
+        proc = _collector(kafka, database_url, topics, group, log, idle_exit=None)
+        deadline = time.monotonic() + 60
+        while stored_n() == before and time.monotonic() < deadline:  # wait until it commits something
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        progress.append(stored_n())
+    final = _collector(kafka, database_url, topics, group, log, idle_exit=8.0)
+    assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    stored = stored_results(store)
+    expected = offline_results(paths)
+    assert 0 < progress[0] < progress[-1] < total, f"kills should land mid-stream: progress {progress}"
+    assert sum(r["n"] for r in stored.values()) == total
+    diffs = differences(stored, expected)
+    assert not diffs, explain(diffs)
