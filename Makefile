@@ -12,7 +12,7 @@ setup: ## virtualenv, dependencies, system packages (as root) and the Kafka jars
 demo: setup ## the main job: local Kafka broker, collector, generated traffic, window results
 	$(VENV)/bin/kdwatch demo
 
-test: setup ## the whole suite, integration tests against real Kafka and PostgreSQL included
+test: setup lint ## lint, then the whole suite, integration tests against real Kafka and PostgreSQL included
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup ## unit tests only (no services)

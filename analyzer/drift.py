@@ -12,14 +12,15 @@ Edges freeze with the reference, so a window's drift state is plain bin counts t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-DECILES = np.linspace(0.1, 0.9, 9)
+# k / 10 rather than linspace: linspace gives 0.30000000000000004, which moves tied edges.
+DECILES = np.arange(1, 10) / 10
 # Empty bins would make ln(cur/ref) infinite; 1e-4 is the customary floor.
 ZERO_PROPORTION = 1e-4
 CONFIDENCE = "_confidence"
@@ -126,7 +127,7 @@ class DriftState:
     fingerprint: str | None = None
     counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def update(self, reference: Reference, columns: dict[str, Iterable[Any]]) -> None:
+    def update(self, reference: Reference, columns: Mapping[str, Iterable[Any]]) -> None:
         if self.fingerprint is None:
             self.fingerprint = reference.fingerprint
         elif self.fingerprint != reference.fingerprint:
@@ -153,7 +154,7 @@ class DriftState:
             self.counts[name] = list(counts) if mine is None else [a + b for a, b in zip(mine, counts, strict=True)]
 
     def result(self, reference: Reference | None) -> dict[str, Any]:
-        if reference is None or self.fingerprint != reference.fingerprint:
+        if reference is None or self.fingerprint not in (None, reference.fingerprint):
             return {"psi": None, "psi_expected": None, "psi_n": None}
         values: dict[str, float | None] = {}
         expected: dict[str, float | None] = {}

@@ -76,7 +76,8 @@ def generate(
     rate: Annotated[float, typer.Option(help="predictions per second of event time")] = 50.0,
 ) -> None:
     """Write synthetic contract-v1 traffic to JSONL files."""
-    from kdwatch.generator import TrafficSpec, generate as gen
+    from kdwatch.generator import TrafficSpec
+    from kdwatch.generator import generate as gen
 
     out.mkdir(parents=True, exist_ok=True)
     names = {"prediction": "predictions.jsonl", "teacher": "teacher.jsonl", "label": "labels.jsonl"}

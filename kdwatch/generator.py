@@ -23,7 +23,7 @@ class TrafficSpec:
     teacher_version: str = "t1"
     n_classes: int = 10
     n_features: int = 10
-    start_ms: int = 1_795_000_000_000  # 2026-11-18T09:46:40Z
+    start_ms: int = 1_795_000_000_000  # 2026-11-18T11:06:40Z
     events_per_second: float = 50.0
     teacher_rate: float = 0.10
     label_rate: float = 0.10

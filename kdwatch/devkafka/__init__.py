@@ -12,6 +12,7 @@ on free loopback ports. Ready means an admin client can list topics.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -161,7 +162,8 @@ class DevKafka:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
             [java, *jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-             "-t", cluster_id, "-c", str(props)], capture_output=True, text=True, check=False)
+             # --cluster-id=ID: an id may start with "-", which would read as an option
+             f"--cluster-id={cluster_id}", "-c", str(props)], capture_output=True, text=True, check=False)
         if fmt.returncode != 0:
             raise DevKafkaError(f"formatting the broker storage failed: {fmt.stderr[-2000:] or fmt.stdout[-2000:]}")
         out = (logdir / "stdout.log").open("ab")
@@ -183,10 +185,8 @@ class DevKafka:
         info = self.info()
         if info is None:
             return False
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it exited by itself meanwhile
             os.killpg(info.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -196,10 +196,8 @@ class DevKafka:
             _reap(info.pid)
             time.sleep(0.2)
         else:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(info.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             _reap(info.pid)
         self.state_file.unlink(missing_ok=True)
         if self._process is not None:
@@ -210,10 +208,8 @@ class DevKafka:
 
 def _reap(pid: int) -> None:
     """Collect our own child's exit status so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):  # not our child (started by another process)
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child (started by another process): nothing to reap
 
 
 def wait_ready(bootstrap: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:

@@ -9,7 +9,16 @@ from collector.offline import load_reference
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from storage.sql import SqlStore
-from tests.integration.helpers import differences, explain, new_topics, offline_results, run_collector_until, stored_results, topic_map, write_jsonl
+from tests.integration.helpers import (
+    differences,
+    explain,
+    new_topics,
+    offline_results,
+    run_collector_until,
+    stored_results,
+    topic_map,
+    write_jsonl,
+)
 
 
 def test_windows_stored_from_kafka_equal_the_offline_analysis(kafka: str, store: SqlStore, tmp_path: Path) -> None:

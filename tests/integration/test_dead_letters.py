@@ -1,0 +1,109 @@
+"""Poison messages go to <topic>.DLT with their reason; valid traffic is unaffected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from kafka import KafkaConsumer, TopicPartition
+
+from collector.consumer import CollectorConfig
+from kdwatch.generator import TrafficSpec, generate
+from kdwatch.loadgen import produce_records
+from storage.sql import SqlStore
+from tests.integration.helpers import (
+    differences,
+    explain,
+    new_topics,
+    offline_results,
+    run_collector_until,
+    stored_results,
+    topic_map,
+    write_jsonl,
+)
+
+TS = 1_795_000_030_000
+GOOD = {"request_id": "x", "model": "fraud-distil", "student_version": "s1", "ts": TS, "probs": [0.5, 0.5]}
+
+
+def _p(**changes: object) -> bytes:
+    return orjson.dumps({**GOOD, **changes})
+
+
+# (kind, value, reason expected in the dead-letter headers)
+POISON: list[tuple[str, bytes, str]] = [
+    ("prediction", b"{not json", "invalid_json"),
+    ("prediction", b"\xff\xfe{}", "invalid_utf8"),
+    ("prediction", b"[1, 2]", "not_an_object"),
+    ("prediction", orjson.dumps({k: v for k, v in GOOD.items() if k != "model"}), "missing_field"),
+    ("prediction", _p(model=5), "wrong_type"),
+    ("prediction", _p(probs=[0.5, float("nan")]).replace(b"null", b"NaN"), "invalid_json"),
+    ("prediction", _p(probs=[-0.5, 1.5]), "negative_probability"),
+    ("prediction", _p(probs=[0.2, 0.2]), "probs_not_normalised"),
+    ("prediction", _p(logits=[1.0, 2.0]), "probs_or_logits"),
+    ("prediction", _p(ts=1_795_000_030), "timestamp_out_of_range"),
+    ("prediction", _p(ts="yesterday"), "invalid_timestamp"),
+    ("prediction", _p(extra=1), "unknown_field"),
+    ("prediction", _p(v=2), "unsupported_version"),
+    ("prediction", _p(label=7), "label_out_of_range"),
+    ("prediction", _p(audit="member"), "missing_field"),
+    ("prediction", _p(features={f"f{i}": i for i in range(300)}), "too_many_features"),
+    ("prediction", _p(request_id="r" * 300), "string_too_long"),
+    ("prediction", _p(latency_ms=-1), "bad_latency"),
+    ("prediction", b'{"pad": "' + b"x" * (1024 * 1024 + 10) + b'"}', "too_large"),
+    ("teacher", orjson.dumps({"request_id": "x", "model": "m", "ts": TS, "probs": [1.0, 0.0]}), "missing_field"),
+    ("label", orjson.dumps({"request_id": "x", "model": "m", "label": -1, "ts": TS}), "label_out_of_range"),
+]
+
+
+def _dead_letters(kafka: str, topic: str) -> list[tuple[bytes, dict[str, bytes]]]:
+    consumer = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, consumer_timeout_ms=3000,
+                             fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    out = [(r.value, dict(r.headers)) for r in consumer]
+    consumer.close()
+    return out
+
+
+def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_path: Path) -> None:
+    valid = list(generate(TrafficSpec(seed=3, events_per_second=20), 2_000))
+    # Interleave: one poison message after every 50 valid records.
+    mixed: list[tuple[str, str, bytes]] = []
+    for i, record in enumerate(valid):
+        mixed.append(record)
+        if i % 50 == 0 and i // 50 < len(POISON):
+            kind, value, _reason = POISON[i // 50]
+            mixed.append((kind, f"poison-{i}", value))
+    topics = new_topics(kafka, partitions=2)
+    produce_records(kafka, topic_map(topics), mixed, options={"max_request_size": 4 * 1024 * 1024})
+
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
+    store.migrate()
+    run_collector_until(CollectorConfig(kafka, group_id="g-" + topics.predictions, topics=topics), store, len(mixed))
+
+    received = []
+    for topic in (topics.predictions, topics.teacher, topics.labels):
+        received += [(topic, value, headers) for value, headers in _dead_letters(kafka, topic + ".DLT")]
+    reasons = sorted(h["kdwatch.error.class"].decode() for _t, _v, h in received)
+    assert reasons == sorted(reason for _k, _v, reason in POISON)
+    for topic, value, headers in received:
+        assert headers["kdwatch.original.topic"].decode() + ".DLT" == topic + ".DLT"
+        assert int(headers["kdwatch.original.offset"]) >= 0
+        assert headers["kdwatch.error.message"]
+        assert value in {v for _k, v, _r in POISON}
+
+    counted = store.counters()
+    for kind, _value, reason in POISON:
+        assert counted[(kind, reason)] >= 1
+    assert sum(counted.values()) == len(POISON)
+
+    expected = offline_results(write_jsonl(valid, tmp_path / "valid"))
+    stored = stored_results(store)
+    # Rejected predictions with a readable model, version and ts are counted in their window.
+    for result in stored.values():
+        result["n_rejected"] = 0
+    diffs = differences(stored, expected)
+    assert not diffs, explain(diffs)
+    store.close()

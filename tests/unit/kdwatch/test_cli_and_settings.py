@@ -1,0 +1,62 @@
+"""`kdwatch analyze` output and start-up configuration errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kdwatch.durations import format_duration_ms, parse_duration_ms
+from kdwatch.errors import ConfigError
+from kdwatch.generator import TrafficSpec, generate
+from kdwatch.settings import load_settings
+
+
+def test_analyze_prints_one_ordered_window_per_line_with_rfc3339_bounds(tmp_path: Path) -> None:
+    files = {k: (tmp_path / f"{k}.jsonl").open("wb") for k in ("prediction", "teacher", "label")}
+    for kind, _rid, value in generate(TrafficSpec(events_per_second=10), 1_500):
+        files[kind].write(value + b"\n")
+    for f in files.values():
+        f.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "prediction.jsonl"),
+         "--teacher", str(tmp_path / "teacher.jsonl"), "--labels", str(tmp_path / "label.jsonl"), "--window", "1m"],
+        capture_output=True, check=True, text=True)
+    rows = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert sum(r["n"] for r in rows) == 1_500
+    starts = [r["window_start"] for r in rows]
+    assert starts == sorted(starts) and len(set(starts)) == len(rows)
+    assert rows[0]["window_start"] == "2026-11-18T11:06:00Z" and rows[0]["window_end"] == "2026-11-18T11:07:00Z"
+    for field in ("model", "student_version", "n", "n_joined", "n_labeled", "agreement", "kl_mean", "ece", "psi", "mia"):
+        assert field in rows[0]
+
+
+def test_analyze_rejects_a_bad_window_naming_the_option(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text("")
+    out = subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "p.jsonl"),
+                          "--window", "soon"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--window" in out.stderr
+
+
+@pytest.mark.parametrize(("variable", "value"), [("KDWATCH_WINDOW", "fortnight"), ("KDWATCH_MAX_POLL_RECORDS", "0"),
+                                                 ("KDWATCH_KAFKA_SECURITY_PROTOCOL", "TLS")])
+def test_a_bad_setting_fails_naming_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert info.value.field == variable
+
+
+def test_secrets_are_not_shown_by_the_settings() -> None:
+    settings = load_settings(database_url="postgresql+psycopg://u:hunter2@db/k", kafka_sasl_password="s3cret")
+    assert "hunter2" not in repr(settings) and "s3cret" not in repr(settings)
+    assert settings.kafka_options()["sasl_plain_password"] == "s3cret"
+
+
+@pytest.mark.parametrize(("text", "ms"), [("500ms", 500), ("30s", 30_000), ("1m", 60_000), ("6h", 21_600_000), ("30d", 2_592_000_000)])
+def test_durations(text: str, ms: int) -> None:
+    assert parse_duration_ms(text) == ms
+    assert parse_duration_ms(format_duration_ms(ms)) == ms
