@@ -41,6 +41,7 @@ LABEL_FIELDS = frozenset({"v", "request_id", "model", "label", "ts"})
 AUDIT_VALUES = ("member", "nonmember")
 
 Features = dict[str, float | str]
+_NUMBER_TYPES = (int, float)  # type(x) checks: bool is a subclass of int and must not pass
 
 
 @dataclass(slots=True)
@@ -89,7 +90,9 @@ class Label:
 Event = Prediction | TeacherReplay | Label
 
 
-def _load(raw: bytes | str) -> dict[str, Any]:
+def _load(raw: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(raw, dict):  # already parsed by the caller (the offline merge reads ts first)
+        return raw
     size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
     if size > MAX_VALUE_BYTES:
         raise ContractError("too_large", f"value is {size} bytes, the limit is {MAX_VALUE_BYTES}")
@@ -158,9 +161,9 @@ def _number_array(obj: dict[str, Any], field: str) -> np.ndarray:
     if not 2 <= len(values) <= MAX_CLASSES:
         raise ContractError("bad_class_count", f"{field} must have 2..{MAX_CLASSES} classes, got {len(values)}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if type(v) not in _NUMBER_TYPES:
             raise ContractError("wrong_type", f"{field} must contain only numbers, got {type(v).__name__}")
-    array = np.asarray(values, dtype=np.float64)
+    array = np.array(values, dtype=np.float64)
     if not np.isfinite(array).all():
         raise ContractError("not_finite", f"{field} contains NaN or infinity")
     return array
@@ -206,26 +209,28 @@ def _features(obj: dict[str, Any]) -> Features | None:
     if len(features) > MAX_FEATURES:
         raise ContractError("too_many_features", f"features has {len(features)} entries, the limit is {MAX_FEATURES}")
     out: Features = {}
+    isfinite = math.isfinite
     for name, value in features.items():
-        if len(name) > MAX_STRING_CHARS or not name:
-            raise ContractError("bad_feature_name", f"feature names must have 1..{MAX_STRING_CHARS} characters")
-        if name.startswith("_"):
-            raise ContractError("bad_feature_name", f"feature {name[:40]!r}: names starting with _ are reserved")
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ContractError("wrong_type", f"feature {name!r} must be a number or a string")
-        if isinstance(value, str):
+        if not 0 < len(name) <= MAX_STRING_CHARS or name[0] == "_":
+            raise ContractError("bad_feature_name",
+                                f"feature {name[:40]!r}: names have 1..{MAX_STRING_CHARS} characters, not starting with _")
+        kind = type(value)
+        if kind is float:
+            if not isfinite(value):
+                raise ContractError("not_finite", f"feature {name!r} is not finite")
+            out[name] = value
+        elif kind is int:
+            out[name] = float(value)
+        elif kind is str:
             if len(value) > MAX_STRING_CHARS:
                 raise ContractError("string_too_long", f"feature {name!r} value is longer than {MAX_STRING_CHARS}")
             out[name] = value
         else:
-            number = float(value)
-            if not math.isfinite(number):
-                raise ContractError("not_finite", f"feature {name!r} is not finite")
-            out[name] = number
+            raise ContractError("wrong_type", f"feature {name!r} must be a number or a string")
     return out
 
 
-def decode_prediction(raw: bytes | str) -> Prediction:
+def decode_prediction(raw: bytes | str | dict[str, Any]) -> Prediction:
     obj = _load(raw)
     _check_fields(obj, PREDICTION_FIELDS)
     request_id = _string(obj, "request_id")
@@ -262,7 +267,7 @@ def decode_prediction(raw: bytes | str) -> Prediction:
     )
 
 
-def decode_teacher(raw: bytes | str) -> TeacherReplay:
+def decode_teacher(raw: bytes | str | dict[str, Any]) -> TeacherReplay:
     obj = _load(raw)
     _check_fields(obj, TEACHER_FIELDS)
     request_id = _string(obj, "request_id")
@@ -272,7 +277,7 @@ def decode_teacher(raw: bytes | str) -> TeacherReplay:
     return TeacherReplay(request_id, model, teacher_version, parse_ts(obj.get("ts")), _distribution(obj))
 
 
-def decode_label(raw: bytes | str) -> Label:
+def decode_label(raw: bytes | str | dict[str, Any]) -> Label:
     obj = _load(raw)
     _check_fields(obj, LABEL_FIELDS)
     request_id = _string(obj, "request_id")

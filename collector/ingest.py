@@ -25,15 +25,21 @@ def _window_hint(raw: bytes, window_ms: int) -> WindowKey | None:
     return None
 
 
-def ingest(joiner: PartitionJoiner, kind: str, raw: bytes, source: Source | None = None) -> None:
-    """Validate ``raw`` as a ``kind`` event and feed it to ``joiner``; reject it with its reason."""
+def ingest(joiner: PartitionJoiner, kind: str, raw: bytes, source: Source | None = None,
+           parsed: dict[str, Any] | None = None) -> None:
+    """Validate ``raw`` (or its already ``parsed`` JSON) as a ``kind`` event and feed it to ``joiner``.
+
+    A value that breaks the contract is rejected with its reason (counted, and dead-lettered when it
+    came from Kafka).
+    """
+    value: bytes | dict[str, Any] = parsed if parsed is not None else raw
     try:
         if kind == "prediction":
-            joiner.add_prediction(decode_prediction(raw), source)
+            joiner.add_prediction(decode_prediction(value), source)
         elif kind == "teacher":
-            joiner.add_teacher(decode_teacher(raw), source)
+            joiner.add_teacher(decode_teacher(value), source)
         elif kind == "label":
-            joiner.add_label(decode_label(raw), source)
+            joiner.add_label(decode_label(value), source)
         else:
             raise ValueError(f"unknown kind {kind!r}")
     except ContractError as exc:

@@ -16,7 +16,7 @@ import orjson
 
 from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
 from analyzer.window import WindowState
-from collector.contract import decode_prediction, parse_ts
+from collector.contract import MAX_VALUE_BYTES, decode_prediction, parse_ts
 from collector.ingest import ingest
 from collector.join import Changes, PartitionJoiner, WindowKey
 from kdwatch.errors import ContractError
@@ -25,32 +25,44 @@ from kdwatch.errors import ContractError
 BATCH = 5_000
 
 
-def _sort_ts(raw: bytes) -> int:
-    """A record's event time for the merge, or -1 (emit at once) when it has none readable."""
+def _parse(raw: bytes) -> tuple[int, dict[str, Any] | None]:
+    """(event time for the merge, parsed object); -1 (emit at once) and None when unreadable.
+
+    The object is handed to the decoder so each line is parsed once; an oversized line is left
+    unparsed for the decoder to reject with its reason.
+    """
+    if len(raw) > MAX_VALUE_BYTES:
+        return -1, None
     try:
-        ts = orjson.loads(raw).get("ts")
-    except (orjson.JSONDecodeError, AttributeError):
-        return -1
-    if isinstance(ts, int) and not isinstance(ts, bool):
-        return ts
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return -1, None
+    if not isinstance(obj, dict):
+        return -1, None
+    ts = obj.get("ts")
+    if type(ts) is int:
+        return ts, obj
     if isinstance(ts, str):
         try:
-            return parse_ts(ts)
+            return parse_ts(ts), obj
         except ContractError:
-            return -1
-    return -1
+            return -1, obj
+    return -1, obj
 
 
-def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, str, bytes]]:
+def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]:
     with path.open("rb") as handle:
         for lineno, line in enumerate(handle):
             line = line.rstrip(b"\r\n")
             if line.strip():
-                yield (_sort_ts(line), order, lineno, kind, line)
+                ts, obj = _parse(line)
+                yield (ts, order, lineno, kind, line, obj)
 
 
-def merged_events(predictions: Path, teacher: Path | None = None, labels: Path | None = None) -> Iterator[tuple[str, bytes, str | None]]:
-    """(kind, raw, exhausted) in event-time order across the files; ties keep file order, predictions first.
+def merged_events(
+    predictions: Path, teacher: Path | None = None, labels: Path | None = None
+) -> Iterator[tuple[str, bytes, dict[str, Any] | None, str | None]]:
+    """(kind, raw, parsed, exhausted) in event-time order across the files; ties keep file order, predictions first.
 
     ``exhausted`` names the input whose file just ended (after that record), so the watermark no
     longer waits for it.
@@ -60,22 +72,23 @@ def merged_events(predictions: Path, teacher: Path | None = None, labels: Path |
         streams["teacher"] = _lines(teacher, "teacher", 1)
     if labels is not None:
         streams["label"] = _lines(labels, "label", 2)
-    heads: list[tuple[int, int, int, str, bytes]] = []
+    # Heap entries: (ts, order, lineno, ...) are unique in their first three, so the dict is never compared.
+    heads: list[tuple[int, int, int, str, bytes, dict[str, Any] | None]] = []
     for kind, stream in list(streams.items()):
         head = next(stream, None)
         if head is None:
             del streams[kind]
-            yield kind, b"", kind
+            yield kind, b"", None, kind
         else:
             heapq.heappush(heads, head)
     while heads:
-        _ts, _order, _lineno, kind, raw = heapq.heappop(heads)
+        _ts, _order, _lineno, kind, raw, obj = heapq.heappop(heads)
         following = next(streams[kind], None)
         if following is None:
-            yield kind, raw, kind
+            yield kind, raw, obj, kind
         else:
             heapq.heappush(heads, following)
-            yield kind, raw, None
+            yield kind, raw, obj, None
 
 
 def load_reference(path: Path) -> dict[str, Reference]:
@@ -120,9 +133,9 @@ def analyze_files(
 
     # Inputs without a file have nothing to read: they never hold the watermark back.
     caught_up = {"prediction": False, "teacher": teacher is None, "label": labels is None}
-    for i, (kind, raw, exhausted) in enumerate(merged_events(predictions, teacher, labels), start=1):
+    for i, (kind, raw, obj, exhausted) in enumerate(merged_events(predictions, teacher, labels), start=1):
         if raw:
-            ingest(joiner, kind, raw)
+            ingest(joiner, kind, raw, parsed=obj)
         if exhausted is not None:
             caught_up[exhausted] = True
         if i % BATCH == 0:

@@ -30,6 +30,9 @@ class TrafficSpec:
     disagreement: float = 0.05
     feature_shift: float = 0.0
     logits: bool = False
+    # Share of predictions followed by an audit replay of a training member or a held-out record;
+    # the student is a little more confident on members, as an overfit student would be.
+    audit_rate: float = 0.0
     seed: int = 0
 
 
@@ -64,6 +67,14 @@ def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
         else:
             prediction["probs"] = [float(x) for x in _softmax(student_logits)]
         yield "prediction", rid, orjson.dumps(prediction)
+        if spec.audit_rate and rng.random() < spec.audit_rate:
+            member = bool(rng.random() < 0.5)
+            audit_logits = teacher_logits + rng.normal(0, 1.0, k)
+            audit_logits[true_class] += 1.5 if member else 0.0
+            audit = {"request_id": f"audit-{rid}", "model": spec.model, "student_version": spec.student_version,
+                     "ts": ts, "probs": [float(x) for x in _softmax(audit_logits)], "label": true_class,
+                     "audit": "member" if member else "nonmember"}
+            yield "prediction", f"audit-{rid}", orjson.dumps(audit)
         label = int(np.argmax(teacher_logits)) if rng.random() < 0.9 else int(rng.integers(k))
         if rng.random() < spec.teacher_rate:
             teacher = {"request_id": rid, "model": spec.model, "teacher_version": spec.teacher_version,
