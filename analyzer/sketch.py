@@ -71,6 +71,13 @@ class QuantileSketch:
                 return 2.0 * gamma**key / (gamma + 1.0)
         return 2.0 * gamma ** max(self.bins) / (gamma + 1.0)
 
+    def count_at_most(self, threshold: float) -> int:
+        """Values at or below ``threshold``, to the sketch's relative accuracy (bucket representatives)."""
+        if threshold < 0:
+            return 0
+        gamma = self.gamma
+        return self.zero_count + sum(c for k, c in self.bins.items() if 2.0 * gamma**k / (gamma + 1.0) <= threshold)
+
     def to_dict(self) -> dict[str, Any]:
         keys = sorted(self.bins)
         return {"a": self.relative_accuracy, "zero": self.zero_count, "keys": keys, "counts": [self.bins[k] for k in keys]}

@@ -53,16 +53,29 @@ def analyze(
     window: Annotated[str, typer.Option(help="window size")] = "1m",
     grace: Annotated[str, typer.Option(help="join grace after a window closes")] = "10m",
     reference: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL baseline predictions for PSI")] = None,
+    slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML: backtest it on these windows")] = None,
 ) -> None:
-    """Analyse JSONL files with no broker and no database; one JSON object per window on stdout."""
+    """Analyse JSONL files with no broker and no database; one JSON object per window on stdout.
+
+    With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
+    """
     from analyzer.window import window_result
     from collector.offline import analyze_files, load_reference
+    from slo.config import load_slo_file
+    from slo.engine import WindowInput, backtest
 
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
+    slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
     refs = load_reference(reference) if reference is not None else {}
     windows, counters = analyze_files(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs)
+    inputs = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
-        _emit(window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model)))
+        result = window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model))
+        _emit(result)
+        inputs.append(WindowInput(key.model, key.student_version, key.window_start + window_ms, windows[key], result))
+    if slo_config is not None:
+        for notification in backtest(slo_config, inputs):
+            _emit(notification)
     rejected = {f"{kind}.{reason}": count for (kind, reason), count in sorted(counters.items())}
     if rejected:
         err.print(f"[yellow]not counted in any window metric:[/] {rejected}")

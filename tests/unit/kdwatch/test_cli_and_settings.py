@@ -60,3 +60,36 @@ def test_secrets_are_not_shown_by_the_settings() -> None:
 def test_durations(text: str, ms: int) -> None:
     assert parse_duration_ms(text) == ms
     assert parse_duration_ms(format_duration_ms(ms)) == ms
+
+
+def test_analyze_with_slo_prints_the_notifications_it_would_have_sent_after_the_windows(tmp_path: Path) -> None:
+    predictions, teacher = (tmp_path / "p.jsonl").open("wb"), (tmp_path / "t.jsonl").open("wb")
+    # ~90 % agreement against a 99 % objective: a fast burn that must page.
+    for kind, _rid, value in generate(TrafficSpec(events_per_second=20, teacher_rate=0.5, label_rate=0.0), 4 * 60 * 20):
+        (predictions if kind == "prediction" else teacher).write(value + b"\n")
+    predictions.close()
+    teacher.close()
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("slos:\n  - {name: agreement, model: fraud-distil, objective: 0.99, sli: {events: {metric: agreement}}}\n"
+                   "retrain:\n  - {model: fraud-distil, when: [{slo: agreement}]}\n")
+    out = subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "p.jsonl"),
+                          "--teacher", str(tmp_path / "t.jsonl"), "--slo", str(slo)], capture_output=True, check=True, text=True)
+    rows = [orjson.loads(line) for line in out.stdout.splitlines()]
+    kinds = ["window" if "window_start" in r else r["type"] for r in rows]
+    assert kinds.index("alert") > max(i for i, k in enumerate(kinds) if k == "window")
+    notes = [r for r in rows if "type" in r]
+    assert [n["at"] for n in notes] == sorted(n["at"] for n in notes)
+    page = next(n for n in notes if n["type"] == "alert" and n["severity"] == "page")
+    assert set(page) == {"type", "status", "slo", "severity", "tier", "model", "fingerprint", "at", "burn_long", "burn_short"}
+    assert page["status"] == "firing" and page["burn_long"] > 6
+    retrain = [n for n in notes if n["type"] == "retrain"]
+    assert len(retrain) == 1 and set(retrain[0]) == {"type", "model", "at", "reason", "webhook_id"}
+
+
+def test_analyze_with_a_bad_slo_file_fails_naming_the_field(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text("")
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("slos:\n  - {name: a, model: m, objective: 2, sli: {events: {metric: agreement}}}\n")
+    out = subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "p.jsonl"),
+                          "--slo", str(slo)], capture_output=True, text=True)
+    assert out.returncode == 2 and "slos[0].objective" in out.stderr

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmarks: cached data sets, and timing a command with its peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "benchmarks" / ".data"
+sys.path.insert(0, str(ROOT))
+
+from kdwatch.generator import TrafficSpec, generate  # noqa: E402
+
+
+@dataclass
+class Measure:
+    seconds: float
+    peak_rss_mb: float
+    stdout: str
+
+
+def measure(cmd: list[str]) -> Measure:
+    """Run ``cmd``: wall seconds, its peak RSS (wait4 in benchmarks/peak.py) and its stdout."""
+    wrapper = [sys.executable, str(ROOT / "benchmarks" / "peak.py"), *cmd]
+    start = time.perf_counter()
+    result = subprocess.run(wrapper, capture_output=True, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {result.stderr.decode()[-2000:]}")
+    lines = result.stdout.decode().splitlines()
+    peak_kb = int(lines[-1])
+    return Measure(seconds, peak_kb / 1024.0, "\n".join(lines[:-1]))
+
+
+def dataset(n: int, seed: int = 0) -> dict[str, Path]:
+    """predictions/teacher/labels JSONL of ``n`` predictions (10 classes, 10 features, 10 % replays and labels)."""
+    directory = DATA / f"n{n}-s{seed}"
+    paths = {k: directory / f"{k}.jsonl" for k in ("prediction", "teacher", "label")}
+    if (directory / ".complete").exists():
+        return paths
+    directory.mkdir(parents=True, exist_ok=True)
+    handles = {k: p.open("wb") for k, p in paths.items()}
+    spec = TrafficSpec(n_classes=10, n_features=10, teacher_rate=0.10, label_rate=0.10, events_per_second=200.0, seed=seed)
+    for kind, _rid, value in generate(spec, n):
+        handles[kind].write(value + b"\n")
+    for handle in handles.values():
+        handle.close()
+    (directory / ".complete").touch()
+    return paths
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,226 @@
+"""The SLO engine: burn rates per window pair, alert lifecycle, deduplicated notifications, retrains.
+
+Everything runs on event time: feed it each window end in order (:meth:`SloEngine.advance`) and it
+returns the notifications that would be sent at that moment, so a backtest over history and the
+live engine behave the same.
+
+- An alert is one (SLO, severity, tier) with labels; its fingerprint is a hash of the sorted label
+  set, as Alertmanager's. It fires when both windows of its pair burn faster than the pair's rate
+  (and the long window has at least ``min_events``), and resolves when that stops.
+- One notification when it starts firing, a repeat every ``repeat_interval`` while it fires, one
+  when it resolves (only if its firing was notified).
+- A firing page inhibits the tickets of the same SLO (they are not notified while it fires).
+- Retrain policies trigger on a rising edge (an SLO alert of the named severity starting to fire,
+  or PSI above a bound for k consecutive windows), at most once per cooldown per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from analyzer.window import WindowState, rfc3339
+from kdwatch.durations import parse_duration_ms
+from slo.burn import BurnWindow, burn_rate, windows_from_config
+from slo.config import RetrainPolicy, Slo, SloFile
+from slo.sli import events_good_total, timeslice_verdict
+
+RETRAIN_NAMESPACE = uuid.UUID("6f1d6a52-6c1f-4c83-9b9e-1f3c2f1a7d10")
+
+
+def fingerprint(labels: dict[str, str]) -> str:
+    """16 hex digits of SHA-256 over the sorted label set (stable across processes and versions)."""
+    text = "\xff".join(f"{k}\xfe{labels[k]}" for k in sorted(labels))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class WindowInput:
+    """One stored window as the engine sees it: its state and its public result."""
+
+    model: str
+    student_version: str
+    end_ms: int
+    state: WindowState
+    result: dict[str, Any]
+
+
+@dataclass
+class _Series:
+    """(end, bad, total) points of one SLO, kept for its longest window."""
+
+    horizon_ms: int
+    points: deque[tuple[int, float, float]] = field(default_factory=deque)
+
+    def add(self, end_ms: int, bad: float, total: float) -> None:
+        self.points.append((end_ms, bad, total))
+        while self.points and self.points[0][0] <= end_ms - self.horizon_ms:
+            self.points.popleft()
+
+    def sums(self, now_ms: int, length_ms: int) -> tuple[float, float]:
+        bad = total = 0.0
+        for end, b, t in reversed(self.points):
+            if end <= now_ms - length_ms:
+                break
+            if end <= now_ms:
+                bad += b
+                total += t
+        return bad, total
+
+
+@dataclass
+class Alert:
+    labels: dict[str, str]
+    window: BurnWindow
+    firing: bool = False
+    started_at: int | None = None
+    notified_at: int | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.labels)
+
+
+class SloEngine:
+    def __init__(self, config: SloFile) -> None:
+        self.config = config
+        self.windows: dict[str, tuple[BurnWindow, ...]] = {
+            s.name: windows_from_config(s.period, s.alerting.windows) for s in config.slos}
+        self.series = {s.name: _Series(max(w.long_ms for w in self.windows[s.name])) for s in config.slos}
+        self.alerts: dict[tuple[str, str, str], Alert] = {}
+        for slo in config.slos:
+            for w in self.windows[slo.name]:
+                labels = {"alertname": "KdwatchSloBurn", "slo": slo.name, "severity": w.severity, "tier": w.tier,
+                          "model": slo.model}
+                self.alerts[(slo.name, w.severity, w.tier)] = Alert(labels, w)
+        self._last_retrain: dict[str, int] = {}
+        self._psi_streak: dict[tuple[str, int], int] = {}
+        self._psi_armed: dict[tuple[str, int], bool] = {}
+
+    # ---- SLIs ----
+
+    def _point(self, slo: Slo, windows: list[WindowInput]) -> tuple[float, float] | None:
+        chosen = [w for w in windows if w.model == slo.model and slo.student_version in (None, w.student_version)]
+        if not chosen:
+            return None
+        if slo.sli.events is not None:
+            good = total = 0
+            for w in chosen:
+                g, t = events_good_total(slo.sli.events, w.state)
+                good, total = good + g, total + t
+            return float(total - good), float(total)
+        assert slo.sli.timeslices is not None
+        verdicts = [timeslice_verdict(slo.sli.timeslices, w.result) for w in chosen]
+        known = [v for v in verdicts if v is not None]
+        if not known:
+            return 0.0, 0.0  # no data: neither good nor bad
+        return float(sum(1 for v in known if not v)), float(len(known))
+
+    # ---- evaluation ----
+
+    def advance(self, end_ms: int, windows: list[WindowInput]) -> list[dict[str, Any]]:
+        """Account the windows ending at ``end_ms`` and return the notifications due at that moment."""
+        out: list[dict[str, Any]] = []
+        for slo in self.config.slos:
+            point = self._point(slo, windows)
+            if point is not None:
+                self.series[slo.name].add(end_ms, *point)
+        page_firing: set[str] = set()
+        for severity in ("page", "ticket"):
+            for slo in self.config.slos:
+                for w in self.windows[slo.name]:
+                    if w.severity != severity:
+                        continue
+                    out.extend(self._evaluate(slo, w, end_ms, inhibited=slo.name in page_firing))
+                    if severity == "page" and self.alerts[(slo.name, w.severity, w.tier)].firing:
+                        page_firing.add(slo.name)
+        out.extend(self._retrains(end_ms, windows, out))
+        return out
+
+    def _evaluate(self, slo: Slo, w: BurnWindow, now: int, inhibited: bool) -> list[dict[str, Any]]:
+        alert = self.alerts[(slo.name, w.severity, w.tier)]
+        series = self.series[slo.name]
+        bad_l, total_l = series.sums(now, w.long_ms)
+        bad_s, total_s = series.sums(now, w.short_ms)
+        burn_long = burn_rate(bad_l, total_l, slo.objective)
+        burn_short = burn_rate(bad_s, total_s, slo.objective)
+        condition = (burn_long is not None and burn_short is not None and burn_long > w.burn_rate
+                     and burn_short > w.burn_rate and total_l >= slo.alerting.min_events)
+
+        def note(status: str) -> dict[str, Any]:
+            return {"type": "alert", "status": status, "slo": slo.name, "severity": w.severity, "tier": w.tier,
+                    "model": slo.model, "fingerprint": alert.fingerprint, "at": rfc3339(now),
+                    "burn_long": burn_long, "burn_short": burn_short}
+
+        if condition:
+            if not alert.firing:
+                alert.firing, alert.started_at, alert.notified_at = True, now, None
+            repeat_ms = parse_duration_ms(slo.alerting.repeat_interval)
+            if not inhibited and (alert.notified_at is None or now - alert.notified_at >= repeat_ms):
+                alert.notified_at = now
+                return [note("firing")]
+            return []
+        if alert.firing:
+            was_notified = alert.notified_at is not None
+            alert.firing, alert.started_at, alert.notified_at = False, None, None
+            if was_notified:
+                return [note("resolved")]
+        return []
+
+    # ---- retrains ----
+
+    def _retrains(self, now: int, windows: list[WindowInput], notes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        started = {(n["slo"], n["severity"]) for n in notes if n["type"] == "alert" and n["status"] == "firing"
+                   and self.alerts[(n["slo"], n["severity"], n["tier"])].started_at == now}
+        for policy in self.config.retrain:
+            reason = self._retrain_reason(policy, now, windows, started)
+            if reason is None:
+                continue
+            last = self._last_retrain.get(policy.model)
+            if last is not None and now - last < parse_duration_ms(policy.cooldown):
+                continue
+            self._last_retrain[policy.model] = now
+            webhook_id = "msg_" + uuid.uuid5(RETRAIN_NAMESPACE, f"{policy.model}|{now}|{reason}").hex
+            out.append({"type": "retrain", "model": policy.model, "at": rfc3339(now), "reason": reason,
+                        "webhook_id": webhook_id})
+        return out
+
+    def _retrain_reason(self, policy: RetrainPolicy, now: int, windows: list[WindowInput],
+                        started: set[tuple[str, str]]) -> str | None:
+        reason = None
+        for i, cond in enumerate(policy.when):
+            if cond.slo is not None:
+                if (cond.slo, cond.severity) in started and reason is None:
+                    reason = f"slo {cond.slo} {cond.severity}"
+                continue
+            assert cond.psi_feature is not None and cond.psi_above is not None
+            found = [(w.result.get("psi") or {}).get(cond.psi_feature) for w in windows if w.model == policy.model]
+            values: list[float] = [v for v in found if v is not None]
+            if not values:
+                continue
+            key = (policy.model, i)
+            above = max(values) > cond.psi_above
+            self._psi_streak[key] = self._psi_streak.get(key, 0) + 1 if above else 0
+            if not above:
+                self._psi_armed[key] = True  # hysteresis: re-armed only after PSI went back below
+            if self._psi_streak[key] >= cond.consecutive_windows and self._psi_armed.get(key, True):
+                self._psi_armed[key] = False
+                if reason is None:
+                    reason = f"psi {cond.psi_feature} > {cond.psi_above} for {cond.consecutive_windows} windows"
+        return reason
+
+
+def backtest(config: SloFile, windows: list[WindowInput]) -> list[dict[str, Any]]:
+    """Run the engine over stored or offline windows; notifications in event-time order."""
+    engine = SloEngine(config)
+    by_end: dict[int, list[WindowInput]] = {}
+    for w in windows:
+        by_end.setdefault(w.end_ms, []).append(w)
+    out: list[dict[str, Any]] = []
+    for end in sorted(by_end):
+        out.extend(engine.advance(end, by_end[end]))
+    return out
