@@ -26,6 +26,8 @@ app.add_typer(dev_kafka_app, name="dev-kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(reference_app, name="reference")
 app.add_typer(db_app, name="db")
+silence_app = typer.Typer(help="Silences: mute matching alerts for a while.", no_args_is_help=True)
+app.add_typer(silence_app, name="silence")
 
 err = Console(stderr=True)
 DEFAULT_HOME = Path(".kdwatch")
@@ -215,6 +217,124 @@ def db_upgrade(database_url: Annotated[str | None, typer.Option()] = None) -> No
 
     SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value()).migrate()
     err.print("database schema is current")
+
+
+# ---- the SLO engine ----
+
+
+def _live_engine(settings: Any, slo_file: Path) -> Any:
+    import httpx
+
+    from slo.config import load_slo_file
+    from slo.dispatch import Dispatcher, Receiver
+    from slo.live import LiveConfig, LiveEngine, receivers_of
+    from storage.slo_store import SloSqlStore
+    from storage.sql import SqlStore
+
+    slos = load_slo_file(slo_file)
+    store = SqlStore.from_url(settings.database_url.get_secret_value())
+    store.migrate()
+    slo_store = SloSqlStore(store.engine)
+
+    def receiver(name: str, url: str | None, secret: Any) -> Receiver | None:
+        return None if url is None else Receiver(name, url, secret.get_secret_value() if secret is not None else None)
+
+    config = LiveConfig(
+        alert_webhook=receiver("alert-webhook", settings.alert_webhook_url, settings.alert_webhook_secret),
+        retrain_webhook=receiver("retrain", settings.retrain_webhook_url, settings.retrain_webhook_secret),
+        alertmanager_url=settings.alertmanager_url, group_wait_ms=parse_duration_ms(settings.group_wait),
+        external_url=settings.external_url)
+    client = httpx.Client()
+    dispatcher = Dispatcher(slo_store, receivers_of(config), client)
+    return LiveEngine(slos, store, slo_store, dispatcher, config, client=client)
+
+
+@app.command()
+def engine(
+    slo: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="SLO YAML")],
+    once: Annotated[bool, typer.Option(help="one evaluation cycle, then exit")] = False,
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Run the live SLO engine over the stored windows: alerts, notifications, retrain webhooks."""
+    settings = _settings(database_url=database_url)
+    live = _live_engine(settings, slo)
+    interval = parse_duration_ms(settings.engine_interval) / 1000
+    while True:
+        for note in live.run_once():
+            _emit(note)
+        sys.stdout.flush()
+        if once:
+            return
+        time.sleep(interval)
+
+
+@silence_app.command("add")
+def silence_add(
+    matcher: Annotated[list[str], typer.Option(help="label=value (repeatable), e.g. slo=agreement")],
+    duration: Annotated[str, typer.Option(help="how long, from now")] = "2h",
+    author: Annotated[str, typer.Option()] = "",
+    comment: Annotated[str, typer.Option()] = "",
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Mute the alerts whose labels match every matcher, from now for --duration."""
+    import uuid
+
+    from slo.engine import Silence
+    from storage.slo_store import SloSqlStore
+    from storage.sql import SqlStore
+
+    matchers = {}
+    for item in matcher:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{item!r} is not label=value", param_hint="--matcher")
+        matchers[name] = value
+    if not author:
+        raise typer.BadParameter("a silence needs an author", param_hint="--author")
+    store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
+    store.migrate()
+    now = int(time.time() * 1000)
+    silence = Silence(f"sil_{uuid.uuid4().hex[:16]}", matchers, now, now + _duration(duration, "--duration"), author, comment)
+    SloSqlStore(store.engine).add_silence(silence)
+    print(silence.id)
+
+
+@silence_app.command("list")
+def silence_list(database_url: Annotated[str | None, typer.Option()] = None) -> None:
+    """Print every silence as a JSON line."""
+    from storage.slo_store import SloSqlStore
+    from storage.sql import SqlStore
+
+    store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
+    store.migrate()
+    for s in SloSqlStore(store.engine).silences():
+        _emit({"id": s.id, "matchers": s.matchers, "starts_at": s.starts_at, "ends_at": s.ends_at,
+               "created_by": s.created_by, "comment": s.comment})
+
+
+@silence_app.command("expire")
+def silence_expire(silence_id: str, database_url: Annotated[str | None, typer.Option()] = None) -> None:
+    """End a silence now."""
+    from storage.slo_store import SloSqlStore
+    from storage.sql import SqlStore
+
+    store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
+    store.migrate()
+    if not SloSqlStore(store.engine).expire_silence(silence_id, int(time.time() * 1000)):
+        err.print(f"no active silence {silence_id}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def deliveries(database_url: Annotated[str | None, typer.Option()] = None) -> None:
+    """Print the notification outbox with each delivery's outcome and attempts, as JSON lines."""
+    from storage.slo_store import SloSqlStore
+    from storage.sql import SqlStore
+
+    store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
+    store.migrate()
+    for row in SloSqlStore(store.engine).deliveries():
+        _emit(row)
 
 
 # ---- the local broker ----

@@ -39,7 +39,26 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
 
-    @field_validator("window", "grace", "session_timeout")
+    # The live SLO engine's receivers (all optional).
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: SecretStr | None = None
+    retrain_webhook_url: str | None = None
+    retrain_webhook_secret: SecretStr | None = None
+    alertmanager_url: str | None = None
+    group_wait: str = "30s"
+    engine_interval: str = "5s"
+    external_url: str = ""
+
+    @field_validator("alert_webhook_secret", "retrain_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from slo.webhooks import _key
+
+            _key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
+        return value
+
+    @field_validator("window", "grace", "session_timeout", "group_wait", "engine_interval")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration_ms(value)

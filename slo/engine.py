@@ -84,6 +84,21 @@ class Alert:
         return fingerprint(self.labels)
 
 
+@dataclass(frozen=True)
+class Silence:
+    """Equality matchers on alert labels, active over [starts_at, ends_at) (epoch ms)."""
+
+    id: str
+    matchers: dict[str, str]
+    starts_at: int
+    ends_at: int
+    created_by: str = ""
+    comment: str = ""
+
+    def mutes(self, labels: dict[str, str], at_ms: int) -> bool:
+        return self.starts_at <= at_ms < self.ends_at and all(labels.get(k) == v for k, v in self.matchers.items())
+
+
 class SloEngine:
     def __init__(self, config: SloFile) -> None:
         self.config = config
@@ -99,6 +114,35 @@ class SloEngine:
         self._last_retrain: dict[str, int] = {}
         self._psi_streak: dict[tuple[str, int], int] = {}
         self._psi_armed: dict[tuple[str, int], bool] = {}
+        self.silences: list[Silence] = []
+
+    # ---- durable state (the live engine stores it with the notifications it produced) ----
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "series": {name: [list(p) for p in series.points] for name, series in self.series.items()},
+            "alerts": [{"key": list(key), "firing": a.firing, "started_at": a.started_at, "notified_at": a.notified_at}
+                       for key, a in self.alerts.items()],
+            "last_retrain": self._last_retrain,
+            "psi": [[model, i, self._psi_streak.get((model, i), 0), self._psi_armed.get((model, i), True)]
+                    for model, i in set(self._psi_streak) | set(self._psi_armed)],
+        }
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        for name, points in data.get("series", {}).items():
+            if name in self.series:
+                self.series[name].points = deque((int(e), float(b), float(t)) for e, b, t in points)
+        for item in data.get("alerts", []):
+            alert = self.alerts.get(tuple(item["key"]))  # type: ignore[arg-type]
+            if alert is not None:  # an alert of an SLO that was since removed is dropped
+                alert.firing, alert.started_at, alert.notified_at = item["firing"], item["started_at"], item["notified_at"]
+        self._last_retrain = {k: int(v) for k, v in data.get("last_retrain", {}).items()}
+        for model, i, streak, armed in data.get("psi", []):
+            self._psi_streak[(model, i)] = streak
+            self._psi_armed[(model, i)] = armed
+
+    def firing(self) -> list[Alert]:
+        return [a for a in self.alerts.values() if a.firing]
 
     # ---- SLIs ----
 
@@ -159,7 +203,8 @@ class SloEngine:
             if not alert.firing:
                 alert.firing, alert.started_at, alert.notified_at = True, now, None
             repeat_ms = parse_duration_ms(slo.alerting.repeat_interval)
-            if not inhibited and (alert.notified_at is None or now - alert.notified_at >= repeat_ms):
+            muted = inhibited or any(s.mutes(alert.labels, now) for s in self.silences)
+            if not muted and (alert.notified_at is None or now - alert.notified_at >= repeat_ms):
                 alert.notified_at = now
                 return [note("firing")]
             return []

@@ -71,3 +71,62 @@ references = Table(
     Column("data", Text, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
 )
+
+# The SLO engine's alert state and event-time progress; the leader lease keeps replicas from both notifying.
+slo_engine = Table(
+    "slo_engine",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("evaluated_through", BigInteger, nullable=False),
+    Column("leader", String(128), nullable=True),
+    Column("lease_until", BigInteger, nullable=False),
+)
+
+# Transactional outbox: a notification commits with the engine state that produced it.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the webhook-id: stable across retries
+    Column("receiver", String(64), nullable=False),  # alert-webhook | alertmanager | retrain
+    Column("group_key", String(256), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | failed | disabled
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+)
+
+delivery_log = Table(
+    "delivery_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("outbox_id", String(64), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("duration_ms", Integer, nullable=False),
+)
+
+# Receivers that answered 410 Gone: disabled until an operator re-enables them.
+disabled_receivers = Table(
+    "disabled_receivers",
+    metadata,
+    Column("receiver", String(64), primary_key=True),
+    Column("at", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+silences = Table(
+    "silences",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("matchers", Text, nullable=False),  # JSON object: label -> value (equality matchers)
+    Column("starts_at", BigInteger, nullable=False),
+    Column("ends_at", BigInteger, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("comment", Text, nullable=False),
+)
