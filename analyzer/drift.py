@@ -12,6 +12,8 @@ Edges freeze with the reference, so a window's drift state is plain bin counts t
 from __future__ import annotations
 
 import hashlib
+from array import array
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,10 +63,40 @@ def _numeric_bins(name: str, values: np.ndarray) -> FeatureBins:
     return FeatureBins(name, edges=edges, reference_counts=tuple(int(c) for c in bins.count(values.tolist())))
 
 
-def _categorical_bins(name: str, values: Sequence[str]) -> FeatureBins:
-    categories = tuple(sorted(set(values)))
-    bins = FeatureBins(name, categories=categories)
-    return FeatureBins(name, categories=categories, reference_counts=tuple(int(c) for c in bins.count(values)))
+def _categorical_bins(name: str, counts: Counter[str]) -> FeatureBins:
+    categories = tuple(sorted(counts))
+    # Every reference value has its own bin, so the "other" bin of the reference is empty.
+    return FeatureBins(name, categories=categories, reference_counts=(*(counts[c] for c in categories), 0))
+
+
+class ReferenceBuilder:
+    """Accumulates reference values compactly (8 bytes a number, a count per category), then bins them."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, array[float]] = {}
+        self.strings: dict[str, Counter[str]] = {}
+
+    def add(self, name: str, value: Any) -> None:
+        if value is None:
+            return
+        if name == PREDICTED_CLASS or isinstance(value, str):
+            self.strings.setdefault(name, Counter())[str(value)] += 1
+        else:
+            self.numbers.setdefault(name, array("d")).append(float(value))
+
+    def build(self) -> Reference:
+        """A feature is numeric when all its values are numbers, else categorical over their text."""
+        features: dict[str, FeatureBins] = {}
+        for name in sorted(set(self.numbers) | set(self.strings)):
+            numbers = self.numbers.get(name)
+            if name in self.strings:
+                counts = Counter(self.strings[name])
+                if numbers is not None:
+                    counts.update(str(v) for v in numbers)
+                features[name] = _categorical_bins(name, counts)
+            elif numbers is not None and len(numbers):
+                features[name] = _numeric_bins(name, np.frombuffer(numbers, dtype=np.float64))
+        return Reference(features)
 
 
 @dataclass(frozen=True)
@@ -76,16 +108,11 @@ class Reference:
     @classmethod
     def from_columns(cls, columns: dict[str, list[Any]]) -> Reference:
         """Build from reference columns; a feature is numeric when all its values are numbers."""
-        features: dict[str, FeatureBins] = {}
-        for name in sorted(columns):
-            values = [v for v in columns[name] if v is not None]
-            if not values:
-                continue
-            if name == PREDICTED_CLASS or any(isinstance(v, str) for v in values):
-                features[name] = _categorical_bins(name, [str(v) for v in values])
-            else:
-                features[name] = _numeric_bins(name, np.asarray(values, dtype=np.float64))
-        return cls(features)
+        builder = ReferenceBuilder()
+        for name, values in columns.items():
+            for value in values:
+                builder.add(name, value)
+        return builder.build()
 
     @property
     def fingerprint(self) -> str:

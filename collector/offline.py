@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
+from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference, ReferenceBuilder
 from analyzer.window import WindowState
 from collector.contract import MAX_VALUE_BYTES, decode_prediction, parse_ts
 from collector.ingest import ingest
@@ -93,7 +93,7 @@ def merged_events(
 
 def load_reference(path: Path) -> dict[str, Reference]:
     """Per-model references from a JSONL file of (valid) baseline predictions."""
-    columns: dict[str, dict[str, list[Any]]] = {}
+    builders: dict[str, ReferenceBuilder] = {}
     with path.open("rb") as handle:
         for line in handle:
             if not line.strip():
@@ -101,12 +101,12 @@ def load_reference(path: Path) -> dict[str, Reference]:
             event = decode_prediction(line)
             if event.audit is not None:
                 continue
-            cols = columns.setdefault(event.model, {CONFIDENCE: [], PREDICTED_CLASS: []})
-            cols[CONFIDENCE].append(float(event.dist.probs.max()))
-            cols[PREDICTED_CLASS].append(str(int(event.dist.probs.argmax())))
+            builder = builders.setdefault(event.model, ReferenceBuilder())
+            builder.add(CONFIDENCE, float(event.dist.probs.max()))
+            builder.add(PREDICTED_CLASS, str(int(event.dist.probs.argmax())))
             for name, value in (event.features or {}).items():
-                cols.setdefault(name, []).append(value)
-    return {model: Reference.from_columns(cols) for model, cols in columns.items()}
+                builder.add(name, value)
+    return {model: builder.build() for model, builder in builders.items()}
 
 
 def analyze_files(

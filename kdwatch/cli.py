@@ -373,7 +373,7 @@ def dev_kafka_status(home: Path = DEFAULT_HOME / "kafka") -> None:
 
 @app.command()
 def demo(
-    n: Annotated[int, typer.Option(min=100, help="predictions to send")] = 60_000,
+    n: Annotated[int, typer.Option(min=100, help="predictions to send (half clean, half during the incident)")] = 54_000,
     home: Path = DEFAULT_HOME,
 ) -> None:
     """Start the local broker and a collector, send generated traffic through Kafka, print the windows."""

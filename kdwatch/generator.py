@@ -27,7 +27,8 @@ class TrafficSpec:
     events_per_second: float = 50.0
     teacher_rate: float = 0.10
     label_rate: float = 0.10
-    disagreement: float = 0.05
+    # Share of requests where the student is pushed to a random class (an incident raises it).
+    disagreement: float = 0.0
     feature_shift: float = 0.0
     logits: bool = False
     # Share of predictions followed by an audit replay of a training member or a held-out record;
@@ -54,7 +55,7 @@ def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
         true_class = int(rng.integers(k))
         teacher_logits = rng.normal(0, 1, k)
         teacher_logits[true_class] += 4.0
-        student_logits = teacher_logits * rng.uniform(0.6, 1.2) + rng.normal(0, 0.5, k)
+        student_logits = teacher_logits * rng.uniform(0.8, 1.2) + rng.normal(0, 0.15, k)
         if rng.random() < spec.disagreement:
             student_logits[int(rng.integers(k))] += 6.0
         features = {f"f{j}": round(float(rng.normal(j * 0.1 + spec.feature_shift, 1.0)), 6) for j in range(spec.n_features)}

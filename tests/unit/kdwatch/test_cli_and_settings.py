@@ -65,7 +65,8 @@ def test_durations(text: str, ms: int) -> None:
 def test_analyze_with_slo_prints_the_notifications_it_would_have_sent_after_the_windows(tmp_path: Path) -> None:
     predictions, teacher = (tmp_path / "p.jsonl").open("wb"), (tmp_path / "t.jsonl").open("wb")
     # ~90 % agreement against a 99 % objective: a fast burn that must page.
-    for kind, _rid, value in generate(TrafficSpec(events_per_second=20, teacher_rate=0.5, label_rate=0.0), 4 * 60 * 20):
+    spec = TrafficSpec(events_per_second=20, teacher_rate=0.5, label_rate=0.0, disagreement=0.1)
+    for kind, _rid, value in generate(spec, 4 * 60 * 20):
         (predictions if kind == "prediction" else teacher).write(value + b"\n")
     predictions.close()
     teacher.close()
