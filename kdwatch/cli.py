@@ -236,11 +236,14 @@ def _live_engine(settings: Any, slo_file: Path) -> Any:
     store.migrate()
     slo_store = SloSqlStore(store.engine)
 
-    def receiver(name: str, url: str | None, secret: Any) -> Receiver | None:
-        return None if url is None else Receiver(name, url, secret.get_secret_value() if secret is not None else None)
+    def receiver(name: str, url: str | None, secret: Any, group_interval_ms: int | None = None) -> Receiver | None:
+        if url is None:
+            return None
+        return Receiver(name, url, secret.get_secret_value() if secret is not None else None, group_interval_ms=group_interval_ms)
 
     config = LiveConfig(
-        alert_webhook=receiver("alert-webhook", settings.alert_webhook_url, settings.alert_webhook_secret),
+        alert_webhook=receiver("alert-webhook", settings.alert_webhook_url, settings.alert_webhook_secret,
+                               parse_duration_ms(settings.group_interval)),
         retrain_webhook=receiver("retrain", settings.retrain_webhook_url, settings.retrain_webhook_secret),
         alertmanager_url=settings.alertmanager_url, group_wait_ms=parse_duration_ms(settings.group_wait),
         external_url=settings.external_url)

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     retrain_webhook_secret: SecretStr | None = None
     alertmanager_url: str | None = None
     group_wait: str = "30s"
+    group_interval: str = "5m"
     engine_interval: str = "5s"
     external_url: str = ""
 
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
             _key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
         return value
 
-    @field_validator("window", "grace", "session_timeout", "group_wait", "engine_interval")
+    @field_validator("window", "grace", "session_timeout", "group_wait", "group_interval", "engine_interval")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration_ms(value)

@@ -9,6 +9,7 @@ receiver can de-duplicate: delivery is at-least-once, the effect exactly-once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -35,6 +36,9 @@ class Receiver:
     url: str
     secret: str | None = None  # whsec_...: sign deliveries (Standard Webhooks)
     timeout_s: float = 10.0
+    # Alertmanager-style grouping: due notifications of one group go out as one message, and a
+    # group is notified at most once per group_interval. None: every notification on its own.
+    group_interval_ms: int | None = None
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Delivery:
     receiver: str
     payload: bytes
     attempts: int
+    group_key: str = ""
+    members: tuple[str, ...] = ()  # outbox ids a grouped message carries (empty: just ``id``)
 
 
 class DeliveryStore(Protocol):
@@ -51,6 +57,8 @@ class DeliveryStore(Protocol):
                        duration_ms: int, status: str, next_attempt_at: int) -> None: ...
     def disable_receiver(self, receiver: str, now_ms: int, reason: str) -> None: ...
     def disabled_receivers(self) -> set[str]: ...
+    def last_delivered_at(self, receiver: str, group_key: str) -> int | None: ...
+    def postpone(self, delivery_ids: list[str], until_ms: int) -> None: ...
 
 
 def retry_after_s(header: str | None, now: float) -> float | None:
@@ -86,18 +94,50 @@ class Dispatcher:
     def deliver_due(self, limit: int = 100) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
         now = self.clock()
+        now_ms = int(now * 1000)
         disabled = self.store.disabled_receivers()
-        due = self.store.due_deliveries(int(now * 1000), limit)
-        for delivery in due:
+        due = self.store.due_deliveries(now_ms, limit)
+        for delivery in self._grouped(due, now_ms):
             receiver = self.receivers.get(delivery.receiver)
             if receiver is None or delivery.receiver in disabled:
                 why = "disabled (it answered 410)" if delivery.receiver in disabled else "not configured"
                 status = "disabled" if delivery.receiver in disabled else "failed"
-                self.store.record_attempt(delivery.id, delivery.attempts, int(now * 1000), None,
-                                          f"receiver {delivery.receiver} is {why}", 0, status, 0)
+                for member in delivery.members or (delivery.id,):
+                    self.store.record_attempt(member, delivery.attempts, now_ms, None,
+                                              f"receiver {delivery.receiver} is {why}", 0, status, 0)
                 continue
             self._attempt(receiver, delivery)
         return len(due)
+
+    def _grouped(self, due: list[Delivery], now_ms: int) -> list[Delivery]:
+        """Merge due Alertmanager-format notifications of one (receiver, group) into one message."""
+        out: list[Delivery] = []
+        groups: dict[tuple[str, str], list[Delivery]] = {}
+        for delivery in due:
+            receiver = self.receivers.get(delivery.receiver)
+            if receiver is None or receiver.group_interval_ms is None:
+                out.append(delivery)
+            else:
+                groups.setdefault((delivery.receiver, delivery.group_key), []).append(delivery)
+        for (name, group_key), members in groups.items():
+            interval = self.receivers[name].group_interval_ms or 0
+            last = self.store.last_delivered_at(name, group_key)
+            if last is not None and now_ms - last < interval:
+                self.store.postpone([m.id for m in members], last + interval)
+                continue
+            messages = [orjson.loads(m.payload) for m in members]
+            merged = dict(messages[-1])
+            merged["alerts"] = [a for message in messages for a in message["alerts"]]
+            merged["status"] = "firing" if any(a["status"] == "firing" for a in merged["alerts"]) else "resolved"
+            ids = tuple(sorted(m.id for m in members))
+            group_id = ids[0] if len(ids) == 1 else "msg_" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:32]
+            out.append(Delivery(group_id, name, orjson.dumps(merged), max(m.attempts for m in members), group_key, ids))
+        return out
+
+    def _record(self, delivery: Delivery, attempt: int, now_ms: int, status_code: int | None, error: str | None,
+                duration_ms: int, status: str, next_attempt_at: int) -> None:
+        for member in delivery.members or (delivery.id,):
+            self.store.record_attempt(member, attempt, now_ms, status_code, error, duration_ms, status, next_attempt_at)
 
     def _attempt(self, receiver: Receiver, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1
@@ -119,10 +159,10 @@ class Dispatcher:
         duration_ms = int((time.monotonic() - started) * 1000)
         now_ms = int(self.clock() * 1000)
         if status_code is not None and 200 <= status_code < 300:
-            self.store.record_attempt(delivery.id, attempt, now_ms, status_code, None, duration_ms, "delivered", 0)
+            self._record(delivery, attempt, now_ms, status_code, None, duration_ms, "delivered", 0)
             return
         if status_code == 410:
-            self.store.record_attempt(delivery.id, attempt, now_ms, status_code, "410 Gone: receiver disabled", duration_ms,
+            self._record(delivery, attempt, now_ms, status_code, "410 Gone: receiver disabled", duration_ms,
                                       "disabled", 0)
             self.store.disable_receiver(receiver.name, now_ms, f"answered 410 to {delivery.id}")
             log.warning("receiver %s answered 410 Gone: disabled", receiver.name)
@@ -133,10 +173,10 @@ class Dispatcher:
         if error is None:
             error = f"HTTP {status_code}"
         if delay is None:
-            self.store.record_attempt(delivery.id, attempt, now_ms, status_code, error, duration_ms, "failed", 0)
+            self._record(delivery, attempt, now_ms, status_code, error, duration_ms, "failed", 0)
             log.warning("delivery %s to %s failed for good after %d attempts", delivery.id, receiver.name, attempt)
             return
-        self.store.record_attempt(delivery.id, attempt, now_ms, status_code, error, duration_ms, "pending",
+        self._record(delivery, attempt, now_ms, status_code, error, duration_ms, "pending",
                                   now_ms + int(delay * 1000))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from slo.dispatch import Delivery
@@ -61,10 +61,21 @@ class SloSqlStore:
     def due_deliveries(self, now_ms: int, limit: int) -> list[Delivery]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(outbox.c.id, outbox.c.receiver, outbox.c.payload, outbox.c.attempts)
+                select(outbox.c.id, outbox.c.receiver, outbox.c.payload, outbox.c.attempts, outbox.c.group_key)
                 .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now_ms)
                 .order_by(outbox.c.created_at, outbox.c.id).limit(limit)).all()
-        return [Delivery(r.id, r.receiver, r.payload.encode(), r.attempts) for r in rows]
+        return [Delivery(r.id, r.receiver, r.payload.encode(), r.attempts, r.group_key) for r in rows]
+
+    def last_delivered_at(self, receiver: str, group_key: str) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.max(delivery_log.c.at)).select_from(delivery_log.join(outbox, delivery_log.c.outbox_id == outbox.c.id))
+                .where(outbox.c.receiver == receiver, outbox.c.group_key == group_key, outbox.c.status == "delivered",
+                       delivery_log.c.status_code >= 200, delivery_log.c.status_code < 300)).scalar()
+
+    def postpone(self, delivery_ids: list[str], until_ms: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(outbox).where(outbox.c.id.in_(delivery_ids)).values(next_attempt_at=until_ms))
 
     def record_attempt(self, delivery_id: str, attempt: int, now_ms: int, status_code: int | None, error: str | None,
                        duration_ms: int, status: str, next_attempt_at: int) -> None:

@@ -65,11 +65,12 @@ def _close_engines() -> Iterator[None]:
 
 
 def live(store: SqlStore, clock: Clock, alert_url: str | None = None, retrain_url: str | None = None,
-         retrain_secret: str | None = None, alertmanager: str | None = None, owner: str = "a") -> LiveEngine:
+         retrain_secret: str | None = None, alertmanager: str | None = None, owner: str = "a",
+         group_interval_ms: int | None = None, group_wait_ms: int = 0) -> LiveEngine:
     config = LiveConfig(
-        alert_webhook=Receiver("alert-webhook", alert_url) if alert_url else None,
+        alert_webhook=Receiver("alert-webhook", alert_url, group_interval_ms=group_interval_ms) if alert_url else None,
         retrain_webhook=Receiver("retrain", retrain_url, retrain_secret) if retrain_url else None,
-        alertmanager_url=alertmanager, group_wait_ms=0, owner=owner)
+        alertmanager_url=alertmanager, group_wait_ms=group_wait_ms, owner=owner)
     slo_store = SloSqlStore(store.engine)
     client = httpx.Client()
     engine = LiveEngine(SLOS, store, slo_store, Dispatcher(slo_store, receivers_of(config), client, clock=clock), config,
@@ -110,6 +111,30 @@ def test_a_page_and_a_signed_retrain_are_delivered_once_and_the_resolution_after
         resolved = pages(alerts.bodies, "resolved")
         assert len(resolved) >= 1 and resolved[0]["alerts"][0]["fingerprint"] == alert["fingerprint"]
         assert len(retrains.requests) == 1
+
+
+def test_alerts_of_one_model_are_grouped_and_a_group_waits_its_interval(store: SqlStore) -> None:
+    clock = Clock(T0 / 1000 + 4 * 3600)
+    with webhook_receiver() as (alert_url, alerts):
+        engine = live(store, clock, alert_url, group_interval_ms=300_000, group_wait_ms=30_000)
+        store_minutes(store, 0, 150, incident=(60, 240))
+        engine.run_once()
+        assert alerts.requests == []  # group_wait: nothing before 30 s
+        clock.now += 31
+        engine.dispatcher.deliver_due()
+        (first,) = alerts.bodies  # every due alert of model m in one message
+        assert len(first["alerts"]) >= 2 and first["groupLabels"] == {"model": "m"}
+        assert {a["labels"]["tier"] for a in first["alerts"]} >= {"1h/5m", "6h/30m"}
+        store_minutes(store, 150, 300, incident=(60, 240))
+        clock.now += 60
+        engine.run_once()
+        clock.now += 31
+        engine.dispatcher.deliver_due()
+        assert len(alerts.requests) == 1  # the resolutions wait for the group interval (5 min after the first)
+        clock.now += 300
+        engine.dispatcher.deliver_due()
+        assert len(alerts.requests) == 2 and alerts.bodies[1]["status"] in ("resolved", "firing")
+        assert any(a["status"] == "resolved" for a in alerts.bodies[1]["alerts"])
 
 
 class CrashBeforeDelivery(Exception):
