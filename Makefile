@@ -9,7 +9,7 @@ help: ## list the targets
 setup: ## virtualenv, dependencies, system packages (as root) and the Kafka jars
 	@bash scripts/setup.sh
 
-demo: setup ## the main job: local Kafka broker, collector, generated traffic, window results
+demo: setup ## the main job: local Kafka broker, collector and live SLO engine on clean then incident traffic
 	$(VENV)/bin/kdwatch demo
 
 test: setup lint ## lint, then the whole suite, integration tests against real Kafka and PostgreSQL included
@@ -24,3 +24,7 @@ lint: setup ## ruff and mypy
 
 clean: ## remove local state (virtualenv kept)
 	rm -rf .kdwatch kdwatch.db
+
+bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own virtualenv
+	@test -x .venv-bench/bin/python || (python3 -m venv .venv-bench && .venv-bench/bin/pip install -q "evidently>=0.7,<0.8" "pandas<3" orjson)
+	cd benchmarks && ../$(PY) analyze_vs_peers.py
