@@ -56,6 +56,8 @@ class WindowState:
     drift: DriftState = field(default_factory=DriftState)
     membership: MembershipState = field(default_factory=MembershipState)
     latency: QuantileSketch = field(default_factory=QuantileSketch)
+    # Joined replays per teacher version (the retrain request names the teacher).
+    teacher_versions: dict[str, int] = field(default_factory=dict)
 
     # ---- updates (each takes a batch of events of this window) ----
 
@@ -133,6 +135,8 @@ class WindowState:
         self.drift.merge(other.drift)
         self.membership.merge(other.membership)
         self.latency.merge(other.latency)
+        for version, count in other.teacher_versions.items():
+            self.teacher_versions[version] = self.teacher_versions.get(version, 0) + count
         return self
 
     def result(self, reference: Reference | None = None) -> dict[str, Any]:
@@ -163,6 +167,7 @@ class WindowState:
         out["latency_p50_ms"] = self.latency.quantile(0.50)
         out["latency_p95_ms"] = self.latency.quantile(0.95)
         out["latency_p99_ms"] = self.latency.quantile(0.99)
+        out["teacher_versions"] = dict(sorted(self.teacher_versions.items()))
         out["n_rejected"] = self.n_rejected
         out["n_late"] = self.n_late
         out["n_duplicate"] = self.n_duplicate
@@ -178,6 +183,7 @@ class WindowState:
             "teacher_calibration": self.teacher_calibration.to_dict(),
             "drift": self.drift.to_dict(), "membership": self.membership.to_dict(),
             "latency": self.latency.to_dict(),
+            "teacher_versions": self.teacher_versions,
         }
 
     @classmethod
@@ -193,6 +199,7 @@ class WindowState:
             drift=DriftState.from_dict(data["drift"]),
             membership=MembershipState.from_dict(data["membership"]),
             latency=QuantileSketch.from_dict(data["latency"]),
+            teacher_versions=dict(data.get("teacher_versions", {})),
         )
 
 

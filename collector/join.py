@@ -96,6 +96,7 @@ class _Pending:
 
     predictions: list[Prediction] = field(default_factory=list)
     pair_teacher: list[Distribution] = field(default_factory=list)
+    teacher_versions: dict[str, int] = field(default_factory=dict)
     pair_student: list[Distribution] = field(default_factory=list)
     label_student: list[Distribution] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -215,7 +216,7 @@ class PartitionJoiner:
         early_teacher = self._live(TEACHER, event.model, event.request_id)
         if early_teacher is not None:
             self._drop((TEACHER, event.model, event.request_id))
-            self._join_teacher(entry, early_teacher.dist, early_teacher.source)
+            self._join_teacher(entry, early_teacher.dist, early_teacher.source, early_teacher.version)
         early_label = self._live(LABEL, event.model, event.request_id)
         if early_label is not None:
             self._drop((LABEL, event.model, event.request_id))
@@ -233,7 +234,7 @@ class PartitionJoiner:
             if prediction.has_teacher or prediction.audit:
                 self._count_duplicate(prediction, "teacher")
                 return
-            self._join_teacher(prediction, event.dist, source)
+            self._join_teacher(prediction, event.dist, source, event.teacher_version)
             return
         self._buffer_early(TEACHER, event.model, event.request_id, event.ts_ms, source, dist=event.dist, version=event.teacher_version)
 
@@ -289,7 +290,8 @@ class PartitionJoiner:
             return True
         return False
 
-    def _join_teacher(self, prediction: Entry, teacher: Distribution | None, source: Source | None) -> None:
+    def _join_teacher(self, prediction: Entry, teacher: Distribution | None, source: Source | None,
+                      teacher_version: str) -> None:
         assert teacher is not None and prediction.dist is not None
         if self._mismatch(prediction, teacher, None, source, "teacher"):
             return
@@ -297,6 +299,7 @@ class PartitionJoiner:
         prediction.has_teacher = True
         prediction.teacher = teacher
         self._touch(prediction)
+        pending.teacher_versions[teacher_version] = pending.teacher_versions.get(teacher_version, 0) + 1
         pending.pair_teacher.append(teacher)
         pending.pair_student.append(prediction.dist)
         if prediction.label is not None:
@@ -350,6 +353,8 @@ class PartitionJoiner:
                 state = self.windows[wkey] = WindowState()
             state.add_predictions(p.predictions, self.references.get(wkey.model))
             state.add_pairs(p.pair_teacher, p.pair_student)
+            for version, count in p.teacher_versions.items():
+                state.teacher_versions[version] = state.teacher_versions.get(version, 0) + count
             state.add_labels(p.label_student, p.labels)
             state.add_labels_with_teacher(p.lt_teacher, p.lt_student, p.lt_labels)
             state.add_audit(p.audit_ids, p.audit_student, p.audit_labels, p.audit_member)

@@ -67,6 +67,7 @@ class Alerting(_Frozen):
     windows: tuple[WindowPair, ...] | None = None  # default: the SRE workbook's, scaled to the period
     min_events: int = Field(0, ge=0, description="suppress alerts when the long window has fewer events (slices)")
     repeat_interval: Duration = "4h"
+    no_data: Duration | None = Field(None, description="a ticket when the SLI has had no data this long")
 
 
 class Sli(_Frozen):
@@ -87,7 +88,7 @@ class Slo(_Frozen):
     objective: float = Field(gt=0, lt=1)
     period: Duration = "30d"
     sli: Sli
-    alerting: Alerting = Field(default_factory=lambda: Alerting(min_events=0))
+    alerting: Alerting = Field(default_factory=lambda: Alerting(min_events=0, no_data=None))
 
     @property
     def period_ms(self) -> int:

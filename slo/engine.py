@@ -28,6 +28,7 @@ from slo.burn import BurnWindow, burn_rate, windows_from_config
 from slo.config import RetrainPolicy, Slo, SloFile
 from slo.sli import events_good_total, timeslice_verdict
 
+NO_DATA_TIER = "no-data"
 RETRAIN_NAMESPACE = uuid.UUID("6f1d6a52-6c1f-4c83-9b9e-1f3c2f1a7d10")
 
 
@@ -74,7 +75,7 @@ class _Series:
 @dataclass
 class Alert:
     labels: dict[str, str]
-    window: BurnWindow
+    window: BurnWindow | None  # None: the no-data alert
     firing: bool = False
     started_at: int | None = None
     notified_at: int | None = None
@@ -111,10 +112,16 @@ class SloEngine:
                 labels = {"alertname": "KdwatchSloBurn", "slo": slo.name, "severity": w.severity, "tier": w.tier,
                           "model": slo.model}
                 self.alerts[(slo.name, w.severity, w.tier)] = Alert(labels, w)
+            if slo.alerting.no_data is not None:
+                labels = {"alertname": "KdwatchSloNoData", "slo": slo.name, "severity": "ticket", "tier": NO_DATA_TIER,
+                          "model": slo.model}
+                self.alerts[(slo.name, "ticket", NO_DATA_TIER)] = Alert(labels, None)
         self._last_retrain: dict[str, int] = {}
         self._psi_streak: dict[tuple[str, int], int] = {}
         self._psi_armed: dict[tuple[str, int], bool] = {}
         self.silences: list[Silence] = []
+        self._last_data: dict[str, int] = {}  # SLO -> event time of its last window with data
+        self.in_flight: set[str] = set()  # models with a retrain request not yet delivered (set by the live engine)
 
     # ---- durable state (the live engine stores it with the notifications it produced) ----
 
@@ -124,6 +131,7 @@ class SloEngine:
             "alerts": [{"key": list(key), "firing": a.firing, "started_at": a.started_at, "notified_at": a.notified_at}
                        for key, a in self.alerts.items()],
             "last_retrain": self._last_retrain,
+            "last_data": self._last_data,
             "psi": [[model, i, self._psi_streak.get((model, i), 0), self._psi_armed.get((model, i), True)]
                     for model, i in set(self._psi_streak) | set(self._psi_armed)],
         }
@@ -137,6 +145,7 @@ class SloEngine:
             if alert is not None:  # an alert of an SLO that was since removed is dropped
                 alert.firing, alert.started_at, alert.notified_at = item["firing"], item["started_at"], item["notified_at"]
         self._last_retrain = {k: int(v) for k, v in data.get("last_retrain", {}).items()}
+        self._last_data = {k: int(v) for k, v in data.get("last_data", {}).items()}
         for model, i, streak, armed in data.get("psi", []):
             self._psi_streak[(model, i)] = streak
             self._psi_armed[(model, i)] = armed
@@ -172,6 +181,8 @@ class SloEngine:
             point = self._point(slo, windows)
             if point is not None:
                 self.series[slo.name].add(end_ms, *point)
+                if point[1] > 0:
+                    self._last_data[slo.name] = end_ms
         page_firing: set[str] = set()
         for severity in ("page", "ticket"):
             for slo in self.config.slos:
@@ -181,6 +192,8 @@ class SloEngine:
                     out.extend(self._evaluate(slo, w, end_ms, inhibited=slo.name in page_firing))
                     if severity == "page" and self.alerts[(slo.name, w.severity, w.tier)].firing:
                         page_firing.add(slo.name)
+        for slo in self.config.slos:
+            out.extend(self._evaluate_no_data(slo, end_ms))
         out.extend(self._retrains(end_ms, windows, out))
         return out
 
@@ -193,10 +206,21 @@ class SloEngine:
         burn_short = burn_rate(bad_s, total_s, slo.objective)
         condition = (burn_long is not None and burn_short is not None and burn_long > w.burn_rate
                      and burn_short > w.burn_rate and total_l >= slo.alerting.min_events)
+        return self._transition(slo, alert, condition, now, inhibited, burn_long, burn_short)
 
+    def _evaluate_no_data(self, slo: Slo, now: int) -> list[dict[str, Any]]:
+        """The no-data alert: no events (or no slice with enough samples) for ``alerting.no_data``."""
+        if slo.alerting.no_data is None:
+            return []
+        last = self._last_data.setdefault(slo.name, now)  # counting starts at the first evaluation
+        condition = now - last >= parse_duration_ms(slo.alerting.no_data)
+        return self._transition(slo, self.alerts[(slo.name, "ticket", NO_DATA_TIER)], condition, now, False, None, None)
+
+    def _transition(self, slo: Slo, alert: Alert, condition: bool, now: int, inhibited: bool,
+                    burn_long: float | None, burn_short: float | None) -> list[dict[str, Any]]:
         def note(status: str) -> dict[str, Any]:
-            return {"type": "alert", "status": status, "slo": slo.name, "severity": w.severity, "tier": w.tier,
-                    "model": slo.model, "fingerprint": alert.fingerprint, "at": rfc3339(now),
+            return {"type": "alert", "status": status, "slo": slo.name, "severity": alert.labels["severity"],
+                    "tier": alert.labels["tier"], "model": slo.model, "fingerprint": alert.fingerprint, "at": rfc3339(now),
                     "burn_long": burn_long, "burn_short": burn_short}
 
         if condition:
@@ -215,6 +239,13 @@ class SloEngine:
                 return [note("resolved")]
         return []
 
+    def check_no_data(self, now_ms: int) -> list[dict[str, Any]]:
+        """Evaluate only the no-data alerts at ``now_ms``: for when no window at all became final."""
+        out: list[dict[str, Any]] = []
+        for slo in self.config.slos:
+            out.extend(self._evaluate_no_data(slo, now_ms))
+        return out
+
     # ---- retrains ----
 
     def _retrains(self, now: int, windows: list[WindowInput], notes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,6 +259,9 @@ class SloEngine:
             last = self._last_retrain.get(policy.model)
             if last is not None and now - last < parse_duration_ms(policy.cooldown):
                 continue
+            if policy.model in self.in_flight:
+                continue  # at most one retrain in flight per model
+            self.in_flight.add(policy.model)
             self._last_retrain[policy.model] = now
             webhook_id = "msg_" + uuid.uuid5(RETRAIN_NAMESPACE, f"{policy.model}|{now}|{reason}").hex
             out.append({"type": "retrain", "model": policy.model, "at": rfc3339(now), "reason": reason,
@@ -267,5 +301,6 @@ def backtest(config: SloFile, windows: list[WindowInput]) -> list[dict[str, Any]
         by_end.setdefault(w.end_ms, []).append(w)
     out: list[dict[str, Any]] = []
     for end in sorted(by_end):
+        engine.in_flight = set()  # a backtest delivers at once: nothing stays in flight
         out.extend(engine.advance(end, by_end[end]))
     return out

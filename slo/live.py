@@ -49,6 +49,7 @@ class EngineStore(Protocol):
     def save_engine(self, name: str, owner: str, state: dict[str, Any], evaluated_through: int,
                     deliveries: list[dict[str, Any]]) -> bool: ...
     def silences(self) -> list[Silence]: ...
+    def retrains_in_flight(self) -> set[str]: ...
 
 
 @dataclass
@@ -89,10 +90,14 @@ class LiveEngine:
         firing_before = {a.fingerprint: a for a in engine.firing()}
         refs = self.windows.references()
         ready = self._ready_windows(through, refs)
+        engine.in_flight = self.store.retrains_in_flight()
         notes: list[dict[str, Any]] = []
         for end in sorted(ready):
             notes.extend(engine.advance(end, ready[end]))
             through = end
+        if not ready:
+            # No window became final: let the no-data alerts see wall-clock time pass.
+            notes.extend(engine.check_no_data(now_ms))
         rows = self._outbox_rows(notes, ready, now_ms, {a.fingerprint: a for a in engine.alerts.values()})
         if not self.store.save_engine(ENGINE_NAME, self.config.owner, engine.state_dict(), through, rows):
             return []  # lost the lease meanwhile: the new leader redoes this
@@ -136,7 +141,12 @@ class LiveEngine:
                 latest = max(versions, key=lambda w: w.end_ms) if versions else None
                 at_ms = max(ready) if ready else now_ms
                 numbers = {k: latest.result.get(k) for k in ("agreement", "kl_mean", "ece", "accuracy_delta")} if latest else {}
-                payload = retrain_payload(note, latest.student_version if latest else None, None,
+                teachers: dict[str, int] = {}
+                for w in versions:
+                    for version, count in w.state.teacher_versions.items():
+                        teachers[version] = teachers.get(version, 0) + count
+                teacher = max(teachers, key=lambda v: teachers[v]) if teachers else None
+                payload = retrain_payload(note, latest.student_version if latest else None, teacher,
                                           at_ms - 6 * 3_600_000, at_ms, numbers)
                 rows.append(self._row(note["webhook_id"], RETRAIN, note["model"], payload, now_ms, now_ms))
         return rows

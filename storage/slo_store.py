@@ -66,6 +66,12 @@ class SloSqlStore:
                 .order_by(outbox.c.created_at, outbox.c.id).limit(limit)).all()
         return [Delivery(r.id, r.receiver, r.payload.encode(), r.attempts, r.group_key) for r in rows]
 
+    def retrains_in_flight(self) -> set[str]:
+        """Models whose retrain request is not yet delivered (or given up)."""
+        with self.engine.connect() as conn:
+            return {g for (g,) in conn.execute(select(outbox.c.group_key).where(
+                outbox.c.receiver == "retrain", outbox.c.status == "pending"))}
+
     def last_delivered_at(self, receiver: str, group_key: str) -> int | None:
         with self.engine.connect() as conn:
             return conn.execute(

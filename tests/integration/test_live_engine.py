@@ -50,6 +50,7 @@ def store_minutes(store: SqlStore, first: int, last: int, incident: tuple[int, i
         state = WindowState(n=10_000)
         state.fidelity.n_joined = 1000
         state.fidelity.n_agree = int(rng.binomial(1000, rate))
+        state.teacher_versions = {"t7": 1000}
         changes.closed[WindowKey("m", "s1", T0 + i * MIN)] = state
     store.commit_batch("g", 0, MIN, changes, {})
 
@@ -99,7 +100,9 @@ def test_a_page_and_a_signed_retrain_are_delivered_once_and_the_resolution_after
         assert alert["labels"]["tier"] == "1h/5m" and alert["endsAt"] == "0001-01-01T00:00:00Z" and alert["fingerprint"]
         assert [r["verdict"] for r in retrains.requests] == ["ok"]
         retrain = retrains.bodies[0]
-        assert retrain["model"] == "m" and retrain["student_version"] == "s1" and retrain["trigger"]["reason"] == "slo agreement page"
+        assert retrain["model"] == "m" and retrain["student_version"] == "s1" and retrain["teacher_version"] == "t7"
+        assert retrain["trigger"]["reason"] == "slo agreement page" and retrain["trigger"]["agreement"] is not None
+        assert retrain["data"]["from"] < retrain["data"]["to"]
         assert retrains.requests[0]["headers"]["webhook-id"] == retrain["webhook_id"]
 
         engine.run_once()  # nothing new: nothing re-sent
@@ -204,6 +207,19 @@ def test_a_410_disables_the_receiver_and_a_429_retry_after_is_honoured(store: Sq
         engine.dispatcher.deliver_due()
         assert attempts() == 2 and throttled_id in alerts.accepted_ids
         assert len(retrains.requests) == 1  # the disabled receiver gets nothing more
+
+
+def test_a_second_trigger_waits_while_a_retrain_is_in_flight(store: SqlStore) -> None:
+    slos = parse_slo_file({**SLOS.model_dump(), "retrain": [{"model": "m", "when": [{"slo": "agreement"}], "cooldown": "1m"}]})
+    clock = Clock(T0 / 1000 + 12 * 3600)
+    with webhook_receiver(script=[(503, {})] * 20) as (retrain_url, retrains):
+        engine = live(store, clock, retrain_url=retrain_url)
+        engine.slos = slos
+        store_minutes(store, 0, 250, incident=(60, 200))
+        engine.run_once()
+        store_minutes(store, 250, 600, incident=(300, 450))  # a second incident, the first request still undelivered
+        engine.run_once()
+        assert len({r["id"] for r in retrains.requests}) == 1
 
 
 def test_two_replicas_never_both_notify(store: SqlStore) -> None:

@@ -103,6 +103,16 @@ def test_timeslices_count_windows_and_skip_windows_without_enough_samples() -> N
     assert backtest(config, agreement_stream(6 * 60, incident=(60, 240), per_minute=50)) == []
 
 
+def test_a_silent_sli_raises_the_no_data_ticket_and_resolves_when_data_returns() -> None:
+    slo = {**AGREEMENT_SLO["slos"][0], "alerting": {"no_data": "30m"}}
+    config = parse_slo_file({"slos": [slo, {**slo, "name": "other", "model": "x", "alerting": {}}]})
+    stream = agreement_stream(60, None) + [
+        WindowInput("x", "s1", T0 + (60 + i) * MIN, WindowState(), WindowState().result()) for i in range(1, 46)
+    ] + agreement_stream(120, None)[105:]
+    notes = [n for n in backtest(config, stream) if n["tier"] == "no-data"]
+    assert [(n["status"], round(minute_of(n))) for n in notes] == [("firing", 90), ("resolved", 106)]
+
+
 def test_fingerprints_depend_on_the_label_set_only() -> None:
     assert fingerprint({"a": "1", "b": "2"}) == fingerprint({"b": "2", "a": "1"}) != fingerprint({"a": "1", "b": "3"})
 
