@@ -42,6 +42,7 @@ def ingest(joiner: PartitionJoiner, kind: str, raw: bytes, source: Source | None
             joiner.add_label(decode_label(value), source)
         else:
             raise ValueError(f"unknown kind {kind!r}")
+        joiner.count(kind, "valid")
     except ContractError as exc:
         hint = _window_hint(raw, joiner.window_ms) if kind == "prediction" else None
         joiner.reject(kind, source, exc.reason, exc.message, hint)

@@ -249,6 +249,10 @@ class PartitionJoiner:
             return
         self._buffer_early(LABEL, event.model, event.request_id, event.ts_ms, source, label=event.label)
 
+    def count(self, kind: str, reason: str) -> None:
+        """Count a record by kind and outcome (stored with the batch, so exactly once)."""
+        self._changes.counters[(kind, reason)] += 1
+
     def reject(self, kind: str, source: Source | None, reason: str, message: str, window: WindowKey | None = None) -> None:
         """Count a record that failed validation (and dead-letter it when it came from Kafka)."""
         self._changes.counters[(kind, reason)] += 1

@@ -222,19 +222,25 @@ def db_upgrade(database_url: Annotated[str | None, typer.Option()] = None) -> No
 # ---- the SLO engine ----
 
 
-def _live_engine(settings: Any, slo_file: Path) -> Any:
+def _live_engine(settings: Any, slo_file: Path | None) -> Any:
     import httpx
 
-    from slo.config import load_slo_file
+    from kdwatch.errors import ConfigError
+    from slo.config import load_slo_file, parse_slo_file
     from slo.dispatch import Dispatcher, Receiver
     from slo.live import LiveConfig, LiveEngine, receivers_of
     from storage.slo_store import SloSqlStore
     from storage.sql import SqlStore
 
-    slos = load_slo_file(slo_file)
     store = SqlStore.from_url(settings.database_url.get_secret_value())
     store.migrate()
     slo_store = SloSqlStore(store.engine)
+    if slo_file is not None:  # the file replaces the stored SLO document; the API may edit it afterwards
+        slo_store.put_slo_document(load_slo_file(slo_file).model_dump(mode="json", exclude_none=True), int(time.time() * 1000))
+    document = slo_store.get_slo_document()
+    if document is None:
+        raise ConfigError("--slo", "no SLOs stored yet: pass an SLO file (or PUT /v1/slos/{name})")
+    slos = parse_slo_file(document)
 
     def receiver(name: str, url: str | None, secret: Any, group_interval_ms: int | None = None) -> Receiver | None:
         if url is None:
@@ -249,12 +255,14 @@ def _live_engine(settings: Any, slo_file: Path) -> Any:
         external_url=settings.external_url)
     client = httpx.Client()
     dispatcher = Dispatcher(slo_store, receivers_of(config), client)
-    return LiveEngine(slos, store, slo_store, dispatcher, config, client=client)
+    live = LiveEngine(slos, store, slo_store, dispatcher, config, client=client)
+    live.load_slos = lambda: parse_slo_file(slo_store.get_slo_document() or {})
+    return live
 
 
 @app.command()
 def engine(
-    slo: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="SLO YAML")],
+    slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML (replaces the stored SLOs)")] = None,
     once: Annotated[bool, typer.Option(help="one evaluation cycle, then exit")] = False,
     database_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -338,6 +346,26 @@ def deliveries(database_url: Annotated[str | None, typer.Option()] = None) -> No
     store.migrate()
     for row in SloSqlStore(store.engine).deliveries():
         _emit(row)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    database_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Serve the REST API, HTML reports and /metrics."""
+    import uvicorn
+
+    from kdwatch.api import ApiSettings, create_app
+    from storage.sql import SqlStore
+
+    settings = _settings(database_url=database_url)
+    store = SqlStore.from_url(settings.database_url.get_secret_value())
+    store.migrate()
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    app_ = create_app(store, ApiSettings(api_key=api_key, read_token_required=settings.api_read_token_required))
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 # ---- the local broker ----

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
 
+    # The REST API: writes need the key; reads too when read_token_required.
+    api_key: SecretStr | None = Field(None, min_length=16)
+    api_read_token_required: bool = False
+
     # The live SLO engine's receivers (all optional).
     alert_webhook_url: str | None = None
     alert_webhook_secret: SecretStr | None = None

@@ -74,6 +74,8 @@ class LiveEngine:
         self.clock = clock
         self.client = client or httpx.Client()
         self.notifications: list[dict[str, Any]] = []  # of this process, for the demo's summary
+        # When set, SLOs are re-read every cycle (the API edits them in the database).
+        self.load_slos: Callable[[], SloFile] | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -83,6 +85,8 @@ class LiveEngine:
         now_ms = int(self.clock() * 1000)
         if not self.store.acquire_lease(ENGINE_NAME, self.config.owner, now_ms, self.config.lease_ttl_ms):
             return []  # another replica leads
+        if self.load_slos is not None:
+            self.slos = self.load_slos()
         engine = SloEngine(self.slos)
         state, through = self.store.load_engine(ENGINE_NAME)
         engine.load_state(state)

@@ -130,3 +130,12 @@ silences = Table(
     Column("created_by", String(256), nullable=False),
     Column("comment", Text, nullable=False),
 )
+
+# The SLO document (slo.config.SloFile as JSON) the live engine and the API share.
+slo_config = Table(
+    "slo_config",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from slo.dispatch import Delivery
 from slo.engine import Silence
-from storage.schema import delivery_log, disabled_receivers, outbox, silences, slo_engine
+from storage.schema import delivery_log, disabled_receivers, outbox, silences, slo_config, slo_engine
 
 
 class SloSqlStore:
@@ -117,6 +117,19 @@ class SloSqlStore:
                  "duration_ms": a["duration_ms"]})
         return [{**{k: v for k, v in r.items() if k != "payload"}, "payload": orjson.loads(r["payload"]),
                  "log": log.get(r["id"], [])} for r in rows]
+
+    # ---- the SLO document ----
+
+    def get_slo_document(self, name: str = "default") -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            text = conn.execute(select(slo_config.c.document).where(slo_config.c.name == name)).scalar()
+        return None if text is None else orjson.loads(text)
+
+    def put_slo_document(self, document: dict[str, Any], now_ms: int, name: str = "default") -> None:
+        stmt = self._insert(slo_config).values(name=name, document=orjson.dumps(document).decode(), updated_at=now_ms)
+        with self.engine.begin() as conn:
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={
+                "document": stmt.excluded.document, "updated_at": stmt.excluded.updated_at}))
 
     # ---- silences ----
 

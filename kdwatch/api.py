@@ -1,0 +1,362 @@
+"""The REST API (FastAPI, versioned under /v1; OpenAPI at /docs).
+
+Reads are open unless ``KDWATCH_API_READ_TOKEN_REQUIRED`` is set; every write needs the bearer API
+key (``KDWATCH_API_KEY``), compared in constant time. Errors are 4xx with a JSON body
+``{"error": ..., "detail": ...}``; request bodies are limited in size.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from analyzer.drift import Reference, ReferenceBuilder
+from analyzer.rollup import rollup
+from analyzer.window import window_result
+from collector.contract import decode_prediction
+from kdwatch.errors import ConfigError, ContractError
+from kdwatch.metrics import KdwatchCollector
+from slo.config import SloFile, parse_slo_file
+from slo.engine import Silence, SloEngine
+from storage.slo_store import SloSqlStore
+from storage.sql import SqlStore
+
+STEPS = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000, "1d": 86_400_000}
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a reference baseline upload is the largest body
+
+
+class ApiSettings(BaseModel):
+    api_key: str | None = None
+    read_token_required: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+class SilenceIn(BaseModel):
+    matchers: dict[str, str] = Field(min_length=1, description="label -> value, all must match")
+    starts_at: datetime | None = None
+    ends_at: datetime
+    created_by: str = Field(min_length=1, max_length=256)
+    comment: str = Field("", max_length=4096)
+
+
+def _parse_time(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        raise HTTPException(422, f"{name} must be RFC 3339 or epoch milliseconds") from None
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    return header[7:] if header.lower().startswith("bearer ") else None
+
+
+def require_key(request: Request) -> None:
+    """Writes: the bearer API key, compared in constant time."""
+    settings: ApiSettings = request.app.state.api_settings
+    if settings.api_key is None:
+        raise HTTPException(403, "writes are disabled: set KDWATCH_API_KEY")
+    token = _bearer(request)
+    if token is None or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+        raise HTTPException(401, "a valid bearer API key is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_read(request: Request) -> None:
+    """Reads: open, unless the deployment requires the key for them too."""
+    if request.app.state.api_settings.read_token_required:
+        require_key(request)
+
+
+# Module level, so FastAPI can resolve them from the (postponed) annotations.
+Read = Annotated[None, Depends(require_read)]
+Write = Annotated[None, Depends(require_key)]
+
+
+def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegistry | None = None,
+               readiness: Callable[[], dict[str, str]] | None = None) -> FastAPI:
+    """The app over ``store``; ``readiness`` adds checks (e.g. Kafka) to /readyz."""
+    slo_store = SloSqlStore(store.engine)
+    registry = registry or CollectorRegistry()
+    registry.register(KdwatchCollector(store, slo_store))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        store.close()
+
+    app = FastAPI(title="kdwatch", version="1", lifespan=lifespan)
+    app.state.api_settings = settings
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse({"error": "payload_too_large", "detail": f"bodies are limited to {settings.max_body_bytes} bytes"},
+                                status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        names = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                 409: "conflict", 413: "payload_too_large", 422: "invalid_request"}
+        return JSONResponse({"error": names.get(exc.status_code, "error"), "detail": exc.detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"error": "invalid_request", "detail": errors}, status_code=422)
+
+    # ---- health ----
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            store.ping()
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means not ready; the reason is reported, not raised
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        if readiness is not None:
+            checks.update(readiness())
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    def metrics(_: Read) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- models and windows ----
+
+    @app.get("/v1/models")
+    def models(_: Read) -> dict[str, Any]:
+        seen: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, (_state, _final, window_ms) in store.windows().items():
+            entry = seen.setdefault(key.model, {}).setdefault(key.student_version, {"windows": 0, "last_window_end": 0})
+            entry["windows"] += 1
+            entry["last_window_end"] = max(entry["last_window_end"], key.window_start + window_ms)
+        from analyzer.window import rfc3339
+
+        return {"models": [{"model": m, "versions": [
+            {"student_version": v, "windows": e["windows"], "last_window_end": rfc3339(e["last_window_end"])}
+            for v, e in sorted(versions.items())]} for m, versions in sorted(seen.items())]}
+
+    @app.get("/v1/models/{model}/windows", response_model=None)
+    def windows(
+        model: str,
+        _: Read,
+        from_: Annotated[str | None, Query(alias="from", description="RFC 3339 or epoch ms, inclusive")] = None,
+        to: Annotated[str | None, Query(description="RFC 3339 or epoch ms, exclusive")] = None,
+        version: str | None = None,
+        step: Literal["1m", "5m", "1h", "1d"] = "1m",
+        format: Literal["json", "csv", "parquet"] = "json",
+    ) -> Any:
+        start, end = _parse_time(from_, "from"), _parse_time(to, "to")
+        stored = store.windows(model=model, student_version=version, start_ms=start, end_ms=end)
+        if not stored and not store.windows(model=model):
+            raise HTTPException(404, f"no windows of model {model!r}")
+        step_ms = STEPS[step]
+        sizes = {wms for (_s, _f, wms) in stored.values()}
+        if any(step_ms % size for size in sizes):
+            raise HTTPException(422, f"step {step} is not a multiple of the stored window size")
+        refs = store.references()
+        buckets = rollup(((k.model, k.student_version, k.window_start, s, f) for k, (s, f, _w) in stored.items()), step_ms)
+        rows = []
+        for b in buckets:
+            row = window_result(b.model, b.student_version, b.start_ms, step_ms, b.state, refs.get(model))
+            row["final"] = b.final
+            row["windows"] = b.windows
+            rows.append(row)
+        if format == "json":
+            return Response(orjson.dumps({"model": model, "step": step, "windows": rows}), media_type="application/json")
+        import pandas as pd
+
+        frame = pd.json_normalize(rows)
+        if format == "csv":
+            return Response(frame.to_csv(index=False), media_type="text/csv",
+                            headers={"content-disposition": f'attachment; filename="{model}-windows.csv"'})
+        buffer = io.BytesIO()
+        frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object}).to_parquet(buffer, index=False)
+        return Response(buffer.getvalue(), media_type="application/vnd.apache.parquet",
+                        headers={"content-disposition": f'attachment; filename="{model}-windows.parquet"'})
+
+    # ---- references ----
+
+    @app.put("/v1/models/{model}/reference")
+    async def put_reference(model: str, request: Request, _: Write) -> dict[str, Any]:
+        builder = ReferenceBuilder()
+        body = await request.body()
+        count = 0
+        for lineno, line in enumerate(body.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                event = decode_prediction(line)
+            except ContractError as exc:
+                raise HTTPException(422, f"line {lineno}: {exc.reason}: {exc.message}") from None
+            if event.model != model or event.audit is not None:
+                continue
+            from analyzer.drift import CONFIDENCE, PREDICTED_CLASS
+
+            builder.add(CONFIDENCE, float(event.dist.probs.max()))
+            builder.add(PREDICTED_CLASS, str(int(event.dist.probs.argmax())))
+            for name, value in (event.features or {}).items():
+                builder.add(name, value)
+            count += 1
+        if count == 0:
+            raise HTTPException(422, f"no predictions of model {model!r} in the body (JSONL of contract-v1 predictions)")
+        reference = builder.build()
+        store.put_reference(model, reference)
+        return {"model": model, "predictions": count, **_describe(reference)}
+
+    @app.get("/v1/models/{model}/reference")
+    def get_reference(model: str, _: Read) -> dict[str, Any]:
+        reference = store.references().get(model)
+        if reference is None:
+            raise HTTPException(404, f"no reference for model {model!r}")
+        return {"model": model, **_describe(reference)}
+
+    # ---- SLOs ----
+
+    def slo_file() -> SloFile:
+        document = slo_store.get_slo_document()
+        return parse_slo_file(document or {})
+
+    def save(document: dict[str, Any]) -> SloFile:
+        try:
+            parsed = parse_slo_file(document)
+        except ConfigError as exc:
+            raise HTTPException(422, {"field": exc.field, "message": str(exc)}) from None
+        slo_store.put_slo_document(parsed.model_dump(mode="json", exclude_none=True), int(time.time() * 1000))
+        return parsed
+
+    @app.get("/v1/slos")
+    def list_slos(_: Read) -> dict[str, Any]:
+        config = slo_file()
+        return {"slos": [s.model_dump(mode="json", exclude_none=True) for s in config.slos],
+                "retrain": [r.model_dump(mode="json", exclude_none=True) for r in config.retrain]}
+
+    @app.put("/v1/slos/{name}")
+    def put_slo(name: str, body: dict[str, Any], _: Write) -> dict[str, Any]:
+        document = slo_file().model_dump(mode="json", exclude_none=True)
+        slos = [s for s in document.get("slos", []) if s["name"] != name]
+        slos.append({**body, "name": name})
+        document["slos"] = slos
+        saved = save(document)
+        return next(s.model_dump(mode="json", exclude_none=True) for s in saved.slos if s.name == name)
+
+    @app.delete("/v1/slos/{name}", status_code=204)
+    def delete_slo(name: str, _: Write) -> Response:
+        document = slo_file().model_dump(mode="json", exclude_none=True)
+        if not any(s["name"] == name for s in document.get("slos", [])):
+            raise HTTPException(404, f"no SLO {name!r}")
+        document["slos"] = [s for s in document["slos"] if s["name"] != name]
+        document["retrain"] = [p for p in document.get("retrain", []) if all(c.get("slo") != name for c in p["when"])]
+        save(document)
+        return Response(status_code=204)
+
+    @app.get("/v1/slos/{name}")
+    def slo_status(name: str, _: Read) -> dict[str, Any]:
+        config = slo_file()
+        slo = next((s for s in config.slos if s.name == name), None)
+        if slo is None:
+            raise HTTPException(404, f"no SLO {name!r}")
+        engine = SloEngine(config)
+        state, through = slo_store.load_engine("default")
+        engine.load_state(state)
+        series = engine.series[name]
+        pairs = []
+        for w in engine.windows[name]:
+            bad_l, total_l = series.sums(through, w.long_ms)
+            bad_s, total_s = series.sums(through, w.short_ms)
+            alert = engine.alerts[(name, w.severity, w.tier)]
+            pairs.append({"severity": w.severity, "tier": w.tier, "burn_rate_threshold": w.burn_rate,
+                          "burn_long": _burn(bad_l, total_l, slo.objective), "burn_short": _burn(bad_s, total_s, slo.objective),
+                          "firing": alert.firing})
+        bad, total = series.sums(through, slo.period_ms)
+        from slo.burn import budget_remaining
+
+        return {"slo": slo.model_dump(mode="json", exclude_none=True), "evaluated_through": through,
+                "budget_remaining": budget_remaining(bad, total, slo.objective), "events": total, "bad": bad,
+                "status": "firing" if any(p["firing"] for p in pairs) else "ok", "windows": pairs}
+
+    # ---- alerts, silences, deliveries ----
+
+    @app.get("/v1/alerts")
+    def alerts(_: Read) -> dict[str, Any]:
+        engine = SloEngine(slo_file())
+        state, _through = slo_store.load_engine("default")
+        engine.load_state(state)
+        from analyzer.window import rfc3339
+
+        firing = [{"labels": a.labels, "fingerprint": a.fingerprint,
+                   "started_at": rfc3339(a.started_at) if a.started_at is not None else None} for a in engine.firing()]
+        history = [d["payload"] for d in slo_store.deliveries() if d["receiver"] == "alert-webhook"]
+        return {"firing": firing, "history": history}
+
+    @app.get("/v1/silences")
+    def list_silences(_: Read) -> dict[str, Any]:
+        return {"silences": [s.__dict__ for s in slo_store.silences()]}
+
+    @app.post("/v1/silences", status_code=201)
+    def create_silence(body: SilenceIn, _: Write) -> dict[str, Any]:
+        now = int(time.time() * 1000)
+        starts = int(body.starts_at.timestamp() * 1000) if body.starts_at else now
+        ends = int(body.ends_at.timestamp() * 1000)
+        if ends <= starts:
+            raise HTTPException(422, "ends_at must be after starts_at")
+        silence = Silence(f"sil_{uuid.uuid4().hex[:16]}", body.matchers, starts, ends, body.created_by, body.comment)
+        slo_store.add_silence(silence)
+        return silence.__dict__
+
+    @app.delete("/v1/silences/{silence_id}", status_code=204)
+    def expire_silence(silence_id: str, _: Write) -> Response:
+        if not slo_store.expire_silence(silence_id, int(time.time() * 1000)):
+            raise HTTPException(404, f"no active silence {silence_id!r}")
+        return Response(status_code=204)
+
+    @app.get("/v1/deliveries")
+    def deliveries(_: Read) -> dict[str, Any]:
+        return {"deliveries": slo_store.deliveries()}
+
+    @app.get("/", include_in_schema=False)
+    def root() -> PlainTextResponse:
+        return PlainTextResponse("kdwatch API: see /docs\n")
+
+    return app
+
+
+def _burn(bad: float, total: float, objective: float) -> float | None:
+    from slo.burn import burn_rate
+
+    return burn_rate(bad, total, objective)
+
+
+def _describe(reference: Reference) -> dict[str, Any]:
+    return {"fingerprint": reference.fingerprint, "features": {
+        name: {"kind": "numeric" if fb.edges is not None else "categorical", "bins": fb.n_bins,
+               "edges": fb.edges, "categories": fb.categories, "reference_n": sum(fb.reference_counts)}
+        for name, fb in reference.features.items()}}

@@ -1,0 +1,131 @@
+"""Prometheus metrics, read from the database at scrape time (a custom collector on a passed-in registry).
+
+Metric names are a public interface (README "Prometheus metrics"); labels are bounded: per model and
+version for the latest final window, features capped at ``max_features``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from analyzer.window import window_result
+from kdwatch.durations import format_duration_ms
+from slo.burn import budget_remaining, burn_rate
+from slo.config import parse_slo_file
+from slo.engine import SloEngine
+from storage.slo_store import SloSqlStore
+from storage.sql import SqlStore
+
+WINDOW_GAUGES = {
+    "agreement": "Top-1 agreement of student and teacher over joined events",
+    "kl_mean": "Mean KL(teacher||student), nats",
+    "kl_p95": "95th percentile of per-event KL, nats",
+    "js_mean": "Mean Jensen-Shannon divergence, nats",
+    "ece": "Expected calibration error of the student (15 bins)",
+    "ece_teacher": "Expected calibration error of the teacher",
+    "accuracy_student": "Student accuracy over labelled events",
+    "accuracy_delta": "Student minus teacher accuracy over events with label and replay",
+    "teacher_sample_rate": "Share of predictions with a teacher replay",
+}
+
+
+class KdwatchCollector(Collector):
+    def __init__(self, store: SqlStore, slo_store: SloSqlStore, max_features: int = 50) -> None:
+        self.store = store
+        self.slo_store = slo_store
+        self.max_features = max_features
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._windows()
+        yield from self._counters()
+        yield from self._slos()
+
+    def _windows(self) -> Iterator[Any]:
+        latest: dict[tuple[str, str], Any] = {}
+        for key, (state, final, window_ms) in self.store.windows().items():
+            if not final:
+                continue
+            previous = latest.get((key.model, key.student_version))
+            if previous is None or previous[0].window_start < key.window_start:
+                latest[(key.model, key.student_version)] = (key, state, window_ms)
+        refs = self.store.references()
+        gauges = {name: GaugeMetricFamily(f"kdwatch_window_{name}", help_, labels=["model", "student_version"])
+                  for name, help_ in WINDOW_GAUGES.items()}
+        events = GaugeMetricFamily("kdwatch_window_events", "Predictions in the latest final window", labels=["model", "student_version"])
+        psi = GaugeMetricFamily("kdwatch_window_psi", "PSI against the reference, per feature",
+                                labels=["model", "student_version", "feature"])
+        mia_auc = GaugeMetricFamily("kdwatch_window_mia_auc", "Loss-attack AUC of membership inference",
+                                    labels=["model", "student_version"])
+        mia_tpr = GaugeMetricFamily("kdwatch_window_mia_tpr_at_1pct_fpr", "Loss-attack TPR at 1% FPR",
+                                    labels=["model", "student_version"])
+        latency = GaugeMetricFamily("kdwatch_window_latency_ms", "Prediction latency quantiles, ms",
+                                    labels=["model", "student_version", "quantile"])
+        end = GaugeMetricFamily("kdwatch_window_end_timestamp_seconds", "End of the latest final window",
+                                labels=["model", "student_version"])
+        for (model, version), (key, state, window_ms) in sorted(latest.items()):
+            result = window_result(model, version, key.window_start, window_ms, state, refs.get(model))
+            labels = [model, version]
+            for name, family in gauges.items():
+                if result.get(name) is not None:
+                    family.add_metric(labels, float(result[name]))
+            events.add_metric(labels, float(result["n"]))
+            end.add_metric(labels, (key.window_start + window_ms) / 1000)
+            for feature, value in sorted((result.get("psi") or {}).items())[: self.max_features]:
+                if value is not None:
+                    psi.add_metric([*labels, feature], float(value))
+            mia = result.get("mia") or {}
+            if mia.get("auc") is not None:
+                mia_auc.add_metric(labels, float(mia["auc"]))
+                mia_tpr.add_metric(labels, float(mia["tpr_at_1pct_fpr"]))
+            for q, field in (("0.5", "latency_p50_ms"), ("0.95", "latency_p95_ms"), ("0.99", "latency_p99_ms")):
+                if result.get(field) is not None:
+                    latency.add_metric([*labels, q], float(result[field]))
+        yield from gauges.values()
+        yield from (events, psi, mia_auc, mia_tpr, latency, end)
+
+    def _counters(self) -> Iterator[Any]:
+        family = CounterMetricFamily("kdwatch_events", "Records consumed per kind and outcome (valid, or the rejection, "
+                                     "late, unmatched or duplicate reason)", labels=["kind", "outcome"])
+        dead = CounterMetricFamily("kdwatch_dead_letters", "Records sent to a dead-letter topic", labels=["kind", "reason"])
+        for (kind, reason), count in sorted(self.store.counters().items()):
+            family.add_metric([kind, reason], float(count))
+            if reason not in ("valid", "duplicate"):
+                dead.add_metric([kind, reason], float(count))
+        yield family
+        yield dead
+
+    def _slos(self) -> Iterator[Any]:
+        document = self.slo_store.get_slo_document()
+        burn = GaugeMetricFamily("kdwatch_slo_burn_rate", "Burn rate per SLO and window", labels=["slo", "window"])
+        budget = GaugeMetricFamily("kdwatch_slo_budget_remaining", "Error budget remaining over the period", labels=["slo"])
+        firing = GaugeMetricFamily("kdwatch_alerts_firing", "Alerts firing", labels=["slo", "severity", "tier"])
+        deliveries = GaugeMetricFamily("kdwatch_webhook_deliveries", "Notifications by receiver and outcome",
+                                       labels=["receiver", "status"])
+        if document is not None:
+            config = parse_slo_file(document)
+            engine = SloEngine(config)
+            state, through = self.slo_store.load_engine("default")
+            engine.load_state(state)
+            for slo in config.slos:
+                series = engine.series[slo.name]
+                lengths = sorted({w.long_ms for w in engine.windows[slo.name]} | {w.short_ms for w in engine.windows[slo.name]})
+
+                for length in lengths:
+                    value = burn_rate(*series.sums(through, length), slo.objective)
+                    if value is not None:
+                        burn.add_metric([slo.name, format_duration_ms(length)], value)
+                remaining = budget_remaining(*series.sums(through, slo.period_ms), slo.objective)
+                if remaining is not None:
+                    budget.add_metric([slo.name], remaining)
+            for (name, severity, tier), alert in sorted(engine.alerts.items()):
+                firing.add_metric([name, severity, tier], 1.0 if alert.firing else 0.0)
+        counts: dict[tuple[str, str], int] = {}
+        for d in self.slo_store.deliveries():
+            counts[(d["receiver"], d["status"])] = counts.get((d["receiver"], d["status"]), 0) + 1
+        for (receiver, status), count in sorted(counts.items()):
+            deliveries.add_metric([receiver, status], float(count))
+        yield from (burn, budget, firing, deliveries)
