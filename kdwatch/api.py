@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
@@ -202,6 +202,50 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object}).to_parquet(buffer, index=False)
         return Response(buffer.getvalue(), media_type="application/vnd.apache.parquet",
                         headers={"content-disposition": f'attachment; filename="{model}-windows.parquet"'})
+
+    @app.get("/v1/models/{model}/report", response_class=HTMLResponse)
+    def report(
+        model: str,
+        _: Read,
+        from_: Annotated[str | None, Query(alias="from")] = None,
+        to: str | None = None,
+        step: Literal["auto", "1m", "5m", "1h", "1d"] = "auto",
+    ) -> HTMLResponse:
+        """A self-contained HTML report: fidelity over time, reliability, PSI, MIA ROC, budgets, alerts."""
+        from kdwatch.report import ReportData, render
+        from slo.engine import WindowInput, backtest
+
+        start, end = _parse_time(from_, "from"), _parse_time(to, "to")
+        stored = store.windows(model=model, start_ms=start, end_ms=end)
+        if not stored:
+            raise HTTPException(404, f"no windows of model {model!r} in that range")
+        chosen: str = step
+        if step == "auto":  # at most ~720 points on the charts
+            span = max(k.window_start for k in stored) - min(k.window_start for k in stored)
+            chosen = next(name for name, ms in STEPS.items() if span / ms <= 720 or name == "1d")
+        refs = store.references()
+        reference = refs.get(model)
+        buckets = rollup(((k.model, k.student_version, k.window_start, st, f) for k, (st, f, _w) in stored.items()), STEPS[chosen])
+        config = slo_file()
+        inputs = [WindowInput(k.model, k.student_version, k.window_start + w, st,
+                              window_result(k.model, k.student_version, k.window_start, w, st, reference))
+                  for k, (st, _f, w) in sorted(stored.items(), key=lambda kv: kv[0].window_start)]
+        mine = [sl for sl in config.slos if sl.model == model]
+        events = [n for n in backtest(config, inputs) if n.get("model") == model]
+        budgets: dict[str, list[tuple[int, float]]] = {}
+        engine = SloEngine(config)
+        for slo in mine:
+            bad = total = 0.0
+            points = []
+            for w in inputs:
+                point = engine.point(slo, [w])
+                if point is None:
+                    continue
+                bad, total = bad + point[0], total + point[1]
+                if total:
+                    points.append((w.end_ms, 1.0 - (bad / total) / (1.0 - slo.objective)))
+            budgets[slo.name] = points
+        return HTMLResponse(render(ReportData(model, chosen, buckets, reference, budgets, events)))
 
     # ---- references ----
 

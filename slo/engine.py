@@ -154,8 +154,9 @@ class SloEngine:
         return [a for a in self.alerts.values() if a.firing]
 
     # ---- SLIs ----
+    # point(): (bad, total) of one SLO over the windows ending at one moment, or None without any.
 
-    def _point(self, slo: Slo, windows: list[WindowInput]) -> tuple[float, float] | None:
+    def point(self, slo: Slo, windows: list[WindowInput]) -> tuple[float, float] | None:
         chosen = [w for w in windows if w.model == slo.model and slo.student_version in (None, w.student_version)]
         if not chosen:
             return None
@@ -178,7 +179,7 @@ class SloEngine:
         """Account the windows ending at ``end_ms`` and return the notifications due at that moment."""
         out: list[dict[str, Any]] = []
         for slo in self.config.slos:
-            point = self._point(slo, windows)
+            point = self.point(slo, windows)
             if point is not None:
                 self.series[slo.name].add(end_ms, *point)
                 if point[1] > 0:
