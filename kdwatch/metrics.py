@@ -40,6 +40,7 @@ class KdwatchCollector(Collector):
         self.max_features = max_features
 
     def collect(self) -> Iterator[Any]:
+        yield from self._sli_counters()
         yield from self._windows()
         yield from self._counters()
         yield from self._slos()
@@ -86,6 +87,24 @@ class KdwatchCollector(Collector):
                     latency.add_metric([*labels, q], float(result[field]))
         yield from gauges.values()
         yield from (events, psi, mia_auc, mia_tpr, latency, end)
+
+    def _sli_counters(self) -> Iterator[Any]:
+        """Good and bad events of the counter SLIs over every final window (for Prometheus-native burn rates)."""
+        family = CounterMetricFamily("kdwatch_sli_events", "Events of the agreement and accuracy SLIs in final windows",
+                                     labels=["model", "student_version", "sli", "outcome"])
+        totals: dict[tuple[str, str, str, str], int] = {}
+        for key, (state, final, _window_ms) in self.store.windows().items():
+            if not final:
+                continue
+            correct = sum(state.calibration.correct)
+            for sli, good, total in (("agreement", state.fidelity.n_agree, state.fidelity.n_joined),
+                                     ("accuracy", correct, state.calibration.n)):
+                for outcome, count in (("good", good), ("bad", total - good)):
+                    k = (key.model, key.student_version, sli, outcome)
+                    totals[k] = totals.get(k, 0) + count
+        for labels, count in sorted(totals.items()):
+            family.add_metric(list(labels), float(count))
+        yield family
 
     def _counters(self) -> Iterator[Any]:
         family = CounterMetricFamily("kdwatch_events", "Records consumed per kind and outcome (valid, or the rejection, "
