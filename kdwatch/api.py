@@ -92,15 +92,19 @@ Write = Annotated[None, Depends(require_key)]
 
 
 def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegistry | None = None,
-               readiness: Callable[[], dict[str, str]] | None = None) -> FastAPI:
-    """The app over ``store``; ``readiness`` adds checks (e.g. Kafka) to /readyz."""
+               readiness: Callable[[], dict[str, str]] | None = None,
+               lag: Callable[[], dict[tuple[str, str, int], int]] | None = None) -> FastAPI:
+    """The app over ``store``; ``readiness`` adds checks (e.g. Kafka) to /readyz; ``lag`` feeds kdwatch_consumer_lag."""
     slo_store = SloSqlStore(store.engine)
     registry = registry or CollectorRegistry()
-    registry.register(KdwatchCollector(store, slo_store))
+    registry.register(KdwatchCollector(store, slo_store, lag=lag))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        close = getattr(lag, "close", None)
+        if close is not None:
+            close()
         store.close()
 
     app = FastAPI(title="kdwatch", version="1", lifespan=lifespan)

@@ -375,8 +375,12 @@ def serve(
     settings = _settings(database_url=database_url)
     store = SqlStore.from_url(settings.database_url.get_secret_value())
     store.migrate()
+    from kdwatch.lag import kafka_readiness, lag_source
+
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    app_ = create_app(store, ApiSettings(api_key=api_key, read_token_required=settings.api_read_token_required))
+    app_ = create_app(store, ApiSettings(api_key=api_key, read_token_required=settings.api_read_token_required),
+                      readiness=kafka_readiness(settings.bootstrap_servers, settings.kafka_options()),
+                      lag=lag_source(settings.bootstrap_servers, store, settings.kafka_options()))
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

@@ -6,7 +6,7 @@ version for the latest final window, features capped at ``max_features``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -34,12 +34,20 @@ WINDOW_GAUGES = {
 
 
 class KdwatchCollector(Collector):
-    def __init__(self, store: SqlStore, slo_store: SloSqlStore, max_features: int = 50) -> None:
+    def __init__(self, store: SqlStore, slo_store: SloSqlStore, max_features: int = 50,
+                 lag: Callable[[], dict[tuple[str, str, int], int]] | None = None) -> None:
         self.store = store
         self.slo_store = slo_store
         self.max_features = max_features
+        self.lag = lag  # (group, topic, partition) -> records not yet consumed
 
     def collect(self) -> Iterator[Any]:
+        if self.lag is not None:
+            family = GaugeMetricFamily("kdwatch_consumer_lag", "Records not yet consumed per partition (log end - stored offset)",
+                                       labels=["group", "topic", "partition"])
+            for (group, topic, partition), lag in sorted(self.lag().items()):
+                family.add_metric([group, topic, str(partition)], float(lag))
+            yield family
         yield from self._sli_counters()
         yield from self._windows()
         yield from self._counters()

@@ -252,6 +252,12 @@ class SqlStore:
                     merged[key] = (state, bool(r.closed), r.window_ms)
         return merged
 
+    def offsets(self) -> dict[tuple[str, str, int], int]:
+        """Stored next offsets: (group, topic, partition) -> offset."""
+        with self.engine.connect() as conn:
+            return {(g, t, p): o for g, t, p, o in conn.execute(select(
+                consumer_offsets.c.group_id, consumer_offsets.c.topic, consumer_offsets.c.partition, consumer_offsets.c.next_offset))}
+
     def counters(self) -> dict[tuple[str, str], int]:
         """Counts per (kind, reason), summed over partitions."""
         out: dict[tuple[str, str], int] = {}
