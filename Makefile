@@ -27,4 +27,6 @@ clean: ## remove local state (virtualenv kept)
 
 bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own virtualenv
 	@test -x .venv-bench/bin/python || (python3 -m venv .venv-bench && .venv-bench/bin/pip install -q "evidently>=0.7,<0.8" "pandas<3" orjson)
+	@command -v wrk >/dev/null || (test "$$(id -u)" = 0 && apt-get install -y -qq wrk >/dev/null) || (echo "install wrk (Debian package wrk)" && exit 1)
 	cd benchmarks && ../$(PY) analyze_vs_peers.py
+	cd benchmarks && ../$(PY) api_latency.py

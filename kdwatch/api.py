@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hmac
 import io
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -36,6 +38,8 @@ from slo.engine import Silence, SloEngine
 from storage.slo_store import SloSqlStore
 from storage.sql import SqlStore
 
+CACHE_ENTRIES = 256
+BUCKET_CACHE_ENTRIES = 200_000
 STEPS = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000, "1d": 86_400_000}
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a reference baseline upload is the largest body
 
@@ -44,6 +48,7 @@ class ApiSettings(BaseModel):
     api_key: str | None = None
     read_token_required: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    cache_ttl_s: float = 1.0
 
 
 class SilenceIn(BaseModel):
@@ -106,6 +111,14 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         if close is not None:
             close()
         store.close()
+
+    # Whole responses of the windows endpoint for ``cache_ttl_s`` (so results lag by at most that), and
+    # below them merged buckets, each keyed with its own version (rows, newest update): while new
+    # windows arrive only the buckets they touch are merged again.
+    cache: OrderedDict[tuple[Any, ...], tuple[float, Response]] = OrderedDict()
+    refreshing: set[tuple[Any, ...]] = set()
+    bucket_cache: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], dict[str, Any]]] = OrderedDict()
+    cache_lock = threading.Lock()
 
     app = FastAPI(title="kdwatch", version="1", lifespan=lifespan)
     app.state.api_settings = settings
@@ -179,21 +192,64 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         format: Literal["json", "csv", "parquet"] = "json",
     ) -> Any:
         start, end = _parse_time(from_, "from"), _parse_time(to, "to")
-        stored = store.windows(model=model, student_version=version, start_ms=start, end_ms=end)
-        if not stored and not store.windows(model=model):
-            raise HTTPException(404, f"no windows of model {model!r}")
+        key = (model, version, start, end, step, format)
+        now = time.monotonic()
+        with cache_lock:
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                if hit[0] > now or key in refreshing:
+                    return hit[1]  # fresh, or stale while another request refreshes it
+            refreshing.add(key)
+        try:
+            response = _windows_response(model, version, start, end, step, format)
+        finally:
+            with cache_lock:
+                refreshing.discard(key)
+        with cache_lock:
+            cache[key] = (now + settings.cache_ttl_s, response)
+            while len(cache) > CACHE_ENTRIES:
+                cache.popitem(last=False)
+        return response
+
+    def _windows_response(model: str, version: str | None, start: int | None, end: int | None, step: str,
+                          format: str) -> Response:
         step_ms = STEPS[step]
-        sizes = {wms for (_s, _f, wms) in stored.values()}
-        if any(step_ms % size for size in sizes):
-            raise HTTPException(422, f"step {step} is not a multiple of the stored window size")
-        refs = store.references()
-        buckets = rollup(((k.model, k.student_version, k.window_start, s, f) for k, (s, f, _w) in stored.items()), step_ms)
-        rows = []
-        for b in buckets:
-            row = window_result(b.model, b.student_version, b.start_ms, step_ms, b.state, refs.get(model))
-            row["final"] = b.final
-            row["windows"] = b.windows
-            rows.append(row)
+        versions = store.bucket_versions(model, version, start, end, step_ms)
+        if not versions and not store.data_version(model)[0]:
+            raise HTTPException(404, f"no windows of model {model!r}")
+        reference = store.references().get(model)
+        fingerprint = reference.fingerprint if reference is not None else ""
+        rows_by_bucket: dict[tuple[str, int], dict[str, Any]] = {}
+        stale: list[tuple[str, int]] = []
+        with cache_lock:
+            for bucket, ver in versions.items():
+                hit = bucket_cache.get((model, *bucket, step_ms, fingerprint))
+                if hit is not None and hit[0] == ver:
+                    rows_by_bucket[bucket] = hit[1]
+                else:
+                    stale.append(bucket)
+        if stale:
+            lo = min(b for _v, b in stale)
+            hi = max(b for _v, b in stale) + step_ms
+            stored = store.windows(model=model, student_version=version, start_ms=max(lo, start or lo),
+                                   end_ms=min(hi, end) if end is not None else hi)
+            if any(step_ms % wms for (_s, _f, wms) in stored.values()):
+                raise HTTPException(422, f"step {step} is not a multiple of the stored window size")
+            wanted = set(stale)
+            for b in rollup(((k.model, k.student_version, k.window_start, st, f) for k, (st, f, _w) in stored.items()
+                             if (k.student_version, k.window_start - k.window_start % step_ms) in wanted), step_ms):
+                row = window_result(b.model, b.student_version, b.start_ms, step_ms, b.state, reference)
+                row["final"] = b.final
+                row["windows"] = b.windows
+                rows_by_bucket[(b.student_version, b.start_ms)] = row
+            with cache_lock:
+                for bucket in stale:
+                    if bucket in rows_by_bucket:
+                        bucket_cache[(model, *bucket, step_ms, fingerprint)] = (versions[bucket], rows_by_bucket[bucket])
+                while len(bucket_cache) > BUCKET_CACHE_ENTRIES:
+                    bucket_cache.popitem(last=False)
+        rows = [rows_by_bucket[b] for b in sorted(rows_by_bucket, key=lambda vb: (vb[1], vb[0]))]
         if format == "json":
             return Response(orjson.dumps({"model": model, "step": step, "windows": rows}), media_type="application/json")
         import pandas as pd
@@ -220,6 +276,12 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         from slo.engine import WindowInput, backtest
 
         start, end = _parse_time(from_, "from"), _parse_time(to, "to")
+        if start is None:  # default: the last day of data (a month of 1-minute windows is a slow page)
+            rows, _newest = store.data_version(model)
+            if rows == 0:
+                raise HTTPException(404, f"no windows of model {model!r}")
+            last = max(b for (_v, b) in store.bucket_versions(model, None, None, end, 3_600_000))
+            start = last + 3_600_000 - 86_400_000
         stored = store.windows(model=model, start_ms=start, end_ms=end)
         if not stored:
             raise HTTPException(404, f"no windows of model {model!r} in that range")
@@ -231,8 +293,11 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         reference = refs.get(model)
         buckets = rollup(((k.model, k.student_version, k.window_start, st, f) for k, (st, f, _w) in stored.items()), STEPS[chosen])
         config = slo_file()
+        # Per-window results are needed only by timeslice SLIs and PSI retrain conditions.
+        needs_results = any(s.model == model and s.sli.timeslices is not None for s in config.slos) or any(
+            c.psi_feature is not None for p in config.retrain if p.model == model for c in p.when)
         inputs = [WindowInput(k.model, k.student_version, k.window_start + w, st,
-                              window_result(k.model, k.student_version, k.window_start, w, st, reference))
+                              window_result(k.model, k.student_version, k.window_start, w, st, reference) if needs_results else {})
                   for k, (st, _f, w) in sorted(stored.items(), key=lambda kv: kv[0].window_start)]
         mine = [sl for sl in config.slos if sl.model == model]
         events = [n for n in backtest(config, inputs) if n.get("model") == model]

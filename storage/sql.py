@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, select, update
+from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -257,6 +257,29 @@ class SqlStore:
         with self.engine.connect() as conn:
             return {(g, t, p): o for g, t, p, o in conn.execute(select(
                 consumer_offsets.c.group_id, consumer_offsets.c.topic, consumer_offsets.c.partition, consumer_offsets.c.next_offset))}
+
+    def data_version(self, model: str) -> tuple[int, int]:
+        """(rows, newest update) of a model's windows: changes whenever any of its windows does."""
+        with self.engine.connect() as conn:
+            rows, newest = conn.execute(
+                select(func.count(), func.max(window_state.c.updated_at)).where(window_state.c.model == model)).one()
+        return int(rows), int(newest or 0)
+
+    def bucket_versions(self, model: str, student_version: str | None, start_ms: int | None, end_ms: int | None,
+                        step_ms: int) -> dict[tuple[str, int], tuple[int, int]]:
+        """(student_version, bucket start) -> (rows, newest update) of a model's windows in ``step_ms`` buckets."""
+        bucket = (window_state.c.window_start - window_state.c.window_start % step_ms).label("bucket")
+        query = select(window_state.c.student_version, bucket, func.count(), func.max(window_state.c.updated_at)).where(
+            window_state.c.model == model)
+        if student_version is not None:
+            query = query.where(window_state.c.student_version == student_version)
+        if start_ms is not None:
+            query = query.where(window_state.c.window_start >= start_ms)
+        if end_ms is not None:
+            query = query.where(window_state.c.window_start < end_ms)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.group_by(window_state.c.student_version, bucket)).all()
+        return {(v, int(b)): (int(n), int(u or 0)) for v, b, n, u in rows}
 
     def counters(self) -> dict[tuple[str, str], int]:
         """Counts per (kind, reason), summed over partitions."""
