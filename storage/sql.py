@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, Select, and_, bindparam, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -74,6 +74,20 @@ def create_db_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _window_filter(query: Select[Any], model: str | None, student_version: str | None, start_ms: int | None,
+                   end_ms: int | None) -> Select[Any]:
+    """Restrict a window_state query to a model, a version and [start, end) of window starts."""
+    if model is not None:
+        query = query.where(window_state.c.model == model)
+    if student_version is not None:
+        query = query.where(window_state.c.student_version == student_version)
+    if start_ms is not None:
+        query = query.where(window_state.c.window_start >= start_ms)
+    if end_ms is not None:
+        query = query.where(window_state.c.window_start < end_ms)
+    return query
 
 
 class SqlStore:
@@ -231,15 +245,7 @@ class SqlStore:
         end_ms: int | None = None,
     ) -> dict[WindowKey, tuple[WindowState, bool, int]]:
         """Stored windows merged across partitions: key -> (state, final, window_ms)."""
-        query = select(window_state)
-        if model is not None:
-            query = query.where(window_state.c.model == model)
-        if student_version is not None:
-            query = query.where(window_state.c.student_version == student_version)
-        if start_ms is not None:
-            query = query.where(window_state.c.window_start >= start_ms)
-        if end_ms is not None:
-            query = query.where(window_state.c.window_start < end_ms)
+        query = _window_filter(select(window_state), model, student_version, start_ms, end_ms)
         merged: dict[WindowKey, tuple[WindowState, bool, int]] = {}
         with self.engine.connect() as conn:
             for r in conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)):
@@ -269,14 +275,9 @@ class SqlStore:
                         step_ms: int) -> dict[tuple[str, int], tuple[int, int]]:
         """(student_version, bucket start) -> (rows, newest update) of a model's windows in ``step_ms`` buckets."""
         bucket = (window_state.c.window_start - window_state.c.window_start % step_ms).label("bucket")
-        query = select(window_state.c.student_version, bucket, func.count(), func.max(window_state.c.updated_at)).where(
-            window_state.c.model == model)
-        if student_version is not None:
-            query = query.where(window_state.c.student_version == student_version)
-        if start_ms is not None:
-            query = query.where(window_state.c.window_start >= start_ms)
-        if end_ms is not None:
-            query = query.where(window_state.c.window_start < end_ms)
+        query = _window_filter(
+            select(window_state.c.student_version, bucket, func.count(), func.max(window_state.c.updated_at)),
+            model, student_version, start_ms, end_ms)
         with self.engine.connect() as conn:
             rows = conn.execute(query.group_by(window_state.c.student_version, bucket)).all()
         return {(v, int(b)): (int(n), int(u or 0)) for v, b, n, u in rows}
