@@ -193,24 +193,30 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
     ) -> Any:
         start, end = _parse_time(from_, "from"), _parse_time(to, "to")
         key = (model, version, start, end, step, format)
-        now = time.monotonic()
+
+        def refresh() -> Response:
+            try:
+                fresh = _windows_response(model, version, start, end, step, format)
+                with cache_lock:
+                    cache[key] = (time.monotonic() + settings.cache_ttl_s, fresh)
+                    while len(cache) > CACHE_ENTRIES:
+                        cache.popitem(last=False)
+                return fresh
+            finally:
+                with cache_lock:
+                    refreshing.discard(key)
+
         with cache_lock:
             hit = cache.get(key)
             if hit is not None:
                 cache.move_to_end(key)
-                if hit[0] > now or key in refreshing:
-                    return hit[1]  # fresh, or stale while another request refreshes it
+                if hit[0] <= time.monotonic() and key not in refreshing:
+                    # Stale: serve it now and refresh in the background (no request waits for the refresh).
+                    refreshing.add(key)
+                    threading.Thread(target=refresh, daemon=True).start()
+                return hit[1]
             refreshing.add(key)
-        try:
-            response = _windows_response(model, version, start, end, step, format)
-        finally:
-            with cache_lock:
-                refreshing.discard(key)
-        with cache_lock:
-            cache[key] = (now + settings.cache_ttl_s, response)
-            while len(cache) > CACHE_ENTRIES:
-                cache.popitem(last=False)
-        return response
+        return refresh()
 
     def _windows_response(model: str, version: str | None, start: int | None, end: int | None, step: str,
                           format: str) -> Response:
