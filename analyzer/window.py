@@ -40,6 +40,11 @@ def _stack(dists: Sequence[Any], student: bool) -> tuple[np.ndarray, np.ndarray]
     return probs, logs
 
 
+SEGMENT_FIELDS = ("n", "n_joined", "n_agree", "n_labeled", "n_correct")
+MAX_SEGMENTS = 1000
+OTHER_SEGMENT = "_other"
+
+
 @dataclass
 class WindowState:
     n: int = 0
@@ -58,6 +63,17 @@ class WindowState:
     latency: QuantileSketch = field(default_factory=QuantileSketch)
     # Joined replays per teacher version (the retrain request names the teacher).
     teacher_versions: dict[str, int] = field(default_factory=dict)
+    # segment -> SEGMENT_FIELDS counts. Exact up to MAX_SEGMENTS names per window; counts of further
+    # names are kept under OTHER_SEGMENT (segments are meant to be few: regions, tenants, tiers).
+    segments: dict[str, list[int]] = field(default_factory=dict)
+
+    def add_segments(self, counts: dict[str, list[int]]) -> None:
+        for name, values in counts.items():
+            if name not in self.segments and len(self.segments) >= MAX_SEGMENTS:
+                name = OTHER_SEGMENT
+            mine = self.segments.setdefault(name, [0] * len(SEGMENT_FIELDS))
+            for i, v in enumerate(values):
+                mine[i] += v
 
     # ---- updates (each takes a batch of events of this window) ----
 
@@ -137,6 +153,7 @@ class WindowState:
         self.latency.merge(other.latency)
         for version, count in other.teacher_versions.items():
             self.teacher_versions[version] = self.teacher_versions.get(version, 0) + count
+        self.add_segments(other.segments)
         return self
 
     def result(self, reference: Reference | None = None) -> dict[str, Any]:
@@ -168,6 +185,10 @@ class WindowState:
         out["latency_p95_ms"] = self.latency.quantile(0.95)
         out["latency_p99_ms"] = self.latency.quantile(0.99)
         out["teacher_versions"] = dict(sorted(self.teacher_versions.items()))
+        out["segments"] = {
+            name: {"n": c[0], "n_joined": c[1], "agreement": c[2] / c[1] if c[1] else None, "n_labeled": c[3],
+                   "accuracy": c[4] / c[3] if c[3] else None}
+            for name, c in sorted(self.segments.items())}
         out["n_rejected"] = self.n_rejected
         out["n_late"] = self.n_late
         out["n_duplicate"] = self.n_duplicate
@@ -184,6 +205,7 @@ class WindowState:
             "drift": self.drift.to_dict(), "membership": self.membership.to_dict(),
             "latency": self.latency.to_dict(),
             "teacher_versions": self.teacher_versions,
+            "segments": self.segments,
         }
 
     @classmethod
@@ -200,6 +222,7 @@ class WindowState:
             membership=MembershipState.from_dict(data["membership"]),
             latency=QuantileSketch.from_dict(data["latency"]),
             teacher_versions=dict(data.get("teacher_versions", {})),
+            segments={k: list(v) for k, v in data.get("segments", {}).items()},
         )
 
 

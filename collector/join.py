@@ -32,6 +32,7 @@ from collector.contract import Distribution, Label, Prediction, TeacherReplay
 
 PREDICTION, TEACHER, LABEL = "p", "t", "l"
 INPUTS = ("prediction", "teacher", "label")
+NO_SEGMENT = "_none"
 
 
 class Source(NamedTuple):
@@ -67,6 +68,7 @@ class Entry:
     has_label: bool = False
     audit: bool = False
     source: Source | None = None  # t, l: for the dead-letter topic when they expire unmatched
+    segment: str | None = None  # p: the prediction's segment, for the per-segment counts of later joins
 
 
 @dataclass(slots=True)
@@ -109,6 +111,11 @@ class _Pending:
     audit_member: list[bool] = field(default_factory=list)
     rejected: int = 0
     duplicate: int = 0
+    # segment -> [n, n_joined, n_agree, n_labeled, n_correct] (analyzer.window.SEGMENT_FIELDS)
+    segments: dict[str, list[int]] = field(default_factory=dict)
+
+    def segment(self, name: str | None) -> list[int]:
+        return self.segments.setdefault(name or NO_SEGMENT, [0, 0, 0, 0, 0])
 
 
 def window_start_of(ts_ms: int, window_ms: int) -> int:
@@ -198,7 +205,7 @@ class PartitionJoiner:
             return
         pending = self._pending[wkey]
         entry = Entry(PREDICTION, event.model, event.request_id, start, event.student_version, event.dist,
-                      event.label, has_label=event.label is not None, audit=event.audit is not None)
+                      event.label, has_label=event.label is not None, audit=event.audit is not None, segment=event.segment)
         self._put(entry)
         self._touch(entry)
         self._observe("prediction", event.ts_ms)
@@ -210,9 +217,13 @@ class PartitionJoiner:
             pending.audit_member.append(event.audit == "member")
             return
         pending.predictions.append(event)
+        counts = pending.segment(event.segment)
+        counts[0] += 1
         if event.label is not None:
             pending.label_student.append(event.dist)
             pending.labels.append(event.label)
+            counts[3] += 1
+            counts[4] += int(int(event.dist.probs.argmax()) == event.label)
         early_teacher = self._live(TEACHER, event.model, event.request_id)
         if early_teacher is not None:
             self._drop((TEACHER, event.model, event.request_id))
@@ -304,6 +315,9 @@ class PartitionJoiner:
         prediction.teacher = teacher
         self._touch(prediction)
         pending.teacher_versions[teacher_version] = pending.teacher_versions.get(teacher_version, 0) + 1
+        counts = pending.segment(prediction.segment)
+        counts[1] += 1
+        counts[2] += int(int(teacher.probs.argmax()) == int(prediction.dist.probs.argmax()))
         pending.pair_teacher.append(teacher)
         pending.pair_student.append(prediction.dist)
         if prediction.label is not None:
@@ -319,6 +333,9 @@ class PartitionJoiner:
         prediction.has_label = True
         prediction.label = label
         self._touch(prediction)
+        counts = pending.segment(prediction.segment)
+        counts[3] += 1
+        counts[4] += int(int(prediction.dist.probs.argmax()) == label)
         pending.label_student.append(prediction.dist)
         pending.labels.append(label)
         if prediction.teacher is not None:
@@ -359,6 +376,7 @@ class PartitionJoiner:
             state.add_pairs(p.pair_teacher, p.pair_student)
             for version, count in p.teacher_versions.items():
                 state.teacher_versions[version] = state.teacher_versions.get(version, 0) + count
+            state.add_segments(p.segments)
             state.add_labels(p.label_student, p.labels)
             state.add_labels_with_teacher(p.lt_teacher, p.lt_student, p.lt_labels)
             state.add_audit(p.audit_ids, p.audit_student, p.audit_labels, p.audit_member)
@@ -414,7 +432,7 @@ def entry_to_dict(entry: Entry) -> dict[str, Any]:
     src = entry.source
     return {
         "w": entry.window_start, "v": entry.version, "d": dist(entry.dist), "y": entry.label,
-        "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit,
+        "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit, "g": entry.segment,
         "s": None if src is None else [src.topic, src.partition, src.offset, src.timestamp_ms,
                                        src.key.decode("utf-8", "replace") if src.key is not None else None,
                                        src.value.decode("utf-8")],
@@ -432,4 +450,4 @@ def entry_from_dict(kind: str, model: str, request_id: str, data: dict[str, Any]
     s = data["s"]
     source = None if s is None else Source(s[0], s[1], s[2], s[3], None if s[4] is None else s[4].encode(), s[5].encode())
     return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], dist(data["t"]),
-                 data["ht"], data["hl"], data["a"], source)
+                 data["ht"], data["hl"], data["a"], source, data.get("g"))

@@ -62,6 +62,7 @@ def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
         prediction: dict[str, object] = {
             "request_id": rid, "model": spec.model, "student_version": spec.student_version, "ts": ts,
             "latency_ms": round(float(rng.lognormal(2.5, 0.4)), 3), "features": features,
+            "segment": ("eu", "us", "apac")[i % 3],
         }
         if spec.logits:
             prediction["logits"] = [round(float(x), 6) for x in student_logits]

@@ -75,6 +75,16 @@ class KdwatchCollector(Collector):
                                     labels=["model", "student_version", "quantile"])
         end = GaugeMetricFamily("kdwatch_window_end_timestamp_seconds", "End of the latest final window",
                                 labels=["model", "student_version"])
+        seg_events = GaugeMetricFamily("kdwatch_window_segment_events", "Predictions per segment",
+                                       labels=["model", "student_version", "segment"])
+        seg_agreement = GaugeMetricFamily("kdwatch_window_segment_agreement", "Agreement per segment",
+                                          labels=["model", "student_version", "segment"])
+        reliability = GaugeMetricFamily("kdwatch_window_reliability_accuracy",
+                                        "Student accuracy per confidence bin (upper edge le) over labelled events",
+                                        labels=["model", "student_version", "le"])
+        confidence = GaugeMetricFamily("kdwatch_window_confidence_share",
+                                       "Share of predictions per top-1 confidence bin (reference decile edges, upper edge le)",
+                                       labels=["model", "student_version", "le"])
         for (model, version), (key, state, window_ms) in sorted(latest.items()):
             result = window_result(model, version, key.window_start, window_ms, state, refs.get(model))
             labels = [model, version]
@@ -90,11 +100,24 @@ class KdwatchCollector(Collector):
             if mia.get("auc") is not None:
                 mia_auc.add_metric(labels, float(mia["auc"]))
                 mia_tpr.add_metric(labels, float(mia["tpr_at_1pct_fpr"]))
+            top = sorted(result["segments"].items(), key=lambda kv: -kv[1]["n"])[: self.max_features]
+            for segment, seg in top:
+                seg_events.add_metric([*labels, segment], float(seg["n"]))
+                if seg["agreement"] is not None:
+                    seg_agreement.add_metric([*labels, segment], float(seg["agreement"]))
+            for b in state.calibration.reliability():
+                reliability.add_metric([*labels, f"{b['high']:.4f}"], float(b["accuracy"]))
+            ref = refs.get(model)
+            counts = state.drift.counts.get("_confidence")
+            if ref is not None and counts and "_confidence" in ref.features and sum(counts):
+                edges = [*(ref.features["_confidence"].edges or ()), float("inf")]
+                for upper, count in zip(edges, counts, strict=True):
+                    confidence.add_metric([*labels, "+Inf" if upper == float("inf") else f"{upper:.4f}"], count / sum(counts))
             for q, field in (("0.5", "latency_p50_ms"), ("0.95", "latency_p95_ms"), ("0.99", "latency_p99_ms")):
                 if result.get(field) is not None:
                     latency.add_metric([*labels, q], float(result[field]))
         yield from gauges.values()
-        yield from (events, psi, mia_auc, mia_tpr, latency, end)
+        yield from (events, psi, mia_auc, mia_tpr, latency, end, seg_events, seg_agreement, reliability, confidence)
 
     def _sli_counters(self) -> Iterator[Any]:
         """Good and bad events of the counter SLIs over every final window (for Prometheus-native burn rates)."""

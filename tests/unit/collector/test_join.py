@@ -172,3 +172,16 @@ def test_a_buffer_entry_survives_its_stored_form() -> None:
     again = entry_from_dict("p", "m", "a", entry_to_dict(entry))
     assert again.has_teacher and again.label == 1 and again.teacher is not None
     assert np.array_equal(again.dist.probs, entry.dist.probs)  # type: ignore[union-attr]
+
+
+def test_segments_count_predictions_joins_and_labels_whichever_arrives_first() -> None:
+    j = joiner()
+    j.add_teacher(teacher("a", probs=(0.6, 0.4)))
+    j.add_prediction(prediction("a", segment="eu"))
+    j.add_prediction(prediction("b", segment="eu", probs=(0.3, 0.7)))
+    j.add_teacher(teacher("b", probs=(0.6, 0.4)))
+    j.add_label(label("b", y=1))
+    j.add_prediction(prediction("c", segment="us"))
+    r = state_of(j)
+    assert r["segments"]["eu"] == {"n": 2, "n_joined": 2, "agreement": 0.5, "n_labeled": 1, "accuracy": 1.0}
+    assert r["segments"]["us"] == {"n": 1, "n_joined": 0, "agreement": None, "n_labeled": 0, "accuracy": None}
