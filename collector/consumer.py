@@ -57,6 +57,7 @@ class CollectorConfig:
     max_poll_records: int = 5_000
     poll_timeout_ms: int = 500
     session_timeout_ms: int = 10_000
+    max_future_ms: int | None = 3_600_000  # event times further ahead of the wall clock are rejected
     kafka_options: dict[str, Any] = field(default_factory=dict)  # security settings and the like
 
 
@@ -148,7 +149,8 @@ class Collector:
             if tp in consumer.assignment():
                 consumer.seek(tp, start)
         joiner = PartitionJoiner(self.config.window_ms, self.config.grace_ms, self.references,
-                                 watermark=snapshot.watermark, windows=snapshot.windows, entries=snapshot.entries)
+                                 watermark=snapshot.watermark, windows=snapshot.windows, entries=snapshot.entries,
+                                 max_future_ms=self.config.max_future_ms)
         self.units[p] = _Unit(joiner, {t: snapshot.offsets.get(t) for t in self.kinds}, expected)
         log.info("partition %d loaded: offsets %s, %d open windows, %d buffered", p, expected,
                  len(snapshot.windows), len(snapshot.entries))

@@ -35,11 +35,20 @@ def ingest(joiner: PartitionJoiner, kind: str, raw: bytes, source: Source | None
     value: bytes | dict[str, Any] = parsed if parsed is not None else raw
     try:
         if kind == "prediction":
-            joiner.add_prediction(decode_prediction(value), source)
+            prediction = decode_prediction(value)
+            if joiner.rejects_future(kind, prediction.ts_ms, source):
+                return
+            joiner.add_prediction(prediction, source)
         elif kind == "teacher":
-            joiner.add_teacher(decode_teacher(value), source)
+            replay = decode_teacher(value)
+            if joiner.rejects_future(kind, replay.ts_ms, source):
+                return
+            joiner.add_teacher(replay, source)
         elif kind == "label":
-            joiner.add_label(decode_label(value), source)
+            label = decode_label(value)
+            if joiner.rejects_future(kind, label.ts_ms, source):
+                return
+            joiner.add_label(label, source)
         else:
             raise ValueError(f"unknown kind {kind!r}")
         joiner.count(kind, "valid")

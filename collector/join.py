@@ -22,7 +22,9 @@ make durable atomically (collector.consumer with storage.sql, or the offline pat
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -135,9 +137,15 @@ class PartitionJoiner:
         watermark: int | None = None,
         windows: dict[WindowKey, WindowState] | None = None,
         entries: list[Entry] | None = None,
+        max_future_ms: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if window_ms <= 0 or grace_ms < 0:
             raise ValueError("window must be > 0 and grace >= 0")
+        # Live traffic only: an event time further ahead of the wall clock than this is a broken
+        # clock, and would drag the watermark forward and make every later event late.
+        self.max_future_ms = max_future_ms
+        self.clock = clock
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.references = references or {}
@@ -189,6 +197,16 @@ class PartitionJoiner:
         return entry
 
     # ---- events ----
+
+    def rejects_future(self, kind: str, ts_ms: int, source: Source | None) -> bool:
+        """Reject (and count) an event time too far ahead of the wall clock; True when rejected."""
+        if self.max_future_ms is None:
+            return False
+        limit = int(self.clock() * 1000) + self.max_future_ms
+        if ts_ms <= limit:
+            return False
+        self.reject(kind, source, "future_timestamp", f"event time {ts_ms} is more than {self.max_future_ms} ms ahead of now")
+        return True
 
     def add_prediction(self, event: Prediction, source: Source | None = None) -> None:
         start = window_start_of(event.ts_ms, self.window_ms)

@@ -133,7 +133,8 @@ def collect(
         bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
         topics=Topics(settings.topic_predictions, settings.topic_teacher, settings.topic_labels),
         window_ms=settings.window_ms, grace_ms=settings.grace_ms, max_poll_records=settings.max_poll_records,
-        session_timeout_ms=settings.session_timeout_ms, kafka_options=settings.kafka_options())
+        session_timeout_ms=settings.session_timeout_ms, max_future_ms=parse_duration_ms(settings.max_future),
+        kafka_options=settings.kafka_options())
     collector = Collector(config, store, store.references())
     stop = threading.Event()
     err.print(f"collector {settings.group_id} consuming from {settings.bootstrap_servers}")
@@ -431,11 +432,17 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sqlalchemy.exc import OperationalError
+
     try:
         app()
     except KdwatchError as exc:
         err.print(f"[red]error:[/] {exc}")
         sys.exit(2)
+    except OperationalError as exc:
+        # The driver's message names host and port, never the password (SQLAlchemy hides it).
+        err.print(f"[red]error:[/] database unavailable: {str(exc.orig).strip().splitlines()[0]}")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     grace: str = "10m"
     max_poll_records: int = Field(5_000, ge=1, le=100_000)
     session_timeout: str = "10s"
+    max_future: str = "1h"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_ssl_cafile: str | None = None
     kafka_ssl_certfile: str | None = None
@@ -63,7 +64,7 @@ class Settings(BaseSettings):
             _key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
         return value
 
-    @field_validator("window", "grace", "session_timeout", "group_wait", "group_interval", "engine_interval")
+    @field_validator("window", "grace", "session_timeout", "max_future", "group_wait", "group_interval", "engine_interval")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration_ms(value)

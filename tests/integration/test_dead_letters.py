@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -51,6 +52,9 @@ POISON: list[tuple[str, bytes, str]] = [
     ("prediction", _p(request_id="r" * 300), "string_too_long"),
     ("prediction", _p(latency_ms=-1), "bad_latency"),
     ("prediction", b'{"pad": "' + b"x" * (1024 * 1024 + 10) + b'"}', "too_large"),
+    # A clock a day ahead: valid by the contract, but it would drag the watermark and close every window.
+    ("prediction", _p(ts=int(time.time() * 1000) + 86_400_000), "future_timestamp"),
+    ("prediction", _p(probs=[0.5, 0.5], features={"f": float("inf")}).replace(b"null", b"Infinity"), "invalid_json"),
     ("teacher", orjson.dumps({"request_id": "x", "model": "m", "ts": TS, "probs": [1.0, 0.0]}), "missing_field"),
     ("label", orjson.dumps({"request_id": "x", "model": "m", "label": -1, "ts": TS}), "label_out_of_range"),
 ]

@@ -185,3 +185,13 @@ def test_segments_count_predictions_joins_and_labels_whichever_arrives_first() -
     r = state_of(j)
     assert r["segments"]["eu"] == {"n": 2, "n_joined": 2, "agreement": 0.5, "n_labeled": 1, "accuracy": 1.0}
     assert r["segments"]["us"] == {"n": 1, "n_joined": 0, "agreement": None, "n_labeled": 0, "accuracy": None}
+
+
+def test_an_event_time_far_ahead_of_the_clock_is_rejected_not_trusted() -> None:
+    j = PartitionJoiner(MIN, 10 * MIN, max_future_ms=3_600_000, clock=lambda: T0 / 1000)
+    assert j.rejects_future("prediction", T0 + 3_600_001, source(1, "kdwatch.predictions"))
+    assert not j.rejects_future("prediction", T0 + 3_600_000, None)
+    changes = j.end_batch(ALL_READ)
+    assert changes.counters[("prediction", "future_timestamp")] == 1
+    assert [d.reason for d in changes.dead_letters] == ["future_timestamp"]
+    assert j.watermark is None

@@ -1,0 +1,56 @@
+"""Secrets (webhook secrets, the API key, database passwords) never reach logs or API responses."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from kdwatch.api import ApiSettings, create_app
+from slo.dispatch import Dispatcher, Receiver
+from slo.live import LiveConfig, LiveEngine
+from slo.webhooks import new_secret
+from storage.slo_store import SloSqlStore
+from storage.sql import SqlStore
+from tests.integration.test_live_engine import SLOS, T0, Clock, store_minutes
+
+API_KEY = "sekret-api-key-0123456789abcdef"
+
+
+def test_secrets_stay_out_of_logs_and_responses(store: SqlStore, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    webhook_secret = new_secret()
+    slo_store = SloSqlStore(store.engine)
+    # A receiver that is down: failures get logged and recorded; the secret must not be.
+    receiver = Receiver("retrain", "http://127.0.0.1:9/unreachable", webhook_secret, timeout_s=1)
+    clock = Clock(T0 / 1000 + 4 * 3600)
+    with httpx.Client() as client:
+        engine = LiveEngine(SLOS, store, slo_store, Dispatcher(slo_store, {"retrain": receiver}, client, clock=clock),
+                            LiveConfig(retrain_webhook=receiver, group_wait_ms=0), clock=clock, client=client)
+        store_minutes(store, 0, 150, incident=(60, 240))
+        engine.run_once()
+    deliveries = slo_store.deliveries()
+    assert deliveries and deliveries[0]["last_error"]
+
+    app = create_app(store, ApiSettings(api_key=API_KEY), CollectorRegistry())
+    with TestClient(app) as api:
+        bodies = [api.get(route.path).text for route in app.routes  # type: ignore[attr-defined]
+                  if "GET" in getattr(route, "methods", set()) and "{" not in route.path]
+        bodies.append(api.get("/v1/slos/agreement").text)
+        bodies.append(api.post("/v1/silences", json={}, headers={"Authorization": "Bearer wrong"}).text)
+    secret_body = webhook_secret.removeprefix("whsec_")
+    for text in [caplog.text, *bodies, repr(deliveries)]:
+        assert webhook_secret not in text and secret_body not in text and API_KEY not in text
+
+
+def test_the_cli_does_not_print_the_database_password(tmp_path: pytest.TempPathFactory) -> None:
+    url = "postgresql+psycopg://kdwatch:hunter2-db-password@127.0.0.1:1/nowhere"
+    result = subprocess.run([sys.executable, "-m", "kdwatch.cli", "db", "upgrade", "--database-url", url],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3 and "database unavailable" in result.stderr
+    assert "hunter2-db-password" not in result.stdout + result.stderr
