@@ -171,20 +171,26 @@ class Collector:
             last_data = time.monotonic()
             backoff = 0.5
             while not stop.is_set():
-                batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
                 try:
+                    batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
                     self._sync_assignment(consumer)
                     self._process(consumer, producer, batch)
                     if batch:
                         last_data = time.monotonic()
                     backoff = 0.5
+                    continue_after = None
                 except OperationalError as exc:
-                    # The database is unavailable: drop in-memory state (it is ahead of the DB),
-                    # wait, and resume from the stored offsets once it answers again.
-                    log.warning("database unavailable (%s); pausing %.1fs", exc.orig, backoff)
+                    continue_after = f"database unavailable ({exc.orig})"
+                except (KafkaError, OSError) as exc:
+                    continue_after = f"Kafka unavailable ({type(exc).__name__}: {exc})"
+                if continue_after is not None:
+                    # Drop in-memory state (it may be ahead of the database), wait, and resume from
+                    # the stored offsets once everything answers again. An outage is not idleness.
+                    log.warning("%s; pausing %.1fs", continue_after, backoff)
                     self.units.clear()
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
+                    last_data = time.monotonic()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                     break
         finally:

@@ -23,14 +23,22 @@ from storage.sql import SqlStore
 
 
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The bootstrap address of a real single-node KRaft broker started for this session."""
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevKafka]:
+    """A real single-node KRaft broker started for this session (restartable by reliability tests)."""
     broker = DevKafka(tmp_path_factory.mktemp("kafka"))
     started = time.monotonic()
     info = broker.start()
     print(f"\nkafka broker ready in {time.monotonic() - started:.1f}s at {info.bootstrap}")
-    yield info.bootstrap
+    yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(kafka_broker: DevKafka) -> str:
+    """The broker's bootstrap address."""
+    info = kafka_broker.info()
+    assert info is not None, "the session's broker is not running"
+    return info.bootstrap
 
 
 def _pg_bin() -> Path:

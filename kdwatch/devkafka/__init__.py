@@ -156,8 +156,7 @@ class DevKafka:
         props.write_text(SERVER_PROPERTIES.format(port=port, cport=cport, datadir=datadir))
         log4j = self.home / "log4j2.properties"
         log4j.write_text(LOG4J2.format(logdir=logdir))
-        jvm = ["-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true", f"-Dkafka.logs.dir={logdir}",
-               f"-Dlog4j2.configurationFile=file:{log4j}"]
+        jvm = _jvm_flags(logdir, log4j)
         classpath = f"{jars}/*"
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
@@ -166,6 +165,10 @@ class DevKafka:
              f"--cluster-id={cluster_id}", "-c", str(props)], capture_output=True, text=True, check=False)
         if fmt.returncode != 0:
             raise DevKafkaError(f"formatting the broker storage failed: {fmt.stderr[-2000:] or fmt.stdout[-2000:]}")
+        return self._launch(java, jvm, classpath, props, logdir, port, cport, timeout_s)
+
+    def _launch(self, java: str, jvm: list[str], classpath: str, props: Path, logdir: Path, port: int, cport: int,
+                timeout_s: float) -> BrokerInfo:
         out = (logdir / "stdout.log").open("ab")
         process = subprocess.Popen([java, *jvm, "-cp", classpath, "kafka.Kafka", str(props)],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -179,6 +182,19 @@ class DevKafka:
             self.stop()
             raise
         return info
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = 90.0) -> BrokerInfo:
+        """Stop the broker and start it again on the same ports and data (a broker restart, not a new cluster)."""
+        info = self.info()
+        if info is None:
+            raise DevKafkaError("no broker to restart")
+        self.stop()
+        time.sleep(down_s)
+        logdir = self.home / "logs"
+        log4j = self.home / "log4j2.properties"
+        jvm = _jvm_flags(logdir, log4j)
+        return self._launch(self._java(), jvm, f"{ensure_jars(self.cache)}/*", self.home / "server.properties", logdir,
+                            info.port, info.controller_port, timeout_s)
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the broker; True when one was running."""
@@ -204,6 +220,12 @@ class DevKafka:
             self._process.wait(timeout=10)
             self._process = None
         return True
+
+
+def _jvm_flags(logdir: Path, log4j: Path) -> list[str]:
+    """What kafka-server-start.sh would add when calling java directly."""
+    return ["-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true", f"-Dkafka.logs.dir={logdir}",
+            f"-Dlog4j2.configurationFile=file:{log4j}"]
 
 
 def _reap(pid: int) -> None:

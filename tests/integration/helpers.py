@@ -99,3 +99,32 @@ def explain(diffs: list[tuple[Any, str, Any, Any]]) -> str:
         per_field[name] = per_field.get(name, 0) + 1
     head = "\n".join(f"  {k[2] if isinstance(k, tuple) else k} {name}: {a!r:.80} != {e!r:.80}" for k, name, a, e in diffs[:12])
     return f"{len(diffs)} differences, per field {per_field}\n{head}"
+
+
+def collector_process(kafka: str, database_url: str, topics: Topics, group: str, log: Path,
+                      idle_exit: float | None = None, max_poll_records: int = 500) -> Any:
+    """`kdwatch collect` as its own process (so it can be killed), logging to ``log``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "KDWATCH_DATABASE_URL": database_url,
+        "KDWATCH_BOOTSTRAP_SERVERS": kafka,
+        "KDWATCH_GROUP_ID": group,
+        "KDWATCH_TOPIC_PREDICTIONS": topics.predictions,
+        "KDWATCH_TOPIC_TEACHER": topics.teacher,
+        "KDWATCH_TOPIC_LABELS": topics.labels,
+        "KDWATCH_SESSION_TIMEOUT": "3s",
+        "KDWATCH_MAX_POLL_RECORDS": str(max_poll_records),
+    }
+    args = [sys.executable, "-m", "kdwatch.cli", "collect"]
+    if idle_exit is not None:
+        args += ["--idle-exit", str(idle_exit)]
+    with log.open("ab") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stored_n(store: SqlStore) -> int:
+    return sum(state.n for state, _final, _w in store.windows().values())

@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from storage.sql import SqlStore
-from tests.integration.helpers import differences, explain, new_topics, offline_results, stored_results, topic_map, write_jsonl
+from tests.integration.helpers import (
+    collector_process,
+    differences,
+    explain,
+    new_topics,
+    offline_results,
+    stored_results,
+    topic_map,
+    write_jsonl,
+)
 
 KILLS = 5
-
-
-def _collector(kafka: str, database_url: str, topics: object, group: str, log: Path, idle_exit: float | None) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "KDWATCH_DATABASE_URL": database_url,
-        "KDWATCH_BOOTSTRAP_SERVERS": kafka,
-        "KDWATCH_GROUP_ID": group,
-        "KDWATCH_TOPIC_PREDICTIONS": topics.predictions,  # type: ignore[attr-defined]
-        "KDWATCH_TOPIC_TEACHER": topics.teacher,  # type: ignore[attr-defined]
-        "KDWATCH_TOPIC_LABELS": topics.labels,  # type: ignore[attr-defined]
-        "KDWATCH_SESSION_TIMEOUT": "3s",
-        # Small transactions, so a kill lands between many commits and inside some.
-        "KDWATCH_MAX_POLL_RECORDS": "500",
-    }
-    args = [sys.executable, "-m", "kdwatch.cli", "collect"]
-    if idle_exit is not None:
-        args += ["--idle-exit", str(idle_exit)]
-    with log.open("ab") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(kafka: str, database_url: str, store: SqlStore, tmp_path: Path) -> None:
@@ -54,7 +40,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(kafka: str, datab
     progress = []
     for _ in range(KILLS):
         before = stored_n()
-        proc = _collector(kafka, database_url, topics, group, log, idle_exit=None)
+        proc = collector_process(kafka, database_url, topics, group, log)
         deadline = time.monotonic() + 60
         while stored_n() == before and time.monotonic() < deadline:  # wait until it commits something
             time.sleep(0.05)
@@ -62,7 +48,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(kafka: str, datab
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         progress.append(stored_n())
-    final = _collector(kafka, database_url, topics, group, log, idle_exit=8.0)
+    final = collector_process(kafka, database_url, topics, group, log, idle_exit=8.0)
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
 
     stored = stored_results(store)
