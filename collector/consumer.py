@@ -205,7 +205,7 @@ class Collector:
         # can move its watermark and close windows.
         for p in sorted(self.units):
             unit = self.units[p]
-            advanced = self._ingest_unit(p, unit, by_unit.get(p, {}))
+            advanced = self._ingest_unit(consumer, p, unit, by_unit.get(p, {}))
             caught_up = {}
             for topic, kind in self.kinds.items():
                 highwater = consumer.highwater(TopicPartition(topic, p))
@@ -231,7 +231,8 @@ class Collector:
                 # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
                 consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
 
-    def _ingest_unit(self, p: int, unit: _Unit, topics: dict[str, list[Any]]) -> dict[str, tuple[int | None, int]]:
+    def _ingest_unit(self, consumer: KafkaConsumer, p: int, unit: _Unit,
+                     topics: dict[str, list[Any]]) -> dict[str, tuple[int | None, int]]:
         """Feed a unit's new records to its joiner; topic -> (committed, new) for topics that moved."""
         advanced: dict[str, tuple[int | None, int]] = {}
         for topic, kind in self.kinds.items():  # predictions, then replays, then labels
@@ -239,6 +240,11 @@ class Collector:
             for record in topics.get(topic, ()):
                 if record.offset < unit.expected[topic]:
                     continue  # fetched before our seek: already applied
+                if record.offset > unit.expected[topic] and not self._gap_is_gone(consumer, topic, p, unit.expected[topic]):
+                    # Records fetched from a position we have since rewound from (after a reload):
+                    # read again from the stored offset rather than skip what lies between.
+                    consumer.seek(TopicPartition(topic, p), unit.expected[topic])
+                    break
                 value = record.value or b""
                 ingest(unit.joiner, kind, value, Source(topic, p, record.offset, record.timestamp, record.key, value))
                 unit.expected[topic] = record.offset + 1
@@ -246,6 +252,16 @@ class Collector:
             if unit.expected[topic] != start:
                 advanced[topic] = (unit.committed[topic], unit.expected[topic])
         return advanced
+
+    @staticmethod
+    def _gap_is_gone(consumer: KafkaConsumer, topic: str, partition: int, expected: int) -> bool:
+        """True when offsets from ``expected`` on were deleted by retention (so nothing can be re-read)."""
+        tp = TopicPartition(topic, partition)
+        beginning = consumer.beginning_offsets([tp])[tp]
+        if beginning > expected:
+            log.warning("%s[%d]: offsets %d..%d were deleted before being consumed", topic, partition, expected, beginning - 1)
+            return True
+        return False
 
     def _dead_letter(self, producer: KafkaProducer, changes: Changes) -> None:
         if not changes.dead_letters:

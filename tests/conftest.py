@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 
@@ -48,9 +49,39 @@ def _pg_bin() -> Path:
     return Path(found[-1]).parent
 
 
+@dataclass
+class PostgresCluster:
+    """A private PostgreSQL cluster the tests started (and may stop and start again)."""
+
+    bindir: Path
+    data: Path
+    sock: Path
+    port: int
+    run_as: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://kdwatch@127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"],
+                              capture_output=True).returncode == 0
+
+    def start(self) -> None:
+        if self.running():
+            return
+        log = self.data.parent / "postgres.log"
+        subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", "60",
+                        "start", "-o", f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+                        "-c max_connections=200"], check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+                       check=False, capture_output=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private PostgreSQL cluster on a free loopback port; yields a server URL without database."""
+def postgres_cluster() -> Iterator[PostgresCluster]:
     bindir = _pg_bin()
     # Not under pytest's 0700 temp root: the postgres user must be able to reach its directory.
     base = Path(tempfile.mkdtemp(prefix="kdwatch-pg-"))
@@ -64,14 +95,17 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         run_as = ["runuser", "-u", "postgres", "--"]
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "kdwatch", "--no-sync"],
                    check=True, capture_output=True)
-    port = free_port()
-    log = base / "postgres.log"
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
-                    "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"],
-                   check=True, capture_output=True)
-    yield f"postgresql+psycopg://kdwatch@127.0.0.1:{port}"
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False, capture_output=True)
+    cluster = PostgresCluster(bindir, data, sock, free_port(), run_as)
+    cluster.start()
+    yield cluster
+    cluster.stop("immediate")
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_cluster: PostgresCluster) -> str:
+    """The private cluster's URL, without a database."""
+    return postgres_cluster.url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
