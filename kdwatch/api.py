@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from analyzer.drift import Reference, ReferenceBuilder
 from analyzer.rollup import rollup
 from analyzer.window import window_result
-from collector.contract import decode_prediction
+from collector.contract import decode_prediction, parse_ts
 from kdwatch.errors import ConfigError, ContractError
 from kdwatch.metrics import KdwatchCollector
 from slo.config import SloFile, parse_slo_file
@@ -60,14 +60,14 @@ class SilenceIn(BaseModel):
 
 
 def _parse_time(value: str | None, name: str) -> int | None:
+    """Query-string time: RFC 3339 or epoch milliseconds, within the contract's years (2000-2099)."""
     if value is None:
         return None
-    if value.isdigit():
-        return int(value)
     try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        raise HTTPException(422, f"{name} must be RFC 3339 or epoch milliseconds") from None
+        return parse_ts(int(value) if value.isascii() and value.isdigit() else value, name)
+    except ContractError:
+        # The input is not echoed back: an error body never reflects what the caller sent.
+        raise HTTPException(422, f"{name} must be RFC 3339 or epoch milliseconds in 2000-2099") from None
 
 
 def _bearer(request: Request) -> str | None:
