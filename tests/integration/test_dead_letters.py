@@ -51,7 +51,7 @@ POISON: list[tuple[str, bytes, str]] = [
     ("prediction", _p(features={f"f{i}": i for i in range(300)}), "too_many_features"),
     ("prediction", _p(request_id="r" * 300), "string_too_long"),
     ("prediction", _p(latency_ms=-1), "bad_latency"),
-    ("prediction", b'{"pad": "' + b"x" * (1024 * 1024 + 10) + b'"}', "too_large"),
+    ("prediction", b'{"pad": "' + b"x" * (10 * 1024 * 1024) + b'"}', "too_large"),  # a 10 MiB value
     # A clock a day ahead: valid by the contract, but it would drag the watermark and close every window.
     ("prediction", _p(ts=int(time.time() * 1000) + 86_400_000), "future_timestamp"),
     ("prediction", _p(probs=[0.5, 0.5], features={"f": float("inf")}).replace(b"null", b"Infinity"), "invalid_json"),
@@ -81,7 +81,7 @@ def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_p
             kind, value, _reason = POISON[i // 50]
             mixed.append((kind, f"poison-{i}", value))
     topics = new_topics(kafka, partitions=2)
-    produce_records(kafka, topic_map(topics), mixed, options={"max_request_size": 4 * 1024 * 1024})
+    produce_records(kafka, topic_map(topics), mixed, options={"max_request_size": 16 * 1024 * 1024})
 
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
     store.migrate()
