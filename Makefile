@@ -1,7 +1,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help setup demo test test-unit lint bench clean
+.PHONY: help setup demo test test-unit lint bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ test-unit: setup ## unit tests only (no services)
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+soak: setup ## the longest reliability runs: kill -9 five times while 200,000 predictions flow
+	KDWATCH_CRASH_PREDICTIONS=200000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_crash_recovery.py
 
 clean: ## remove local state (virtualenv kept)
 	rm -rf .kdwatch kdwatch.db

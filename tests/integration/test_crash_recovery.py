@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -26,7 +27,7 @@ KILLS = 5
 
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(kafka: str, database_url: str, store: SqlStore, tmp_path: Path) -> None:
     rng = random.Random(20261128)
-    total = 50_000
+    total = int(os.environ.get("KDWATCH_CRASH_PREDICTIONS", "50000"))  # `make soak`: 200,000
     records = list(generate(TrafficSpec(seed=11, events_per_second=40), total))
     paths = write_jsonl(records, tmp_path / "events")
     topics = new_topics(kafka, partitions=2)
