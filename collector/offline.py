@@ -8,7 +8,7 @@ the grace, the result equals the Kafka path's stored windows (tests/integration/
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,22 +91,35 @@ def merged_events(
             yield kind, raw, obj, None
 
 
+def build_references(lines: Iterable[bytes]) -> dict[str, tuple[Reference, int]]:
+    """Per-model references (and how many predictions each holds) from JSONL baseline predictions.
+
+    Audit records are skipped; an invalid line raises ContractError naming its line number.
+    """
+    builders: dict[str, ReferenceBuilder] = {}
+    counts: dict[str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = decode_prediction(line)
+        except ContractError as exc:
+            raise ContractError(exc.reason, f"line {lineno}: {exc.reason}: {exc.message}") from None
+        if event.audit is not None:
+            continue
+        builder = builders.setdefault(event.model, ReferenceBuilder())
+        builder.add(CONFIDENCE, float(event.dist.probs.max()))
+        builder.add(PREDICTED_CLASS, str(int(event.dist.probs.argmax())))
+        for name, value in (event.features or {}).items():
+            builder.add(name, value)
+        counts[event.model] = counts.get(event.model, 0) + 1
+    return {model: (builder.build(), counts[model]) for model, builder in builders.items()}
+
+
 def load_reference(path: Path) -> dict[str, Reference]:
     """Per-model references from a JSONL file of (valid) baseline predictions."""
-    builders: dict[str, ReferenceBuilder] = {}
     with path.open("rb") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            event = decode_prediction(line)
-            if event.audit is not None:
-                continue
-            builder = builders.setdefault(event.model, ReferenceBuilder())
-            builder.add(CONFIDENCE, float(event.dist.probs.max()))
-            builder.add(PREDICTED_CLASS, str(int(event.dist.probs.argmax())))
-            for name, value in (event.features or {}).items():
-                builder.add(name, value)
-    return {model: builder.build() for model, builder in builders.items()}
+        return {model: reference for model, (reference, _n) in build_references(handle).items()}
 
 
 def analyze_files(

@@ -27,14 +27,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from analyzer.drift import Reference, ReferenceBuilder
+from analyzer.drift import Reference
 from analyzer.rollup import rollup
-from analyzer.window import window_result
-from collector.contract import decode_prediction, parse_ts
+from analyzer.window import rfc3339, window_result
+from collector.contract import parse_ts
+from collector.offline import build_references
 from kdwatch.errors import ConfigError, ContractError
 from kdwatch.metrics import KdwatchCollector
+from slo.burn import budget_remaining, burn_rate
 from slo.config import SloFile, parse_slo_file
-from slo.engine import Silence, SloEngine
+from slo.engine import Silence, SloEngine, WindowInput, backtest
 from storage.slo_store import SloSqlStore
 from storage.sql import SqlStore
 
@@ -175,8 +177,6 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
             entry = seen.setdefault(key.model, {}).setdefault(key.student_version, {"windows": 0, "last_window_end": 0})
             entry["windows"] += 1
             entry["last_window_end"] = max(entry["last_window_end"], key.window_start + window_ms)
-        from analyzer.window import rfc3339
-
         return {"models": [{"model": m, "versions": [
             {"student_version": v, "windows": e["windows"], "last_window_end": rfc3339(e["last_window_end"])}
             for v, e in sorted(versions.items())]} for m, versions in sorted(seen.items())]}
@@ -278,8 +278,7 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         step: Literal["auto", "1m", "5m", "1h", "1d"] = "auto",
     ) -> HTMLResponse:
         """A self-contained HTML report: fidelity over time, reliability, PSI, MIA ROC, budgets, alerts."""
-        from kdwatch.report import ReportData, render
-        from slo.engine import WindowInput, backtest
+        from kdwatch.report import ReportData, render  # matplotlib: loaded only for reports
 
         start, end = _parse_time(from_, "from"), _parse_time(to, "to")
         if start is None:  # default: the last day of data (a month of 1-minute windows is a slow page)
@@ -326,28 +325,13 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
 
     @app.put("/v1/models/{model}/reference")
     async def put_reference(model: str, request: Request, _: Write) -> dict[str, Any]:
-        builder = ReferenceBuilder()
-        body = await request.body()
-        count = 0
-        for lineno, line in enumerate(body.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                event = decode_prediction(line)
-            except ContractError as exc:
-                raise HTTPException(422, f"line {lineno}: {exc.reason}: {exc.message}") from None
-            if event.model != model or event.audit is not None:
-                continue
-            from analyzer.drift import CONFIDENCE, PREDICTED_CLASS
-
-            builder.add(CONFIDENCE, float(event.dist.probs.max()))
-            builder.add(PREDICTED_CLASS, str(int(event.dist.probs.argmax())))
-            for name, value in (event.features or {}).items():
-                builder.add(name, value)
-            count += 1
-        if count == 0:
+        try:
+            built = build_references((await request.body()).splitlines())
+        except ContractError as exc:
+            raise HTTPException(422, exc.message) from None
+        if model not in built:
             raise HTTPException(422, f"no predictions of model {model!r} in the body (JSONL of contract-v1 predictions)")
-        reference = builder.build()
+        reference, count = built[model]
         store.put_reference(model, reference)
         return {"model": model, "predictions": count, **_describe(reference)}
 
@@ -413,11 +397,9 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
             bad_s, total_s = series.sums(through, w.short_ms)
             alert = engine.alerts[(name, w.severity, w.tier)]
             pairs.append({"severity": w.severity, "tier": w.tier, "burn_rate_threshold": w.burn_rate,
-                          "burn_long": _burn(bad_l, total_l, slo.objective), "burn_short": _burn(bad_s, total_s, slo.objective),
+                          "burn_long": burn_rate(bad_l, total_l, slo.objective), "burn_short": burn_rate(bad_s, total_s, slo.objective),
                           "firing": alert.firing})
         bad, total = series.sums(through, slo.period_ms)
-        from slo.burn import budget_remaining
-
         return {"slo": slo.model_dump(mode="json", exclude_none=True), "evaluated_through": through,
                 "budget_remaining": budget_remaining(bad, total, slo.objective), "events": total, "bad": bad,
                 "status": "firing" if any(p["firing"] for p in pairs) else "ok", "windows": pairs}
@@ -429,8 +411,6 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         engine = SloEngine(slo_file())
         state, _through = slo_store.load_engine("default")
         engine.load_state(state)
-        from analyzer.window import rfc3339
-
         firing = [{"labels": a.labels, "fingerprint": a.fingerprint,
                    "started_at": rfc3339(a.started_at) if a.started_at is not None else None} for a in engine.firing()]
         history = [d["payload"] for d in slo_store.deliveries() if d["receiver"] == "alert-webhook"]
@@ -466,12 +446,6 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
         return PlainTextResponse("kdwatch API: see /docs\n")
 
     return app
-
-
-def _burn(bad: float, total: float, objective: float) -> float | None:
-    from slo.burn import burn_rate
-
-    return burn_rate(bad, total, objective)
 
 
 def _describe(reference: Reference) -> dict[str, Any]:

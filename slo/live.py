@@ -25,7 +25,7 @@ import httpx
 import orjson
 
 from analyzer.drift import Reference
-from analyzer.window import WindowState, window_result
+from analyzer.window import WindowState, rfc3339, window_result
 from slo.config import SloFile
 from slo.dispatch import Dispatcher, Receiver
 from slo.engine import Alert, Silence, SloEngine, WindowInput
@@ -136,7 +136,7 @@ class LiveEngine:
             if note["type"] == "alert" and self.config.alert_webhook is not None:
                 alert = alerts.get(note["fingerprint"])
                 started = alert.started_at if alert is not None and alert.started_at is not None else None
-                entry = alert_entry(note, note["at"] if started is None else _rfc(started), self.config.external_url)
+                entry = alert_entry(note, note["at"] if started is None else rfc3339(started), self.config.external_url)
                 message = alertmanager_webhook_message([entry], note["model"], external_url=self.config.external_url)
                 rows.append(self._row(outbox_id(ALERT_WEBHOOK, note["fingerprint"], note["status"], note["at"]),
                                       ALERT_WEBHOOK, note["model"], message, now_ms, due))
@@ -176,12 +176,6 @@ class LiveEngine:
                 log.warning("Alertmanager answered %d: %s", response.status_code, response.text[:300])
         except httpx.HTTPError as exc:
             log.warning("Alertmanager unreachable (%s); firing alerts are re-sent next cycle", exc)
-
-
-def _rfc(ms: int) -> str:
-    from analyzer.window import rfc3339
-
-    return rfc3339(ms)
 
 
 def receivers_of(config: LiveConfig) -> dict[str, Receiver]:
