@@ -59,6 +59,8 @@ class CollectorConfig:
     session_timeout_ms: int = 10_000
     max_future_ms: int | None = 3_600_000  # event times further ahead of the wall clock are rejected
     kafka_options: dict[str, Any] = field(default_factory=dict)  # security settings and the like
+    transfer_per_window: int = 50  # joined predictions sampled per closed window into the transfer set (0: off)
+    transfer_max_records: int = 100_000  # per model; the oldest go first
 
 
 @dataclass
@@ -150,7 +152,8 @@ class Collector:
                 consumer.seek(tp, start)
         joiner = PartitionJoiner(self.config.window_ms, self.config.grace_ms, self.references,
                                  watermark=snapshot.watermark, windows=snapshot.windows, entries=snapshot.entries,
-                                 max_future_ms=self.config.max_future_ms)
+                                 max_future_ms=self.config.max_future_ms,
+                                 transfer_per_window=self.config.transfer_per_window)
         self.units[p] = _Unit(joiner, {t: snapshot.offsets.get(t) for t in self.kinds}, expected)
         log.info("partition %d loaded: offsets %s, %d open windows, %d buffered", p, expected,
                  len(snapshot.windows), len(snapshot.entries))
@@ -217,7 +220,8 @@ class Collector:
             fence = {t: (old, old) for t, old in unit.committed.items() if old is not None and t not in advanced}
             self._dead_letter(producer, changes)
             try:
-                self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, {**fence, **advanced})
+                self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, {**fence, **advanced},
+                                        transfer_max=self.config.transfer_max_records)
             except StoreConflict as exc:
                 log.warning("dropping partition %d: %s", p, exc)
                 del self.units[p]

@@ -22,11 +22,14 @@ make durable atomically (collector.consumer with storage.sql, or the offline pat
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from analyzer.drift import Reference
 from analyzer.window import WindowState
@@ -71,6 +74,8 @@ class Entry:
     audit: bool = False
     source: Source | None = None  # t, l: for the dead-letter topic when they expire unmatched
     segment: str | None = None  # p: the prediction's segment, for the per-segment counts of later joins
+    features: dict[str, Any] | None = None  # p: kept only when the transfer set is on
+    ts_ms: int = 0  # p: the event time (for the transfer set)
 
 
 @dataclass(slots=True)
@@ -78,6 +83,29 @@ class DeadLetter:
     source: Source
     reason: str
     message: str
+
+
+@dataclass(slots=True)
+class TransferRecord:
+    """One joined prediction kept for distillation: what the runner trains the next student on."""
+
+    model: str
+    request_id: str
+    ts_ms: int
+    student_version: str
+    features: dict[str, Any]
+    teacher: Distribution
+    student: Distribution
+    label: int | None
+
+
+def transfer_rank(model: str, request_id: str) -> int:
+    """A deterministic pseudo-random rank: a window keeps its lowest-ranked joined predictions.
+
+    Hashing (not a random draw) makes the sample reproducible: a collector that re-reads after a
+    crash, or the offline path, keeps exactly the same records.
+    """
+    return int.from_bytes(hashlib.blake2b(f"{model}\x00{request_id}".encode(), digest_size=8).digest(), "big")
 
 
 @dataclass
@@ -92,6 +120,7 @@ class Changes:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counters: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     watermark: int | None = None
+    transfer: list[TransferRecord] = field(default_factory=list)  # sampled from the windows closed now
 
 
 @dataclass
@@ -139,6 +168,7 @@ class PartitionJoiner:
         entries: list[Entry] | None = None,
         max_future_ms: int | None = None,
         clock: Callable[[], float] = time.time,
+        transfer_per_window: int = 0,
     ) -> None:
         if window_ms <= 0 or grace_ms < 0:
             raise ValueError("window must be > 0 and grace >= 0")
@@ -146,6 +176,8 @@ class PartitionJoiner:
         # clock, and would drag the watermark forward and make every later event late.
         self.max_future_ms = max_future_ms
         self.clock = clock
+        # Joined predictions kept per closed window for the transfer set (0: none, features not buffered).
+        self.transfer_per_window = transfer_per_window
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.references = references or {}
@@ -223,7 +255,9 @@ class PartitionJoiner:
             return
         pending = self._pending[wkey]
         entry = Entry(PREDICTION, event.model, event.request_id, start, event.student_version, event.dist,
-                      event.label, has_label=event.label is not None, audit=event.audit is not None, segment=event.segment)
+                      event.label, has_label=event.label is not None, audit=event.audit is not None, segment=event.segment,
+                      features=event.features if self.transfer_per_window and event.audit is None else None,
+                      ts_ms=event.ts_ms)
         self._put(entry)
         self._touch(entry)
         self._observe("prediction", event.ts_ms)
@@ -412,10 +446,13 @@ class PartitionJoiner:
         for start in sorted(self._by_window):
             if not (everything or self._is_closed(start)):
                 continue
+            candidates: list[Entry] = []
             for key in sorted(self._by_window.pop(start)):
                 entry = self.entries.get(key)
                 if entry is None or entry.window_start != start:
                     continue
+                if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None:
+                    candidates.append(entry)
                 if entry.kind != PREDICTION:
                     topic = "teacher" if entry.kind == TEACHER else "label"
                     self._changes.counters[(topic, "unmatched")] += 1
@@ -425,6 +462,21 @@ class PartitionJoiner:
                 self.entries.pop(key)
                 self._changes.upserted.pop(key, None)
                 self._changes.deleted.add(key)
+            self._sample_transfer(candidates)
+
+    def _sample_transfer(self, candidates: list[Entry]) -> None:
+        """Keep the ``transfer_per_window`` lowest-ranked joined predictions of each (model, version) window."""
+        if not candidates:
+            return
+        by_window: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+        for entry in candidates:
+            by_window[(entry.model, entry.version)].append(entry)
+        for entries in by_window.values():
+            entries.sort(key=lambda e: transfer_rank(e.model, e.request_id))
+            for e in entries[: self.transfer_per_window]:
+                assert e.dist is not None and e.teacher is not None and e.features is not None
+                self._changes.transfer.append(TransferRecord(e.model, e.request_id, e.ts_ms, e.version, e.features,
+                                                             e.teacher, e.dist, e.label if e.has_label else None))
 
     def end_batch(self, caught_up: dict[str, bool] | None = None, close_all: bool = False) -> Changes:
         """Apply the batch's contributions, advance the watermark, close due windows, hand over changes.
@@ -439,18 +491,39 @@ class PartitionJoiner:
         return changes
 
 
+def dist_to_list(d: Distribution | None) -> list[Any] | None:
+    """A JSON-able form of a distribution: [probs, log_probs or None]."""
+    if d is None:
+        return None
+    return [d.probs.tolist(), d.log_probs.tolist() if d.log_probs is not None else None]
+
+
+def dist_from_list(d: list[Any] | None) -> Distribution | None:
+    if d is None:
+        return None
+    return Distribution(np.asarray(d[0], dtype=np.float64), None if d[1] is None else np.asarray(d[1], dtype=np.float64))
+
+
+def transfer_to_dict(record: TransferRecord) -> dict[str, Any]:
+    """The stored payload of a transfer record (the key columns hold model, request_id, ts and version)."""
+    return {"features": record.features, "teacher": dist_to_list(record.teacher), "student": dist_to_list(record.student),
+            "label": record.label}
+
+
+def transfer_from_row(model: str, request_id: str, ts_ms: int, student_version: str, payload: dict[str, Any]) -> TransferRecord:
+    teacher, student = dist_from_list(payload["teacher"]), dist_from_list(payload["student"])
+    assert teacher is not None and student is not None
+    return TransferRecord(model, request_id, ts_ms, student_version, payload["features"], teacher, student, payload["label"])
+
+
 def entry_to_dict(entry: Entry) -> dict[str, Any]:
     """A JSON-able form of a buffer entry (for storage)."""
-
-    def dist(d: Distribution | None) -> list[Any] | None:
-        if d is None:
-            return None
-        return [d.probs.tolist(), d.log_probs.tolist() if d.log_probs is not None else None]
-
+    dist = dist_to_list
     src = entry.source
     return {
         "w": entry.window_start, "v": entry.version, "d": dist(entry.dist), "y": entry.label,
         "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit, "g": entry.segment,
+        "f": entry.features, "ts": entry.ts_ms,
         "s": None if src is None else [src.topic, src.partition, src.offset, src.timestamp_ms,
                                        src.key.decode("utf-8", "replace") if src.key is not None else None,
                                        src.value.decode("utf-8")],
@@ -458,14 +531,8 @@ def entry_to_dict(entry: Entry) -> dict[str, Any]:
 
 
 def entry_from_dict(kind: str, model: str, request_id: str, data: dict[str, Any]) -> Entry:
-    import numpy as np
-
-    def dist(d: list[Any] | None) -> Distribution | None:
-        if d is None:
-            return None
-        return Distribution(np.asarray(d[0], dtype=np.float64), None if d[1] is None else np.asarray(d[1], dtype=np.float64))
-
+    dist = dist_from_list
     s = data["s"]
     source = None if s is None else Source(s[0], s[1], s[2], s[3], None if s[4] is None else s[4].encode(), s[5].encode())
     return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], dist(data["t"]),
-                 data["ht"], data["hl"], data["a"], source, data.get("g"))
+                 data["ht"], data["hl"], data["a"], source, data.get("g"), data.get("f"), data.get("ts", 0))

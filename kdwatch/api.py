@@ -13,19 +13,17 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analyzer.drift import Reference
 from analyzer.rollup import rollup
@@ -33,6 +31,7 @@ from analyzer.window import rfc3339, window_result
 from collector.contract import parse_ts
 from collector.offline import build_references
 from kdwatch.errors import ConfigError, ContractError
+from kdwatch.httperrors import install_json_errors
 from kdwatch.metrics import KdwatchCollector
 from slo.burn import budget_remaining, burn_rate
 from slo.config import SloFile, parse_slo_file
@@ -125,25 +124,7 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
     app = FastAPI(title="kdwatch", version="1", lifespan=lifespan)
     app.state.api_settings = settings
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse({"error": "payload_too_large", "detail": f"bodies are limited to {settings.max_body_bytes} bytes"},
-                                status_code=413)
-        return await call_next(request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        names = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-                 409: "conflict", 413: "payload_too_large", 422: "invalid_request"}
-        return JSONResponse({"error": names.get(exc.status_code, "error"), "detail": exc.detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        return JSONResponse({"error": "invalid_request", "detail": errors}, status_code=422)
+    install_json_errors(app, settings.max_body_bytes)
 
     # ---- health ----
 

@@ -134,7 +134,8 @@ def collect(
         topics=Topics(settings.topic_predictions, settings.topic_teacher, settings.topic_labels),
         window_ms=settings.window_ms, grace_ms=settings.grace_ms, max_poll_records=settings.max_poll_records,
         session_timeout_ms=settings.session_timeout_ms, max_future_ms=parse_duration_ms(settings.max_future),
-        kafka_options=settings.kafka_options())
+        kafka_options=settings.kafka_options(), transfer_per_window=settings.transfer_per_window,
+        transfer_max_records=settings.transfer_max_records)
     collector = Collector(config, store, store.references())
     stop = threading.Event()
     err.print(f"collector {settings.group_id} consuming from {settings.bootstrap_servers}")
@@ -383,6 +384,38 @@ def serve(
                       readiness=kafka_readiness(settings.bootstrap_servers, settings.kafka_options()),
                       lag=lag_source(settings.bootstrap_servers, store, settings.kafka_options()))
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def runner(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8100,
+    config: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="training config YAML")] = None,
+    database_url: Annotated[str | None, typer.Option()] = None,
+    registry_dir: Annotated[Path | None, typer.Option(help="model registry directory")] = None,
+) -> None:
+    """Serve the training runner: signed retrain webhooks in, distilled and gated students out."""
+    import logging
+
+    import uvicorn
+
+    from kdwatch.errors import ConfigError
+    from runner.distill import load_train_config
+    from runner.service import Runner, RunnerConfig, create_runner_app
+    from storage.jobs import JobStore
+    from storage.sql import SqlStore
+
+    settings = _settings(database_url=database_url, registry_dir=None if registry_dir is None else str(registry_dir))
+    if settings.runner_webhook_secret is None:
+        raise ConfigError("KDWATCH_RUNNER_WEBHOOK_SECRET", "the runner verifies every retrain webhook: set the shared secret")
+    train = load_train_config(config)
+    store = SqlStore.from_url(settings.database_url.get_secret_value())
+    store.migrate()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = Runner(store, JobStore(store.engine), RunnerConfig(settings.runner_webhook_secret.get_secret_value(),
+                                                                Path(settings.registry_dir), train, show_progress=True))
+    err.print(f"runner on http://{host}:{port}/webhooks/retrain, registry {settings.registry_dir}")
+    uvicorn.run(create_runner_app(worker), host=host, port=port, log_level="warning")
 
 
 # ---- the local broker ----

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_poll_records: int = Field(5_000, ge=1, le=100_000)
     session_timeout: str = "10s"
     max_future: str = "1h"
+    transfer_per_window: int = Field(50, ge=0, le=10_000)
+    transfer_max_records: int = Field(100_000, ge=1)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_ssl_cafile: str | None = None
     kafka_ssl_certfile: str | None = None
@@ -55,7 +57,11 @@ class Settings(BaseSettings):
     engine_interval: str = "5s"
     external_url: str = ""
 
-    @field_validator("alert_webhook_secret", "retrain_webhook_secret")
+    # The training runner: the secret the retrain webhooks are signed with, and where students are registered.
+    runner_webhook_secret: SecretStr | None = None
+    registry_dir: str = "registry"
+
+    @field_validator("alert_webhook_secret", "retrain_webhook_secret", "runner_webhook_secret")
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:

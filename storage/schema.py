@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -138,4 +138,36 @@ slo_config = Table(
     Column("name", String(64), primary_key=True),
     Column("document", Text, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+)
+
+# The transfer set: joined predictions sampled per closed window (collector.join.TransferRecord), the
+# data the training runner distils from. Bounded per model: the oldest rows go first.
+transfer_set = Table(
+    "transfer_set",
+    metadata,
+    Column("model", String(256), primary_key=True),
+    Column("request_id", String(256), primary_key=True),
+    Column("ts", BigInteger, nullable=False),  # event time, epoch milliseconds
+    Column("student_version", String(256), nullable=False),
+    Column("payload", Text, nullable=False),  # JSON: features, teacher, student, label
+    Index("ix_transfer_set_model_ts", "model", "ts"),
+)
+
+# Retrain jobs of the training runner; the id is the webhook-id (the idempotency key).
+retrain_jobs = Table(
+    "retrain_jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("model", String(256), nullable=False),
+    Column("status", String(16), nullable=False),  # queued | running | promoted | rejected | failed
+    Column("request", Text, nullable=False),  # the webhook's JSON body
+    Column("created_at", BigInteger, nullable=False),
+    Column("started_at", BigInteger, nullable=True),
+    Column("finished_at", BigInteger, nullable=True),
+    Column("parent_version", String(256), nullable=True),
+    Column("student_version", String(256), nullable=True),  # the new version, once registered
+    Column("metrics", Text, nullable=True),  # JSON: held-out agreement, KL, accuracy of both students
+    Column("log", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Index("ix_retrain_jobs_model_status", "model", "status"),
 )

@@ -24,7 +24,16 @@ from sqlalchemy.exc import IntegrityError
 
 from analyzer.drift import Reference
 from analyzer.window import WindowState
-from collector.join import Changes, Entry, WindowKey, entry_from_dict, entry_to_dict
+from collector.join import (
+    Changes,
+    Entry,
+    TransferRecord,
+    WindowKey,
+    entry_from_dict,
+    entry_to_dict,
+    transfer_from_row,
+    transfer_to_dict,
+)
 from kdwatch.errors import StoreConflict
 from storage.schema import (
     consumer_offsets,
@@ -32,6 +41,7 @@ from storage.schema import (
     join_entries,
     partition_watermarks,
     references,
+    transfer_set,
     window_state,
 )
 
@@ -149,14 +159,19 @@ class SqlStore:
         window_ms: int,
         changes: Changes,
         offsets: dict[str, tuple[int | None, int]],
+        transfer_max: int = 100_000,
     ) -> None:
-        """Make one batch durable; ``offsets`` maps topic -> (offset loaded/last committed, new)."""
+        """Make one batch durable; ``offsets`` maps topic -> (offset loaded/last committed, new).
+
+        Transfer records join the set of their model, which keeps its ``transfer_max`` newest rows.
+        """
         try:
             with self.engine.begin() as conn:
                 self._advance_offsets(conn, group_id, partition, offsets)
                 self._write_windows(conn, partition, window_ms, changes)
                 self._write_entries(conn, partition, changes)
                 self._add_counters(conn, partition, changes.counters.items())
+                self._write_transfer(conn, changes.transfer, transfer_max)
                 if changes.watermark is not None:
                     stmt = self._insert(partition_watermarks).values(
                         group_id=group_id, partition=partition, watermark=changes.watermark)
@@ -225,6 +240,35 @@ class SqlStore:
                 [{"partition": partition, "kind": e.kind, "model": e.model, "request_id": e.request_id,
                   "window_start": e.window_start, "payload": orjson.dumps(entry_to_dict(e)).decode()}
                  for e in changes.upserted.values()])
+
+    def _write_transfer(self, conn: Connection, records: list[TransferRecord], keep: int) -> None:
+        if not records:
+            return
+        stmt = self._insert(transfer_set).on_conflict_do_nothing(index_elements=["model", "request_id"])
+        conn.execute(stmt, [{"model": r.model, "request_id": r.request_id, "ts": r.ts_ms, "student_version": r.student_version,
+                             "payload": orjson.dumps(transfer_to_dict(r)).decode()} for r in records])
+        for model in sorted({r.model for r in records}):
+            # The ts of the keep-th newest row: everything strictly older goes (ties at the boundary stay).
+            boundary = conn.execute(
+                select(transfer_set.c.ts).where(transfer_set.c.model == model)
+                .order_by(transfer_set.c.ts.desc()).offset(keep - 1).limit(1)).scalar()
+            if boundary is not None:
+                conn.execute(delete(transfer_set).where(transfer_set.c.model == model, transfer_set.c.ts < boundary))
+
+    def transfer_records(self, model: str, start_ms: int | None = None, end_ms: int | None = None) -> list[TransferRecord]:
+        """A model's transfer set in [start_ms, end_ms), oldest first."""
+        query = select(transfer_set).where(transfer_set.c.model == model)
+        if start_ms is not None:
+            query = query.where(transfer_set.c.ts >= start_ms)
+        if end_ms is not None:
+            query = query.where(transfer_set.c.ts < end_ms)
+        with self.engine.connect() as conn:
+            return [transfer_from_row(r.model, r.request_id, r.ts, r.student_version, orjson.loads(r.payload))
+                    for r in conn.execute(query.order_by(transfer_set.c.ts, transfer_set.c.request_id))]
+
+    def transfer_count(self, model: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).where(transfer_set.c.model == model)).scalar() or 0)
 
     def _add_counters(self, conn: Connection, partition: int, items: Iterable[tuple[tuple[str, str], int]]) -> None:
         rows = [{"kind": kind, "partition": partition, "reason": reason, "count": count}

@@ -54,3 +54,27 @@ def test_readers_merge_the_rows_of_all_partitions(store: SqlStore) -> None:
         store.commit_batch("g", partition, 60_000, changes, {"preds": (None, n)})
     (state, final, window_ms), = store.windows().values()
     assert (state.n, final, window_ms) == (7, True, 60_000)
+
+
+def test_the_transfer_set_round_trips_and_keeps_the_newest_rows_per_model(store: SqlStore) -> None:
+    from collector.join import TransferRecord
+
+    def record(model: str, i: int) -> TransferRecord:
+        return TransferRecord(model, f"r{i}", T0 + i * 1_000, "s1", {"x": float(i), "c": "a"},
+                              Distribution(np.array([0.25, 0.75]), np.log(np.array([0.25, 0.75]))),
+                              Distribution(np.array([0.5, 0.5]), None), i % 2 if i % 3 else None)
+
+    offset = 0
+    for i in range(0, 12, 4):
+        changes = PartitionJoiner(60_000, 600_000).end_batch(ALL_READ)
+        changes.transfer = [record("m", j) for j in range(i, i + 4)] + [record("other", i)]
+        store.commit_batch("g", 0, 60_000, changes, {"preds": (offset if i else None, i + 4)}, transfer_max=6)
+        offset = i + 4
+    kept = store.transfer_records("m")
+    assert [r.request_id for r in kept] == [f"r{i}" for i in range(6, 12)]
+    assert store.transfer_count("other") == 3
+    r = kept[0]
+    assert (r.ts_ms, r.features, r.label, r.student_version) == (T0 + 6_000, {"x": 6.0, "c": "a"}, None, "s1")
+    assert r.teacher.probs.tolist() == [0.25, 0.75] and r.teacher.log_probs is not None
+    assert r.student.log_probs is None
+    assert [x.request_id for x in store.transfer_records("m", T0 + 8_000, T0 + 10_000)] == ["r8", "r9"]

@@ -195,3 +195,37 @@ def test_an_event_time_far_ahead_of_the_clock_is_rejected_not_trusted() -> None:
     assert changes.counters[("prediction", "future_timestamp")] == 1
     assert [d.reason for d in changes.dead_letters] == ["future_timestamp"]
     assert j.watermark is None
+
+
+def test_the_transfer_set_keeps_the_lowest_ranked_joined_predictions_of_each_window() -> None:
+    from collector.join import transfer_rank
+
+    j = PartitionJoiner(MIN, 10 * MIN, transfer_per_window=3)
+    ids = [f"r{i}" for i in range(10)]
+    for i, rid in enumerate(ids):
+        j.add_prediction(prediction(rid, ts=T0 + i, features={"x": float(i)}, label=i % 2 if i < 5 else None))
+        if i != 0:  # r0 never gets a replay: not a candidate however it ranks
+            j.add_teacher(teacher(rid))
+    j.add_prediction(prediction("no-features"))
+    j.add_teacher(teacher("no-features"))
+    j.add_prediction(prediction("audit", label=0, audit="member", features={"x": 1.0}))
+    assert j.end_batch(ALL_READ).transfer == []  # nothing closed yet
+    # Re-loading the buffer from storage (a restart) must keep the features and event times.
+    restored = PartitionJoiner(MIN, 10 * MIN, transfer_per_window=3, windows=j.windows,
+                               entries=[entry_from_dict(k, m, r, entry_to_dict(e)) for (k, m, r), e in j.entries.items()])
+    for each in (j, restored):
+        records = each.end_batch(ALL_READ, close_all=True).transfer
+        expected = sorted(ids[1:], key=lambda rid: transfer_rank("m", rid))[:3]
+        assert [r.request_id for r in records] == expected
+        for r in records:
+            i = int(r.request_id[1:])
+            assert (r.ts_ms, r.features, r.label, r.student_version) == (T0 + i, {"x": float(i)}, i % 2 if i < 5 else None, "s1")
+            assert r.teacher.probs.tolist() == [0.6, 0.4] and r.student.probs.tolist() == [0.8, 0.2]
+
+
+def test_without_a_transfer_set_no_features_are_buffered() -> None:
+    j = joiner()
+    j.add_prediction(prediction("a", features={"x": 1.0}))
+    j.add_teacher(teacher("a"))
+    assert all(e.features is None for e in j.entries.values())
+    assert j.end_batch(ALL_READ, close_all=True).transfer == []

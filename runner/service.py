@@ -1,0 +1,221 @@
+"""``kdwatch runner``: receives signed retrain webhooks, queues jobs, distils, gates and registers students.
+
+    POST /webhooks/retrain   a kdwatch.retrain delivery (Standard Webhooks signature, +-5 min timestamp);
+                             202 with the new job, 200 with the existing one for a repeated webhook-id
+    GET  /v1/jobs            jobs, newest first (?model=)
+    GET  /v1/jobs/{id}       one job: status, log, metrics, the new student_version
+    GET  /healthz
+
+A worker thread runs one job at a time (and the queue's claim never runs two jobs of one model at
+once, even across replicas): fetch the transfer set of the range the webhook names, distil
+(:mod:`runner.distill`), evaluate both students on the held-out split, and register and promote the
+new student only when it beats the current one by ``promote_margin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from rich.progress import Progress
+
+from analyzer.window import rfc3339
+from kdwatch.httperrors import install_json_errors
+from runner.distill import TrainConfig, distil, to_arrays
+from runner.registry import Registry
+from slo.webhooks import WebhookVerificationError, verify
+from storage.jobs import FAILED, PROMOTED, REJECTED, JobStore
+from storage.sql import SqlStore
+
+log = logging.getLogger("kdwatch.runner")
+MAX_BODY_BYTES = 1024 * 1024  # a retrain request is a small JSON document
+
+
+@dataclass
+class RunnerConfig:
+    webhook_secret: str
+    registry_dir: Path
+    train: TrainConfig
+    poll_interval_s: float = 1.0
+    stale_after_ms: int = 3_600_000  # a job running longer than this was left by a dead runner
+    show_progress: bool = False
+
+
+def _ms(text: Any, field: str) -> int:
+    if not isinstance(text, str):
+        raise ValueError(f"{field} must be an RFC 3339 string")
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        raise ValueError(f"{field} is not RFC 3339") from None
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """The retrain request (slo.notify.retrain_payload), checked; ValueError says what is wrong."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("the body is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("type") != "kdwatch.retrain":
+        raise ValueError("type must be kdwatch.retrain")
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        raise ValueError("model must be a non-empty string")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("data must be an object with from and to")
+    if _ms(data.get("from"), "data.from") >= _ms(data.get("to"), "data.to"):
+        raise ValueError("data.from must be before data.to")
+    return payload
+
+
+class Runner:
+    """The job worker: claims queued jobs and runs them, one at a time."""
+
+    def __init__(self, store: SqlStore, jobs: JobStore, config: RunnerConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.jobs, self.config, self.clock = store, jobs, config, clock
+        self.registry = Registry(config.registry_dir)
+        self.wake = threading.Event()
+
+    def _now(self) -> int:
+        return int(self.clock() * 1000)
+
+    def run_once(self) -> dict[str, Any] | None:
+        """Claim and run the next job; the finished job, or None when the queue is empty."""
+        job = self.jobs.claim_next(self._now())
+        if job is None:
+            return None
+        self.run_job(job)
+        return self.jobs.get(job["id"])
+
+    def run_job(self, job: dict[str, Any]) -> None:
+        lines: list[str] = []
+
+        def note(line: str) -> None:
+            stamp = datetime.fromtimestamp(self.clock()).isoformat(timespec="seconds")
+            lines.append(f"{stamp} {line}")
+            log.info("job %s: %s", job["id"], line)
+
+        request, model, train = job["request"], job["model"], self.config.train
+        parent = request.get("student_version") or self.registry.current(model)
+        try:
+            start, end = _ms(request["data"]["from"], "data.from"), _ms(request["data"]["to"], "data.to")
+            records = self.store.transfer_records(model, start, end)
+            note(f"transfer set {request['data']['from']} .. {request['data']['to']}: {len(records)} records")
+            if len(records) < train.min_records:
+                raise ValueError(f"the transfer set holds {len(records)} records in the range; at least {train.min_records} needed")
+            data = to_arrays(records, train.holdout)
+            note(f"{len(data.feature_names)} numeric features, {int((~data.holdout).sum())} training and "
+                 f"{int(data.holdout.sum())} held-out records, {int((data.labels >= 0).sum())} labelled")
+            with Progress(disable=not self.config.show_progress, transient=True) as progress:
+                task = progress.add_task(f"distilling {model}", total=train.epochs)
+
+                def on_epoch(row: dict[str, float]) -> None:
+                    note(f"epoch {int(row['epoch'])}/{train.epochs} loss {row['loss']:.4f} "
+                         f"held-out agreement {row['agreement']:.4f} kl_mean {row['kl_mean']:.4f}")
+                    progress.update(task, advance=1)
+                    self.jobs.progress(job["id"], "\n".join(lines))
+
+                result = distil(data, train, on_epoch)
+            metrics = {"candidate": result.candidate, "current": result.current, "promote_margin": train.promote_margin}
+            note(f"held-out agreement: candidate {result.candidate['agreement']:.4f}, current {result.current['agreement']:.4f}")
+            if not result.promoted:
+                note(f"rejected: the candidate does not beat the current student by {train.promote_margin}")
+                self.jobs.finish(job["id"], REJECTED, self._now(), log="\n".join(lines), parent_version=parent, metrics=metrics)
+                return
+            version = self.registry.next_version(model, parent)
+            n_classes = int(data.teacher_probs.shape[1])
+            self.registry.register(model, version, result.module, {
+                "parent_version": parent, "job_id": job["id"], "metrics": metrics,
+                "architecture": {"type": "mlp", "n_features": len(data.feature_names), "hidden": list(train.hidden),
+                                 "n_classes": n_classes},
+                "features": data.feature_names, "training_config": train.model_dump(mode="json"),
+                "data": request["data"], "n_train": int((~data.holdout).sum()), "n_holdout": int(data.holdout.sum()),
+                "epochs": result.epochs,
+            })
+            self.registry.promote(model, version)
+            note(f"promoted {version} (parent {parent})")
+            self.jobs.finish(job["id"], PROMOTED, self._now(), log="\n".join(lines), parent_version=parent,
+                             student_version=version, metrics=metrics)
+        except Exception as exc:  # a failed job is recorded with its reason; the runner goes on with the next
+            note(f"failed: {type(exc).__name__}: {exc}")
+            self.jobs.finish(job["id"], FAILED, self._now(), log="\n".join(lines), parent_version=parent,
+                             error=f"{type(exc).__name__}: {exc}")
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        requeued = self.jobs.requeue_stale(self._now() - self.config.stale_after_ms)
+        if requeued:
+            log.warning("re-queued %d job(s) left running by a runner that stopped", requeued)
+        while not stop.is_set():
+            if self.run_once() is None:
+                self.wake.wait(self.config.poll_interval_s)
+                self.wake.clear()
+
+
+def create_runner_app(runner: Runner, start_worker: bool = True) -> FastAPI:
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker = threading.Thread(target=runner.serve_forever, args=(stop,), name="kdwatch-runner-worker", daemon=True)
+        if start_worker:
+            worker.start()
+        yield
+        stop.set()
+        runner.wake.set()
+        if start_worker:
+            worker.join(timeout=30)
+
+    app = FastAPI(title="kdwatch runner", version="1", lifespan=lifespan)
+    install_json_errors(app, MAX_BODY_BYTES)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/webhooks/retrain", status_code=202)
+    async def retrain(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            webhook_id = verify(runner.config.webhook_secret, request.headers, body)
+        except WebhookVerificationError as exc:
+            raise HTTPException(401, str(exc)) from None
+        try:
+            payload = parse_request(body)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        job, created = runner.jobs.create(webhook_id, payload["model"], payload, int(time.time() * 1000))
+        if created:
+            runner.wake.set()
+        return JSONResponse(_public(job), status_code=202 if created else 200)
+
+    @app.get("/v1/jobs")
+    def jobs(model: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        return {"jobs": [_public(j) for j in runner.jobs.list(model, limit)]}
+
+    @app.get("/v1/jobs/{job_id}")
+    def job(job_id: str) -> dict[str, Any]:
+        found = runner.jobs.get(job_id)
+        if found is None:
+            raise HTTPException(404, "no such job")
+        return _public(found)
+
+    return app
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it (times in RFC 3339)."""
+    out = dict(job)
+    for key in ("created_at", "started_at", "finished_at"):
+        out[key] = None if job[key] is None else rfc3339(job[key])
+    return out
