@@ -36,6 +36,7 @@ from kdwatch.metrics import KdwatchCollector
 from slo.burn import budget_remaining, burn_rate
 from slo.config import SloFile, parse_slo_file
 from slo.engine import Silence, SloEngine, WindowInput, backtest
+from storage.jobs import JobStore, public_job
 from storage.slo_store import SloSqlStore
 from storage.sql import SqlStore
 
@@ -102,6 +103,7 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
                lag: Callable[[], dict[tuple[str, str, int], int]] | None = None) -> FastAPI:
     """The app over ``store``; ``readiness`` adds checks (e.g. Kafka) to /readyz; ``lag`` feeds kdwatch_consumer_lag."""
     slo_store = SloSqlStore(store.engine)
+    jobs = JobStore(store.engine)
     registry = registry or CollectorRegistry()
     registry.register(KdwatchCollector(store, slo_store, lag=lag))
 
@@ -300,6 +302,13 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
                 if total:
                     points.append((w.end_ms, 1.0 - (bad / total) / (1.0 - slo.objective)))
             budgets[slo.name] = points
+        for job in jobs.list(model, 1000):  # retrains on the timeline, at the event time that triggered them
+            at = job["request"].get("trigger", {}).get("at")
+            if isinstance(at, str):
+                target = job["student_version"] or ""
+                events.append({"at": at, "type": "retrain job", "status": job["status"],
+                               "reason": f"{job['parent_version'] or '?'} -> {target}" if target else (job["error"] or "")})
+        events.sort(key=lambda e: e["at"])
         return HTMLResponse(render(ReportData(model, chosen, buckets, reference, budgets, events)))
 
     # ---- references ----
@@ -421,6 +430,11 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
     @app.get("/v1/deliveries")
     def deliveries(_: Read) -> dict[str, Any]:
         return {"deliveries": slo_store.deliveries()}
+
+    @app.get("/v1/models/{model}/retrain-jobs")
+    def retrain_jobs(model: str, _: Read, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """The training runner's jobs for this model, newest first: status, log, metrics, the new student_version."""
+        return {"jobs": [public_job(j) for j in jobs.list(model, limit)]}
 
     @app.get("/", include_in_schema=False)
     def root() -> PlainTextResponse:

@@ -49,15 +49,21 @@ def _times(buckets: list[Bucket]) -> np.ndarray:
 
 
 def _fidelity_chart(data: ReportData) -> str:
-    results = [b.state.result(data.reference) for b in data.buckets]
-    times = _times(data.buckets)
+    # One line per student version, so a retrained student shows as a new series.
+    versions: dict[str, list[Bucket]] = {}
+    for b in data.buckets:
+        versions.setdefault(b.student_version, []).append(b)
     fig, axes = plt.subplots(4, 1, figsize=(9, 7), sharex=True)
     for ax, field_name, label in zip(axes, ("agreement", "kl_mean", "ece", "accuracy_delta"),
                                      ("agreement", "KL(teacher‖student)", "ECE", "accuracy delta"), strict=True):
-        values = [r[field_name] if r[field_name] is not None else np.nan for r in results]
-        ax.plot(times, values, marker=".", linewidth=1)
+        for version, buckets in versions.items():
+            results = [b.state.result(data.reference) for b in buckets]
+            values = [r[field_name] if r[field_name] is not None else np.nan for r in results]
+            ax.plot(_times(buckets), values, marker=".", linewidth=1, label=f"student {version}")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if len(versions) > 1:
+        axes[0].legend(loc="lower left")
     fig.autofmt_xdate()
     return _svg(fig)
 

@@ -29,12 +29,11 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from rich.progress import Progress
 
-from analyzer.window import rfc3339
 from kdwatch.httperrors import install_json_errors
 from runner.distill import TrainConfig, distil, to_arrays
 from runner.registry import Registry
 from slo.webhooks import WebhookVerificationError, verify
-from storage.jobs import FAILED, PROMOTED, REJECTED, JobStore
+from storage.jobs import FAILED, PROMOTED, REJECTED, JobStore, public_job
 from storage.sql import SqlStore
 
 log = logging.getLogger("kdwatch.runner")
@@ -197,25 +196,18 @@ def create_runner_app(runner: Runner, start_worker: bool = True) -> FastAPI:
         job, created = runner.jobs.create(webhook_id, payload["model"], payload, int(time.time() * 1000))
         if created:
             runner.wake.set()
-        return JSONResponse(_public(job), status_code=202 if created else 200)
+        return JSONResponse(public_job(job), status_code=202 if created else 200)
 
     @app.get("/v1/jobs")
     def jobs(model: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
-        return {"jobs": [_public(j) for j in runner.jobs.list(model, limit)]}
+        return {"jobs": [public_job(j) for j in runner.jobs.list(model, limit)]}
 
     @app.get("/v1/jobs/{job_id}")
     def job(job_id: str) -> dict[str, Any]:
         found = runner.jobs.get(job_id)
         if found is None:
             raise HTTPException(404, "no such job")
-        return _public(found)
+        return public_job(found)
 
     return app
 
-
-def _public(job: dict[str, Any]) -> dict[str, Any]:
-    """A job as the API shows it (times in RFC 3339)."""
-    out = dict(job)
-    for key in ("created_at", "started_at", "finished_at"):
-        out[key] = None if job[key] is None else rfc3339(job[key])
-    return out

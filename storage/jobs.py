@@ -9,6 +9,7 @@ from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
+from analyzer.window import rfc3339
 from storage.schema import retrain_jobs
 
 QUEUED, RUNNING, PROMOTED, REJECTED, FAILED = "queued", "running", "promoted", "rejected", "failed"
@@ -21,6 +22,14 @@ def _job(row: Any) -> dict[str, Any]:
         "parent_version": row.parent_version, "student_version": row.student_version,
         "metrics": None if row.metrics is None else orjson.loads(row.metrics), "log": row.log, "error": row.error,
     }
+
+
+def public_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the APIs show it: times in RFC 3339."""
+    out = dict(job)
+    for key in ("created_at", "started_at", "finished_at"):
+        out[key] = None if job[key] is None else rfc3339(job[key])
+    return out
 
 
 class JobStore:

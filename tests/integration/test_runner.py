@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from collector.join import PartitionJoiner
+from kdwatch.api import ApiSettings, create_app
 from runner.distill import TrainConfig
 from runner.service import Runner, RunnerConfig, create_runner_app
 from slo.webhooks import headers, new_secret
@@ -67,6 +68,11 @@ def test_a_signed_retrain_request_distils_gates_and_registers_a_new_student(runn
     meta = runner.registry.metadata("m", "s1-kd1")
     assert meta["job_id"] == "msg_1" and meta["features"] == ["f0", "f1", "f2", "f3"]
     assert meta["training_config"]["epochs"] == 15
+    # The REST API shows the job beside the model's windows.
+    with TestClient(create_app(runner.store, ApiSettings())) as api:
+        listed = api.get("/v1/models/m/retrain-jobs").json()["jobs"]
+        assert [(j["id"], j["status"], j["student_version"]) for j in listed] == [("msg_1", "promoted", "s1-kd1")]
+        assert api.get("/v1/models/other/retrain-jobs").json() == {"jobs": []}
 
 
 @pytest.mark.parametrize(
