@@ -9,7 +9,7 @@ help: ## list the targets
 setup: ## virtualenv, dependencies, system packages (as root) and the Kafka jars
 	@bash scripts/setup.sh
 
-demo: setup ## the main job: local Kafka broker, collector and live SLO engine on clean then incident traffic
+demo: setup ## the main job: the closed loop on scikit-learn digits (shift, page, retrain, recovery), under a minute
 	$(VENV)/bin/kdwatch demo
 
 test: setup lint ## lint, then the whole suite, integration tests against real Kafka and PostgreSQL included

@@ -400,8 +400,13 @@ def runner(
     import uvicorn
 
     from kdwatch.errors import ConfigError
-    from runner.distill import load_train_config
-    from runner.service import Runner, RunnerConfig, create_runner_app
+
+    try:
+        from runner.distill import load_train_config
+        from runner.service import Runner, RunnerConfig, create_runner_app
+    except ImportError as exc:
+        err.print(f"the runner needs PyTorch ({exc.name} is missing): pip install 'kdwatch[runner]'")
+        raise typer.Exit(2) from None
     from storage.jobs import JobStore
     from storage.sql import SqlStore
 
@@ -454,13 +459,14 @@ def dev_kafka_status(home: Path = DEFAULT_HOME / "kafka") -> None:
 
 @app.command()
 def demo(
-    n: Annotated[int, typer.Option(min=100, help="predictions to send (half clean, half during the incident)")] = 54_000,
     home: Path = DEFAULT_HOME,
+    minutes: Annotated[int, typer.Option(min=60, help="event minutes of traffic (the first hour is clean)")] = 180,
+    per_minute: Annotated[int, typer.Option(min=40, help="predictions per event minute")] = 100,
 ) -> None:
-    """Start the local broker and a collector, send generated traffic through Kafka, print the windows."""
-    from kdwatch.demo import run_demo
+    """The closed loop on scikit-learn's digits: broker, collector, SLO engine, API and runner; shift, page, retrain, recovery."""
+    from kdwatch.demo import DemoOptions, run_demo
 
-    run_demo(home, n)
+    run_demo(home, DemoOptions(total_minutes=minutes, per_minute=per_minute))
 
 
 def main() -> None:

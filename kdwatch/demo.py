@@ -1,68 +1,116 @@
-"""``make demo``: traffic through a real local Kafka broker into the collector, with the live SLO engine.
+"""``make demo``: the closed loop on real data, through a real local Kafka broker.
 
-Three hours of event time (starting four hours ago): 90 clean minutes, then 90 minutes in which the
-student disagrees with its teacher far more often. The collector stores windows through Kafka; the
-live SLO engine beside it evaluates them as they become final and pages on the agreement SLO.
+1. Train a teacher (PyTorch MLP) on scikit-learn's digits and distil a small student from it.
+2. Start the local Apache Kafka broker, the collector, the live SLO engine, the REST API and the
+   training runner (all on this machine, stopped at the end).
+3. Replay digits with event times spanning three hours (starting four hours ago), paced so the
+   pipeline keeps up: a clean hour, then a distribution shift (Gaussian pixel noise) that drops
+   teacher-student agreement. The agreement SLO pages; the page triggers a signed retrain webhook;
+   the runner distils a new student on the transfer set the collector kept, gates and registers it;
+   the traffic switches to the new student's TorchScript export and agreement recovers.
+4. Audit replays of training members and outsiders show the student's membership-inference risk.
+5. Print a per-phase summary and write the HTML report.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
-from itertools import chain
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+from kafka import KafkaProducer
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
-from analyzer.window import WindowState, window_result
+from analyzer.window import WindowState
 from collector.consumer import DLT_SUFFIX, Collector, CollectorConfig, Topics, ensure_topics
+from collector.offline import build_references
+from kdwatch import digits
+from kdwatch.api import ApiSettings, create_app
 from kdwatch.devkafka import DevKafka
-from kdwatch.generator import TrafficSpec, generate
-from kdwatch.loadgen import produce_records
+from runner.distill import TrainConfig
+from runner.registry import Registry
+from runner.service import Runner, RunnerConfig, create_runner_app
 from slo.config import parse_slo_file
-from slo.dispatch import Dispatcher
-from slo.live import LiveConfig, LiveEngine
+from slo.dispatch import Dispatcher, Receiver
+from slo.live import LiveConfig, LiveEngine, receivers_of
+from slo.webhooks import new_secret
+from storage.jobs import PROMOTED, JobStore
 from storage.slo_store import SloSqlStore
 from storage.sql import SqlStore
 
-console = Console()
 MIN = 60_000
-PHASE_MIN = 90
-RATE = 5.0  # predictions per second of event time
-
-DEMO_SLOS = {
-    "slos": [{"name": "agreement", "model": "fraud-distil", "objective": 0.98,
-              "sli": {"events": {"metric": "agreement"}}, "alerting": {"min_events": 100}}],
-    "retrain": [{"model": "fraud-distil", "when": [{"slo": "agreement", "severity": "page"}]}],
-}
+MODEL = "digits-student"
 
 
-def _fmt(value: object, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+@dataclass(frozen=True)
+class DemoOptions:
+    clean_minutes: int = 60
+    total_minutes: int = 180
+    per_minute: int = 100  # predictions per minute of event time
+    chunk_minutes: int = 5  # traffic is sent in chunks of event time, each consumed before the next
+    noise: float = 0.2  # the shift: Gaussian pixel noise (pixels in [0, 1])
+    objective: float = 0.97
+    audits: int = 150  # audit replays of members, and as many of outsiders, during the clean hour
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(hidden=(32,), epochs=40, alpha=0.5, min_records=200))
+    job_timeout_s: float = 120.0
 
 
-def _phase_summary(rows: list[tuple[Any, tuple[WindowState, bool, int]]], start_ms: int) -> Table:
-    table = Table(title="per phase (merged window state through Kafka)")
-    for column in ("phase", "windows", "n", "n_joined", "agreement", "kl_mean", "ece"):
-        table.add_column(column)
-    for name, lo, hi in (("clean", 0, PHASE_MIN), ("incident", PHASE_MIN, 2 * PHASE_MIN)):
-        merged, count = WindowState(), 0
-        for key, (state, _final, _window_ms) in rows:
-            minute = (key.window_start - start_ms) // MIN
-            if lo <= minute < hi:
-                merged.merge(WindowState.from_dict(state.to_dict()))
-                count += 1
-        r = merged.result()
-        table.add_row(name, str(count), str(r["n"]), str(r["n_joined"]), _fmt(r["agreement"]), _fmt(r["kl_mean"]), _fmt(r["ece"]))
-    return table
+@dataclass
+class DemoOutcome:
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    notifications: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    report: Path | None = None
+    seconds: float = 0.0
+
+    def pages(self) -> list[dict[str, Any]]:
+        return [n for n in self.notifications if n["type"] == "alert" and n["severity"] == "page" and n["status"] == "firing"]
+
+    def phase(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.phases if p["phase"] == name)
 
 
-def run_demo(home: Path, n: int) -> None:
+class _Server:
+    """A uvicorn server in a thread, on a free loopback port."""
+
+    def __init__(self, app: FastAPI) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> _Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("an HTTP server of the demo did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def run_demo(home: Path, options: DemoOptions | None = None, console: Console | None = None) -> DemoOutcome:
+    """Start (or reuse) the local broker, run the closed loop, stop what was started here."""
+    console = console or Console()
     home.mkdir(parents=True, exist_ok=True)
     broker = DevKafka(home / "kafka")
     started_here = broker.info() is None
@@ -71,90 +119,208 @@ def run_demo(home: Path, n: int) -> None:
         info = broker.start()
     console.print(f"broker {info.bootstrap} ready in {time.monotonic() - t0:.1f}s")
     try:
-        _run(home, info.bootstrap, n)
+        return closed_loop(home, info.bootstrap, options or DemoOptions(), console)
     finally:
         if started_here and not os.environ.get("KDWATCH_KEEP_BROKER"):
             broker.stop()
             console.print("broker stopped")
 
 
-def _run(home: Path, bootstrap: str, n: int) -> None:
+def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Console) -> DemoOutcome:
+    began = time.monotonic()
     run = f"demo-{int(time.time())}"
+    workdir = home / run
+    workdir.mkdir(parents=True)
+
+    with console.status("training a teacher on scikit-learn's digits and distilling a student from it..."):
+        data = digits.load()
+        teacher_module = digits.train_teacher(data)
+        teacher = digits.predictor(teacher_module)
+        first = digits.distil_first_student(data, teacher, options.student)
+        student = digits.predictor(first)
+        registry = Registry(workdir / "registry")
+        registry.register(MODEL, "s1", first, {"parent_version": None, "note": "distilled on the training images"})
+        registry.promote(MODEL, "s1")
+    outsiders = data.outsiders
+    t_out, s_out = teacher(data.x[outsiders]).argmax(1), student(data.x[outsiders]).argmax(1)
+    console.print(f"teacher accuracy on held-out digits {np.mean(t_out == data.y[outsiders]):.3f}; student s1 agrees with it "
+                  f"on {np.mean(t_out == s_out):.3f} ({time.monotonic() - began:.1f}s)")
+
     topics = Topics(f"{run}.predictions", f"{run}.teacher", f"{run}.labels")
     names = [topics.predictions, topics.teacher, topics.labels]
     ensure_topics(bootstrap, names + [t + DLT_SUFFIX for t in names], partitions=4)
-    db_path = home / f"{run}.db"
-    store = SqlStore.from_url(f"sqlite:///{db_path}")
+    db_url = f"sqlite:///{workdir / 'kdwatch.db'}"
+    store = SqlStore.from_url(db_url)
     store.migrate()
+    references = {m: ref for m, (ref, _n) in build_references(digits.baseline(data, MODEL, "s1", student)).items()}
+    store.put_reference(MODEL, references[MODEL])
 
-    now_ms = int(time.time() * 1000)
-    start_ms = now_ms - 4 * 3_600_000
-    start_ms -= start_ms % MIN
-    per_phase = max(n // 2, 1)
-    rate = per_phase / (PHASE_MIN * 60)
-    clean = TrafficSpec(start_ms=start_ms, events_per_second=rate, teacher_rate=0.2, seed=1)
-    incident = TrafficSpec(start_ms=start_ms + PHASE_MIN * MIN, events_per_second=rate, teacher_rate=0.2,
-                           disagreement=0.4, seed=2)
-    kinds = {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
-    with Progress(console=console) as progress:
-        task = progress.add_task(f"producing {2 * per_phase} predictions with replays and labels", total=None)
-        sent = produce_records(bootstrap, kinds, chain(generate(clean, per_phase), generate(incident, per_phase)),
-                               progress=lambda c: progress.update(task, completed=c))
-        progress.update(task, total=sent, completed=sent)
-    console.print(f"produced {sent} records: {PHASE_MIN} min clean, then {PHASE_MIN} min with 40 % forced disagreement")
-
-    collector = Collector(CollectorConfig(bootstrap, group_id=f"{run}-collector", topics=topics), store)
-    slo_store = SloSqlStore(store.engine)
-    client = httpx.Client()
-    engine = LiveEngine(parse_slo_file(DEMO_SLOS), store, slo_store, Dispatcher(slo_store, {}, client), LiveConfig(),
-                        client=client)
+    secret = new_secret()
+    document = {
+        "slos": [{"name": "agreement", "model": MODEL, "objective": options.objective,
+                  "sli": {"events": {"metric": "agreement"}}, "alerting": {"min_events": 1000}}],
+        "retrain": [{"model": MODEL, "when": [{"slo": "agreement", "severity": "page"}]}],
+    }
+    slos = parse_slo_file(document)
+    SloSqlStore(store.engine).put_slo_document(document, int(time.time() * 1000))  # the API's SLO views and report use it
+    collector = Collector(CollectorConfig(bootstrap, group_id=f"{run}-collector", topics=topics, grace_ms=3 * MIN,
+                                          transfer_per_window=50), store, references)
+    jobs = JobStore(store.engine)
+    runner = Runner(SqlStore.from_url(db_url), JobStore(store.engine),
+                    RunnerConfig(secret, workdir / "registry", options.student, poll_interval_s=0.2))
+    outcome = DemoOutcome()
     stop = threading.Event()
-    collector_thread = threading.Thread(target=collector.run, kwargs={"stop": stop, "idle_exit_s": 5.0}, daemon=True)
+    with _Server(create_app(SqlStore.from_url(db_url), ApiSettings())) as api, \
+            _Server(create_runner_app(runner)) as runner_server:
+        live = LiveConfig(retrain_webhook=Receiver("retrain", runner_server.url + "/webhooks/retrain", secret))
+        client = httpx.Client()
+        engine = LiveEngine(slos, store, SloSqlStore(store.engine), Dispatcher(SloSqlStore(store.engine), receivers_of(live), client),
+                            live, client=client)
+        now_ms = int(time.time() * 1000)
+        start_ms = now_ms - 4 * 3_600_000
+        start_ms -= start_ms % MIN
 
-    def engine_loop() -> None:
-        while not stop.is_set():
-            for note in engine.run_once():
-                minute = (_parse_ms(note["at"]) - start_ms) / MIN
-                if note["type"] == "alert":
-                    console.print(f"  [bold red]{note['severity'].upper()}[/] {note['status']:8} slo={note['slo']} "
-                                  f"tier={note['tier']} at event minute {minute:.0f} "
-                                  f"(burn {_fmt(note['burn_long'], 1)} / {_fmt(note['burn_short'], 1)})")
-                else:
-                    console.print(f"  [bold yellow]RETRAIN[/] {note['model']} at event minute {minute:.0f}: {note['reason']}")
-            stop.wait(1.0)
+        def engine_loop() -> None:
+            while not stop.is_set():
+                for note in engine.run_once():
+                    _print_note(console, note, start_ms)
+                stop.wait(0.3)
 
-    engine_thread = threading.Thread(target=engine_loop, daemon=True)
-    t1 = time.monotonic()
-    collector_thread.start()
-    engine_thread.start()
-    console.print("collector and live SLO engine running; notifications as the engine sends them:")
-    while collector_thread.is_alive():
-        collector_thread.join(0.5)
-    elapsed = time.monotonic() - t1 - 5.0
-    engine.run_once()
-    stop.set()
-    engine_thread.join(5)
-    engine.close()
-    console.print(f"collector consumed {collector.processed} records in {elapsed:.1f}s "
-                  f"({collector.processed / max(elapsed, 1e-9):,.0f} records/s, 4 partitions, SQLite)")
-
-    rows = sorted(store.windows().items(), key=lambda kv: kv[0].window_start)
-    console.print(_phase_summary(rows, start_ms))
-    table = Table(title="every 15th window (as `kdwatch windows` prints them)")
-    for column in ("start (UTC)", "final", "n", "n_joined", "agreement", "kl_mean", "ece", "latency_p95_ms"):
-        table.add_column(column)
-    for key, (state, final, window_ms) in rows[::15]:
-        record = window_result(key.model, key.student_version, key.window_start, window_ms, state)
-        table.add_row(record["window_start"][11:16], "yes" if final else "open", str(record["n"]), str(record["n_joined"]),
-                      _fmt(record["agreement"]), _fmt(record["kl_mean"]), _fmt(record["ece"]), _fmt(record["latency_p95_ms"], 1))
-    console.print(table)
-    pages = [x for x in engine.notifications if x["type"] == "alert" and x["severity"] == "page" and x["status"] == "firing"]
-    console.print(f"pages sent: {len(pages)}; retrain requests: {sum(1 for x in engine.notifications if x['type'] == 'retrain')}")
-    console.print(f"stored in {db_path}; `KDWATCH_DATABASE_URL=sqlite:///{db_path} kdwatch windows` prints every window")
+        threads = [threading.Thread(target=collector.run, kwargs={"stop": stop}, daemon=True),
+                   threading.Thread(target=engine_loop, daemon=True)]
+        for thread in threads:
+            thread.start()
+        console.print(f"collector, SLO engine, API ({api.url}) and runner ({runner_server.url}) running; "
+                      f"replaying {options.total_minutes} minutes of traffic, {options.per_minute} predictions a minute")
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024,
+                                 compression_type="lz4")
+        kinds = {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
+        sent = 0
+        version, phase_starts = "s1", [("clean", "s1", 0)]
+        try:
+            for minute in range(0, options.total_minutes, options.chunk_minutes):
+                if minute == options.clean_minutes:
+                    phase_starts.append(("shift", version, minute))
+                    console.print(f"[bold]event minute {minute}: the input distribution shifts (pixel noise {options.noise})[/]")
+                done = [j for j in jobs.list(MODEL) if j["status"] == PROMOTED and j["student_version"] != version]
+                if done:
+                    version = done[0]["student_version"]
+                    student = digits.predictor(registry.load_torchscript(MODEL, version))
+                    phase_starts.append(("retrained", version, minute))
+                    console.print(f"[bold green]event minute {minute}: traffic switches to student {version}[/] "
+                                  f"(TorchScript from the registry)")
+                phase = digits.Phase(MODEL, version, start_ms + minute * MIN, options.chunk_minutes * options.per_minute,
+                                     interval_ms=MIN // options.per_minute,
+                                     noise=options.noise if minute >= options.clean_minutes else 0.0,
+                                     audits=options.audits if minute == 0 else 0, seed=minute + 1)
+                for kind, request_id, value in digits.traffic(data, phase, student, teacher):
+                    producer.send(kinds[kind], key=request_id.encode(), value=value)
+                    sent += 1
+                producer.flush(timeout=60)
+                _wait(lambda target=sent: collector.processed >= target, 60, "the collector to consume the chunk")
+                if any(j["status"] in ("queued", "running") for j in jobs.list(MODEL)):
+                    # A retrain is under way: give it the time a real runner would have (event time is accelerated).
+                    _wait(lambda: not any(j["status"] in ("queued", "running") for j in jobs.list(MODEL)),
+                          options.job_timeout_s, "the retrain job")
+            time.sleep(1.0)  # a last engine cycle over the final windows
+        finally:
+            producer.close(timeout=10)
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            engine.close()
+        outcome.notifications = engine.notifications
+        outcome.jobs = jobs.list(MODEL)
+        report = workdir / "report.html"
+        response = httpx.get(f"{api.url}/v1/models/{MODEL}/report",
+                             params={"from": str(start_ms), "to": str(start_ms + options.total_minutes * MIN)}, timeout=120)
+        response.raise_for_status()
+        report.write_text(response.text)
+        outcome.report = report
+    outcome.phases = _phases(store, phase_starts, start_ms, options, references[MODEL], engine.notifications, outcome.jobs)
+    outcome.seconds = time.monotonic() - began
+    _print_summary(console, outcome, collector.processed, workdir)
     store.close()
+    return outcome
+
+
+def _wait(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _print_note(console: Console, note: dict[str, Any], start_ms: int) -> None:
+    minute = (_parse_ms(note["at"]) - start_ms) / MIN
+    if note["type"] == "alert":
+        colour = "red" if note["severity"] == "page" else "yellow"
+        console.print(f"  [bold {colour}]{note['severity'].upper()}[/] {note['status']:8} slo={note['slo']} tier={note['tier']} "
+                      f"at event minute {minute:.0f} (burn {note['burn_long']:.1f} / {note['burn_short']:.1f})")
+    elif note["type"] == "retrain":
+        console.print(f"  [bold magenta]RETRAIN[/] webhook to the runner at event minute {minute:.0f}: {note['reason']}")
+
+
+def _phases(store: SqlStore, starts: list[tuple[str, str, int]], start_ms: int, options: DemoOptions, reference: Any,
+            notes: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    stored = store.windows(model=MODEL)
+    out = []
+    bounds = [*[m for _n, _v, m in starts][1:], options.total_minutes]
+    for (name, version, lo), hi in zip(starts, bounds, strict=True):
+        merged = WindowState()
+        count = 0
+        for key, (state, _final, _w) in stored.items():
+            if lo <= (key.window_start - start_ms) // MIN < hi:
+                merged.merge(state)
+                count += 1
+        r = merged.result(reference)
+        psi = {k: v for k, v in (r["psi"] or {}).items() if not k.startswith("_") and v is not None}
+        top = max(psi, key=lambda k: psi[k]) if psi else None
+        in_phase = [n for n in notes if n["type"] == "alert" and lo <= (_parse_ms(n["at"]) - start_ms) // MIN < hi]
+        retrains = [j for j in jobs if isinstance(at := j["request"].get("trigger", {}).get("at"), str)
+                    and lo <= (_parse_ms(at) - start_ms) // MIN < hi]
+        out.append({
+            "phase": name, "student_version": version, "minutes": f"{lo}-{hi}", "windows": count, "n": r["n"],
+            "n_joined": r["n_joined"], "agreement": r["agreement"], "kl_mean": r["kl_mean"], "ece": r["ece"],
+            "psi_max": psi[top] if top else None, "psi_max_feature": top,
+            "psi_confidence": (r["psi"] or {}).get("_confidence"), "mia_auc": (r["mia"] or {}).get("auc"),
+            "alerts": ", ".join(f"{n['severity']} {n['tier']} {n['status']}" for n in in_phase) or "-",
+            "retrain": ", ".join(f"{j['status']} {j['student_version'] or ''}".strip() for j in retrains) or "-",
+        })
+    return out
+
+
+def _fmt(value: object, digits_: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits_}f}" if isinstance(value, float) else str(value)
+
+
+def _print_summary(console: Console, outcome: DemoOutcome, processed: int, workdir: Path) -> None:
+    table = Table(title="per phase (windows merged from their stored state)")
+    table.add_column("")
+    for p in outcome.phases:
+        table.add_column(f"{p['phase']}\n{p['student_version']}", justify="right")
+    rows: list[tuple[str, Any]] = [
+        ("event minutes", lambda p: p["minutes"]), ("predictions", lambda p: str(p["n"])),
+        ("with teacher replay", lambda p: str(p["n_joined"])), ("agreement", lambda p: _fmt(p["agreement"])),
+        ("KL mean", lambda p: _fmt(p["kl_mean"])), ("ECE", lambda p: _fmt(p["ece"])),
+        ("max PSI, pixels", lambda p: "-" if p["psi_max"] is None else f"{p['psi_max']:.2f} {p['psi_max_feature']}"),
+        ("PSI, confidence", lambda p: _fmt(p["psi_confidence"], 2)), ("MIA AUC (audits)", lambda p: _fmt(p["mia_auc"])),
+        ("alerts", lambda p: p["alerts"]), ("retrain", lambda p: p["retrain"]),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *[cell(p) for p in outcome.phases])
+    console.print(table)
+    for job in outcome.jobs:
+        m = job["metrics"] or {}
+        cand, cur = m.get("candidate", {}), m.get("current", {})
+        console.print(f"retrain job {job['id'][:16]}…: {job['status']} {job['student_version'] or ''}; held-out agreement "
+                      f"{_fmt(cand.get('agreement'))} (candidate) vs {_fmt(cur.get('agreement'))} (current student)")
+    console.print(f"{processed} records through Kafka; pages: {len(outcome.pages())}; "
+                  f"retrain jobs: {len(outcome.jobs)}; {outcome.seconds:.0f}s in all")
+    console.print(f"HTML report: {outcome.report}")
+    console.print(f"database: sqlite:///{workdir / 'kdwatch.db'}   registry: {workdir / 'registry'}")
 
 
 def _parse_ms(text: str) -> int:
-    from datetime import datetime
-
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)

@@ -23,6 +23,8 @@ from analyzer.membership import roc_points
 from analyzer.rollup import Bucket
 from analyzer.window import WindowState, rfc3339
 
+PSI_CHART_FEATURES = 20
+
 plt.rcParams.update({"svg.fonttype": "path", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
 
 
@@ -88,7 +90,8 @@ def _psi_chart(merged: WindowState, reference: Reference | None) -> str:
     result = merged.drift.result(reference)
     values = {k: v for k, v in (result["psi"] or {}).items() if v is not None}
     if values:
-        names = sorted(values, key=lambda k: values[k])
+        # The PSI_CHART_FEATURES highest: a chart of 64 pixels' bars is unreadable; the API lists them all.
+        names = sorted(values, key=lambda k: values[k])[-PSI_CHART_FEATURES:]
         expected = result["psi_expected"] or {}
         ax.barh(names, [values[n] for n in names], label="PSI")
         ax.scatter([expected.get(n) or 0 for n in names], names, color="black", marker="|", s=80, label="expected, no drift")
@@ -97,7 +100,8 @@ def _psi_chart(merged: WindowState, reference: Reference | None) -> str:
         ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "no reference stored for this model", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("PSI per feature (whole range vs reference)")
+    shown = f"the {PSI_CHART_FEATURES} highest " if len(values) > PSI_CHART_FEATURES else ""
+    ax.set_title(f"PSI per feature, {shown}(whole range vs reference)")
     return _svg(fig)
 
 

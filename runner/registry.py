@@ -69,8 +69,13 @@ class Registry:
         return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "metadata.json").is_file())
 
     def next_version(self, model: str, parent: str | None) -> str:
-        """``<parent>-kd<n>``: n counts the model's registered versions, so names never repeat."""
-        return f"{parent or 'student'}-kd{len(self.versions(model)) + 1}"
+        """``<parent>-kd<n>``: the n-th student distilled from ``parent`` (names never repeat)."""
+        stem = f"{parent or 'student'}-kd"
+        taken = {v for v in self.versions(model)}
+        n = 1
+        while _safe(f"{stem}{n}") in taken:
+            n += 1
+        return f"{stem}{n}"
 
     def register(self, model: str, version: str, module: StudentMLP, metadata: dict[str, Any]) -> Path:
         folder = self._model_dir(model)

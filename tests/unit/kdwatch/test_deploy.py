@@ -42,7 +42,7 @@ def check_environment(env: dict[str, Any]) -> None:
 def test_compose_services_run_real_commands_with_real_settings() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     ours = {name: s for name, s in compose["services"].items() if "build" in s}
-    assert {"collector-1", "collector-2", "engine", "kdwatch-api"} <= set(ours)
+    assert {"collector-1", "collector-2", "engine", "kdwatch-api", "runner"} <= set(ours)
     for name, service in ours.items():
         check_command(service["command"])
         check_environment(service["environment"])
@@ -51,6 +51,11 @@ def test_compose_services_run_real_commands_with_real_settings() -> None:
     api = ours["kdwatch-api"]
     port = api["command"][api["command"].index("--port") + 1]
     assert api["ports"] == [f"{port}:{port}"]
+    # The engine's retrain webhooks reach the runner's port, signed with the secret the runner verifies.
+    runner, engine = ours["runner"], ours["engine"]
+    runner_port = runner["command"][runner["command"].index("--port") + 1]
+    assert engine["environment"]["KDWATCH_RETRAIN_WEBHOOK_URL"] == f"http://runner:{runner_port}/webhooks/retrain"
+    assert runner["environment"]["KDWATCH_RUNNER_WEBHOOK_SECRET"] == engine["environment"]["KDWATCH_RETRAIN_WEBHOOK_SECRET"]
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"kdwatch-api:{port}"]
 
@@ -59,7 +64,8 @@ def test_kubernetes_manifests_match_the_cli_and_settings() -> None:
     docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "kdwatch.yaml").read_text()))
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert {("ConfigMap", "kdwatch"), ("Secret", "kdwatch"), ("Deployment", "kdwatch-collector"),
-            ("Deployment", "kdwatch-api"), ("Service", "kdwatch-api")} <= kinds
+            ("Deployment", "kdwatch-api"), ("Service", "kdwatch-api"), ("Deployment", "kdwatch-runner"),
+            ("Service", "kdwatch-runner")} <= kinds
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     secret = next(d for d in docs if d["kind"] == "Secret")
     check_environment(config["data"])
@@ -69,9 +75,14 @@ def test_kubernetes_manifests_match_the_cli_and_settings() -> None:
             continue
         for container in doc["spec"]["template"]["spec"]["containers"]:
             check_command(container["args"])
+            check_environment({e["name"]: e["value"] for e in container.get("env", [])})
             if "--port" in container["args"]:
                 port = int(container["args"][container["args"].index("--port") + 1])
                 assert [p["containerPort"] for p in container["ports"]] == [port]
+    runner_service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "kdwatch-runner")
+    assert config["data"]["KDWATCH_RETRAIN_WEBHOOK_URL"] == \
+        f"http://kdwatch-runner:{runner_service['spec']['ports'][0]['port']}/webhooks/retrain"
+    assert secret["stringData"]["KDWATCH_RUNNER_WEBHOOK_SECRET"] == secret["stringData"]["KDWATCH_RETRAIN_WEBHOOK_SECRET"]
 
 
 def test_the_dockerfile_runs_the_kdwatch_entry_point() -> None:
@@ -80,7 +91,7 @@ def test_the_dockerfile_runs_the_kdwatch_entry_point() -> None:
     cmd = next(line for line in lines if line.startswith("CMD"))
     assert yaml.safe_load(entry.split(" ", 1)[1]) == ["kdwatch"]
     check_command(yaml.safe_load(cmd.split(" ", 1)[1]))
-    for package in ("kdwatch", "collector", "analyzer", "slo", "storage"):
+    for package in ("kdwatch", "collector", "analyzer", "slo", "storage", "runner"):
         assert f"COPY {package} {package}" in lines
 
 
