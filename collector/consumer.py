@@ -178,8 +178,8 @@ class Collector:
                     batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
                     self._sync_assignment(consumer)
                     self._process(consumer, producer, batch)
-                    if batch:
-                        last_data = time.monotonic()
+                    if batch or not self._caught_up(consumer):
+                        last_data = time.monotonic()  # idle means nothing new *and* nothing left to read
                     backoff = 0.5
                     continue_after = None
                 except OperationalError as exc:
@@ -199,6 +199,22 @@ class Collector:
         finally:
             producer.close(timeout=10)
             consumer.close(autocommit=False)
+
+    def _caught_up(self, consumer: KafkaConsumer) -> bool:
+        """No owned partition is known to have records beyond what was processed.
+
+        A broker that restarts answers no fetches for a while: without this, that silence would
+        look like the end of the input to ``idle_exit_s``. An unknown high watermark counts as caught
+        up, so an input that never answered cannot keep the collector running forever.
+        """
+        for tp in consumer.assignment():
+            unit = self.units.get(tp.partition)
+            highwater = consumer.highwater(tp)
+            if unit is None:
+                return False
+            if highwater is not None and unit.expected[tp.topic] < highwater:
+                return False
+        return True
 
     def _process(self, consumer: KafkaConsumer, producer: KafkaProducer, batch: dict[TopicPartition, list[Any]]) -> None:
         by_unit: dict[int, dict[str, list[Any]]] = defaultdict(dict)

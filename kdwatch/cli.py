@@ -423,6 +423,53 @@ def runner(
     uvicorn.run(create_runner_app(worker), host=host, port=port, log_level="warning")
 
 
+@app.command()
+def replayer(
+    teacher_torchscript: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="TorchScript teacher")] = None,
+    teacher_url: Annotated[str | None, typer.Option(help="HTTP teacher: POST {instances: [{features}]}")] = None,
+    features: Annotated[str | None, typer.Option(help="feature order for TorchScript, comma-separated")] = None,
+    teacher_version: Annotated[str, typer.Option()] = "teacher",
+    sample_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of predictions replayed")] = 0.1,
+    rate: Annotated[list[str] | None, typer.Option(help="per-model sample rate, MODEL=RATE (repeatable)")] = None,
+    max_per_second: Annotated[float | None, typer.Option(min=0.001, help="cap on replays per second")] = None,
+    group_id: Annotated[str, typer.Option()] = "kdwatch-replayer",
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
+) -> None:
+    """Replay a deterministic sample of predictions through the teacher and publish teacher replays."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from collector.replayer import Replayer, ReplayerConfig
+    from collector.teachers import HttpTeacher, Teacher, TorchScriptTeacher
+    from kdwatch.errors import ConfigError
+
+    if (teacher_torchscript is None) == (teacher_url is None):
+        raise ConfigError("--teacher-torchscript/--teacher-url", "give exactly one teacher")
+    model_rates: dict[str, float] = {}
+    for item in rate or []:
+        model_name, _, value = item.rpartition("=")
+        try:
+            model_rates[model_name] = float(value)
+        except ValueError:
+            raise ConfigError("--rate", f"{item!r} is not MODEL=RATE") from None
+        if not model_name or not 0.0 <= model_rates[model_name] <= 1.0:
+            raise ConfigError("--rate", f"{item!r} is not MODEL=RATE with a rate in [0, 1]")
+    settings = _settings()
+    teacher: Teacher
+    if teacher_torchscript is not None:
+        teacher = TorchScriptTeacher(teacher_torchscript, features.split(",") if features else None)
+    else:
+        assert teacher_url is not None
+        teacher = HttpTeacher(teacher_url)
+    registry = CollectorRegistry()
+    if metrics_port is not None:
+        start_http_server(metrics_port, registry=registry)
+    config = ReplayerConfig(settings.bootstrap_servers, settings.topic_predictions, settings.topic_teacher, group_id,
+                            teacher_version, sample_rate, model_rates, max_per_second, kafka_options=settings.kafka_options())
+    err.print(f"replayer {group_id}: {settings.topic_predictions} -> {settings.topic_teacher}, sample rate {sample_rate}")
+    Replayer(config, teacher, registry).run(idle_exit_s=idle_exit)
+
+
 # ---- the local broker ----
 
 

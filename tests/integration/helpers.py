@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaConsumer, TopicPartition
+
 from analyzer.drift import Reference
 from analyzer.window import window_result
 from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
@@ -22,6 +24,18 @@ def new_topics(bootstrap: str, partitions: int = 3) -> Topics:
     topics = Topics(f"{run}.predictions", f"{run}.teacher", f"{run}.labels")
     ensure_topics(bootstrap, [topics.predictions, topics.teacher, topics.labels], partitions)
     return topics
+
+
+def read_topic(kafka: str, topic: str) -> list[tuple[bytes | None, bytes, dict[str, bytes]]]:
+    """Every record of ``topic`` from the beginning: (key, value, headers)."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, consumer_timeout_ms=3000,
+                             fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    out = [(r.key, r.value, dict(r.headers)) for r in consumer]
+    consumer.close()
+    return out
 
 
 def topic_map(topics: Topics) -> dict[str, str]:

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import orjson
-from kafka import KafkaConsumer, TopicPartition
 
 from collector.consumer import CollectorConfig
 from kdwatch.generator import TrafficSpec, generate
@@ -17,6 +16,7 @@ from tests.integration.helpers import (
     explain,
     new_topics,
     offline_results,
+    read_topic,
     run_collector_until,
     stored_results,
     topic_map,
@@ -61,14 +61,7 @@ POISON: list[tuple[str, bytes, str]] = [
 
 
 def _dead_letters(kafka: str, topic: str) -> list[tuple[bytes, dict[str, bytes]]]:
-    consumer = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, consumer_timeout_ms=3000,
-                             fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    out = [(r.value, dict(r.headers)) for r in consumer]
-    consumer.close()
-    return out
+    return [(value, headers) for _key, value, headers in read_topic(kafka, topic)]
 
 
 def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ def test_the_registry_writes_a_verified_torchscript_export_and_moves_current(tmp
     registry.register("fraud/distil", version, module, {"parent_version": "s1", "metrics": {"agreement": 0.9}})
     registry.promote("fraud/distil", version)
     assert registry.current("fraud/distil") == "s1-kd1"
-    assert registry.next_version("fraud/distil", "s1-kd1") == "s1-kd1-kd2"
+    assert registry.next_version("fraud/distil", "s1-kd1") == "s1-kd1-kd1"
+    assert registry.next_version("fraud/distil", "s1") == "s1-kd2"
     meta = registry.metadata("fraud/distil", version)
     assert meta["parent_version"] == "s1" and set(meta["sha256"]) == {"student.pt", "student.torchscript"}
     scripted = registry.load_torchscript("fraud/distil", version)
