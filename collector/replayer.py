@@ -106,7 +106,8 @@ class Replayer:
         self.m_skipped = Counter("kdwatch_replayer_skipped", "predictions not replayed: invalid, audit or no features",
                                  ["reason"], registry=registry)
         self.m_latency = Histogram("kdwatch_replayer_teacher_latency_seconds", "one teacher call (a batch)", registry=registry)
-        self.processed = 0
+        self.processed = 0  # predictions consumed
+        self.published = 0  # teacher replays acknowledged by the broker
 
     # ---- the pure part: choose, call the teacher, build replays ----
 
@@ -207,8 +208,10 @@ class Replayer:
                         prediction = self.select(record.value)
                         if prediction is not None:
                             chosen.append((record, prediction))
+                published = []
                 for start in range(0, len(chosen), c.batch_size):
                     replays, failures = self.replay(chosen[start:start + c.batch_size])
+                    published.append(replays)
                     for key, value in replays:
                         producer.send(c.teacher_topic, key=key.encode(), value=value)
                     for record, reason, message in failures:  # the collector's dead-letter headers, plus who sent it
@@ -221,6 +224,7 @@ class Replayer:
                             ("kdwatch.component", b"replayer")])
                 producer.flush(timeout=60)  # acknowledged before the offsets move: at least once
                 consumer.commit()
+                self.published += sum(len(r) for r in published)
         finally:
             producer.close(timeout=10)
             consumer.close()

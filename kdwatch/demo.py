@@ -1,8 +1,9 @@
 """``make demo``: the closed loop on real data, through a real local Kafka broker.
 
 1. Train a teacher (PyTorch MLP) on scikit-learn's digits and distil a small student from it.
-2. Start the local Apache Kafka broker, the collector, the live SLO engine, the REST API and the
-   training runner (all on this machine, stopped at the end).
+2. Start the local Apache Kafka broker, the collector, the teacher replayer (running a TorchScript
+   export of the teacher on a deterministic half of the predictions), the live SLO engine, the REST
+   API and the training runner (all on this machine, stopped at the end).
 3. Replay digits with event times spanning three hours (starting four hours ago), paced so the
    pipeline keeps up: a clean hour, then a distribution shift (Gaussian pixel noise) that drops
    teacher-student agreement. The agreement SLO pages; the page triggers a signed retrain webhook;
@@ -34,6 +35,8 @@ from rich.table import Table
 from analyzer.window import WindowState
 from collector.consumer import DLT_SUFFIX, Collector, CollectorConfig, Topics, ensure_topics
 from collector.offline import build_references
+from collector.replayer import Replayer, ReplayerConfig
+from collector.teachers import TorchScriptTeacher
 from kdwatch import digits
 from kdwatch.api import ApiSettings, create_app
 from kdwatch.devkafka import DevKafka
@@ -61,6 +64,7 @@ class DemoOptions:
     noise: float = 0.2  # the shift: Gaussian pixel noise (pixels in [0, 1])
     objective: float = 0.97
     audits: int = 150  # audit replays of members, and as many of outsiders, during the clean hour
+    teacher_rate: float = 0.5  # share of predictions the replayer runs through the teacher
     student: TrainConfig = field(default_factory=lambda: TrainConfig(hidden=(32,), epochs=40, alpha=0.5, min_records=200))
     job_timeout_s: float = 120.0
 
@@ -141,6 +145,9 @@ def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Conso
         registry = Registry(workdir / "registry")
         registry.register(MODEL, "s1", first, {"parent_version": None, "note": "distilled on the training images"})
         registry.promote(MODEL, "s1")
+        # The teacher as the replayer runs it: a TorchScript export with its feature order beside it.
+        teacher_file = Registry(workdir / "teachers").register(
+            "digits-teacher", "t1", teacher_module, {"features": digits.FEATURES}) / "model.torchscript"
     outsiders = data.outsiders
     t_out, s_out = teacher(data.x[outsiders]).argmax(1), student(data.x[outsiders]).argmax(1)
     console.print(f"teacher accuracy on held-out digits {np.mean(t_out == data.y[outsiders]):.3f}; student s1 agrees with it "
@@ -186,16 +193,21 @@ def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Conso
                     _print_note(console, note, start_ms)
                 stop.wait(0.3)
 
+        replayer = Replayer(ReplayerConfig(bootstrap, topics.predictions, topics.teacher, group_id=f"{run}-replayer",
+                                           teacher_version="t1", sample_rate=options.teacher_rate),
+                            TorchScriptTeacher(teacher_file))
         threads = [threading.Thread(target=collector.run, kwargs={"stop": stop}, daemon=True),
+                   threading.Thread(target=replayer.run, kwargs={"stop": stop}, daemon=True),
                    threading.Thread(target=engine_loop, daemon=True)]
         for thread in threads:
             thread.start()
-        console.print(f"collector, SLO engine, API ({api.url}) and runner ({runner_server.url}) running; "
+        console.print(f"collector, teacher replayer (TorchScript, {options.teacher_rate:.0%} sampled), SLO engine, "
+                      f"API ({api.url}) and runner ({runner_server.url}) running; "
                       f"replaying {options.total_minutes} minutes of traffic, {options.per_minute} predictions a minute")
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024,
                                  compression_type="lz4")
         kinds = {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
-        sent = 0
+        sent = predictions = 0
         version, phase_starts = "s1", [("clean", "s1", 0)]
         try:
             for minute in range(0, options.total_minutes, options.chunk_minutes):
@@ -213,11 +225,14 @@ def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Conso
                                      interval_ms=MIN // options.per_minute,
                                      noise=options.noise if minute >= options.clean_minutes else 0.0,
                                      audits=options.audits if minute == 0 else 0, seed=minute + 1)
-                for kind, request_id, value in digits.traffic(data, phase, student, teacher):
+                for kind, request_id, value in digits.traffic(data, phase, student, teacher=None):  # replays: the replayer's
                     producer.send(kinds[kind], key=request_id.encode(), value=value)
                     sent += 1
+                    predictions += kind == "prediction"
                 producer.flush(timeout=60)
-                _wait(lambda target=sent: collector.processed >= target, 60, "the collector to consume the chunk")
+                _wait(lambda target=predictions: replayer.processed >= target, 60, "the replayer to read the chunk")
+                _wait(lambda target=sent: collector.processed >= target + replayer.published, 60,
+                      "the collector to consume the chunk")
                 if any(j["status"] in ("queued", "running") for j in jobs.list(MODEL)):
                     # A retrain is under way: give it the time a real runner would have (event time is accelerated).
                     _wait(lambda: not any(j["status"] in ("queued", "running") for j in jobs.list(MODEL)),

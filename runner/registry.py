@@ -1,7 +1,7 @@
 """A model registry in a directory: one folder per (model, student version), written atomically.
 
-    <root>/<model>/<version>/student.pt         state dict
-                            student.torchscript  TorchScript export (torch.jit.load; takes float32 (n, f), returns logits)
+    <root>/<model>/<version>/model.pt         state dict
+                            model.torchscript  TorchScript export (torch.jit.load; takes float32 (n, f), returns logits)
                             metadata.json        architecture, features, sha256 of each file, metrics, parent, config
     <root>/<model>/current                       the promoted version's name
 
@@ -28,7 +28,7 @@ import torch
 
 from runner.distill import StudentMLP
 
-ARTIFACTS = ("student.pt", "student.torchscript")
+ARTIFACTS = ("model.pt", "model.torchscript")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -85,9 +85,9 @@ class Registry:
             raise FileExistsError(f"{model} {version} is already registered")
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
         try:
-            torch.save(module.state_dict(), staging / "student.pt")
+            torch.save(module.state_dict(), staging / "model.pt")
             with torchscript_allowed():
-                torch.jit.script(module).save(str(staging / "student.torchscript"))
+                torch.jit.script(module).save(str(staging / "model.torchscript"))
             meta = {**metadata, "model": model, "student_version": version, "registered_at": int(time.time() * 1000),
                     "sha256": {name: sha256_of(staging / name) for name in ARTIFACTS}}
             (staging / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -113,8 +113,8 @@ class Registry:
     def load_torchscript(self, model: str, version: str) -> torch.jit.ScriptModule:
         """The exported student, after checking its sha256 against the metadata."""
         folder = self._model_dir(model) / _safe(version)
-        expected = self.metadata(model, version)["sha256"]["student.torchscript"]
-        path = folder / "student.torchscript"
+        expected = self.metadata(model, version)["sha256"]["model.torchscript"]
+        path = folder / "model.torchscript"
         if sha256_of(path) != expected:
             raise ValueError(f"{path}: sha256 does not match metadata.json")
         with torchscript_allowed():

@@ -50,7 +50,7 @@ def test_a_torchscript_teacher_replays_the_same_deterministic_sample_on_every_ru
         ensure_topics(kafka, [teacher_topic], 2)
         config = ReplayerConfig(kafka, topics.predictions, teacher_topic, group_id=f"replayer-{run}", teacher_version="t1",
                                 sample_rate=0.25, batch_size=16)
-        Replayer(config, TorchScriptTeacher(folder / "student.torchscript")).run(idle_exit_s=3)
+        Replayer(config, TorchScriptTeacher(folder / "model.torchscript")).run(idle_exit_s=3)
         runs.append(read_topic(kafka, teacher_topic))
     first, second = ({key.decode(): orjson.loads(value) for key, value, _h in records} for records in runs)
     assert set(first) == set(second) == expected

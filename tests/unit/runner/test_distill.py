@@ -105,13 +105,13 @@ def test_the_registry_writes_a_verified_torchscript_export_and_moves_current(tmp
     assert registry.next_version("fraud/distil", "s1-kd1") == "s1-kd1-kd1"
     assert registry.next_version("fraud/distil", "s1") == "s1-kd2"
     meta = registry.metadata("fraud/distil", version)
-    assert meta["parent_version"] == "s1" and set(meta["sha256"]) == {"student.pt", "student.torchscript"}
+    assert meta["parent_version"] == "s1" and set(meta["sha256"]) == {"model.pt", "model.torchscript"}
     scripted = registry.load_torchscript("fraud/distil", version)
     x = torch.randn(5, 4)
     with torch.no_grad():
         assert torch.allclose(scripted(x), module(x))
     with pytest.raises(FileExistsError):
         registry.register("fraud/distil", version, module, {})
-    (tmp_path / "fraud_distil" / version / "student.torchscript").write_bytes(b"tampered")
+    (tmp_path / "fraud_distil" / version / "model.torchscript").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         registry.load_torchscript("fraud/distil", version)
