@@ -33,3 +33,4 @@ bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own vir
 	@command -v wrk >/dev/null || (test "$$(id -u)" = 0 && apt-get install -y -qq wrk >/dev/null) || (echo "install wrk (Debian package wrk)" && exit 1)
 	cd benchmarks && ../$(PY) analyze_vs_peers.py
 	cd benchmarks && ../$(PY) api_latency.py
+	cd benchmarks && ../$(PY) sdk_overhead.py
