@@ -252,6 +252,7 @@ class PartitionJoiner:
         if self._live(PREDICTION, event.model, event.request_id) is not None:
             self._pending[wkey].duplicate += 1
             self._changes.counters[("prediction", "duplicate")] += 1
+            self._dead_letter_duplicate(source, event.request_id)
             return
         pending = self._pending[wkey]
         entry = Entry(PREDICTION, event.model, event.request_id, start, event.student_version, event.dist,
@@ -286,6 +287,7 @@ class PartitionJoiner:
             if entry.has_label:
                 pending.duplicate += 1
                 self._changes.counters[("label", "duplicate")] += 1
+                self._dead_letter_duplicate(early_label.source, event.request_id)
             else:
                 assert early_label.label is not None
                 self._join_label(entry, early_label.label, early_label.source)
@@ -295,7 +297,7 @@ class PartitionJoiner:
         prediction = self._live(PREDICTION, event.model, event.request_id)
         if prediction is not None:
             if prediction.has_teacher or prediction.audit:
-                self._count_duplicate(prediction, "teacher")
+                self._count_duplicate(prediction, "teacher", source)
                 return
             self._join_teacher(prediction, event.dist, source, event.teacher_version)
             return
@@ -306,7 +308,7 @@ class PartitionJoiner:
         prediction = self._live(PREDICTION, event.model, event.request_id)
         if prediction is not None:
             if prediction.has_label or prediction.audit:
-                self._count_duplicate(prediction, "label")
+                self._count_duplicate(prediction, "label", source)
                 return
             self._join_label(prediction, event.label, source)
             return
@@ -326,9 +328,15 @@ class PartitionJoiner:
 
     # ---- joins ----
 
-    def _count_duplicate(self, prediction: Entry, kind: str) -> None:
+    def _count_duplicate(self, prediction: Entry, kind: str, source: Source | None) -> None:
         self._pending[WindowKey(prediction.model, prediction.version, prediction.window_start)].duplicate += 1
         self._changes.counters[(kind, "duplicate")] += 1
+        self._dead_letter_duplicate(source, prediction.request_id)
+
+    def _dead_letter_duplicate(self, source: Source | None, request_id: str) -> None:
+        """A second record for a request_id already joined in an open window: kept out, and visible."""
+        if source is not None:
+            self._changes.dead_letters.append(DeadLetter(source, "duplicate", f"request_id {request_id[:80]!r} was already seen"))
 
     def _buffer_early(self, kind: str, model: str, request_id: str, ts_ms: int, source: Source | None,
                       dist: Distribution | None = None, label: int | None = None, version: str = "") -> None:
@@ -341,6 +349,7 @@ class PartitionJoiner:
             return
         if self._live(kind, model, request_id) is not None:
             self._changes.counters[(topic, "duplicate")] += 1
+            self._dead_letter_duplicate(source, request_id)
             return
         entry = Entry(kind, model, request_id, start, version, dist, label, source=source)
         self._put(entry)

@@ -474,13 +474,16 @@ def replayer(
 
 
 @dev_kafka_app.command("start")
-def dev_kafka_start(home: Path = DEFAULT_HOME / "kafka", port: int | None = None) -> None:
+def dev_kafka_start(home: Path = DEFAULT_HOME / "kafka", port: int | None = None,
+                    tls: Annotated[bool, typer.Option(help="add an SSL listener with a self-signed certificate")] = False) -> None:
     """Start a local single-node KRaft broker (fetches the jars with Maven the first time)."""
     from kdwatch.devkafka import DevKafka
 
     started = time.monotonic()
-    info = DevKafka(home).start(port)
+    info = DevKafka(home).start(port, tls=tls)
     err.print(f"broker ready in {time.monotonic() - started:.1f}s (pid {info.pid})")
+    if info.tls_bootstrap is not None:
+        err.print(f"SSL listener {info.tls_bootstrap}: KDWATCH_KAFKA_SECURITY_PROTOCOL=SSL KDWATCH_KAFKA_SSL_CAFILE={info.ca_file}")
     print(info.bootstrap)
 
 

@@ -28,8 +28,8 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevKafka]
     """A real single-node KRaft broker started for this session (restartable by reliability tests)."""
     broker = DevKafka(tmp_path_factory.mktemp("kafka"))
     started = time.monotonic()
-    info = broker.start()
-    print(f"\nkafka broker ready in {time.monotonic() - started:.1f}s at {info.bootstrap}")
+    info = broker.start(tls=True)
+    print(f"\nkafka broker ready in {time.monotonic() - started:.1f}s at {info.bootstrap} (TLS {info.tls_bootstrap})")
     yield broker
     broker.stop()
 
@@ -40,6 +40,14 @@ def kafka(kafka_broker: DevKafka) -> str:
     info = kafka_broker.info()
     assert info is not None, "the session's broker is not running"
     return info.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_tls(kafka_broker: DevKafka) -> tuple[str, str]:
+    """The broker's SSL listener: (bootstrap, CA certificate file)."""
+    info = kafka_broker.info()
+    assert info is not None and info.tls_bootstrap is not None and info.ca_file is not None
+    return info.tls_bootstrap, info.ca_file
 
 
 def _pg_bin() -> Path:

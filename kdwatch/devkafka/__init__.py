@@ -69,6 +69,18 @@ message.max.bytes=16777216
 """
 
 
+TLS_STORE_PASSWORD = "kdwatch-dev-only"  # a throwaway keystore for the local broker, never a real secret
+
+
+def _with_tls(properties: str, port: int, tls_port: int, keystore: Path) -> str:
+    """Add an SSL listener (the PLAINTEXT one stays for the broker's own use and for other clients)."""
+    out = properties.replace(f"listeners=PLAINTEXT://127.0.0.1:{port},", f"listeners=PLAINTEXT://127.0.0.1:{port},SSL://127.0.0.1:{tls_port},")
+    out = out.replace("listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                      "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL")
+    return out + (f"ssl.keystore.location={keystore}\nssl.keystore.type=PKCS12\n"
+                  f"ssl.keystore.password={TLS_STORE_PASSWORD}\nssl.key.password={TLS_STORE_PASSWORD}\n")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,10 +119,20 @@ class BrokerInfo:
     port: int
     controller_port: int
     home: str
+    tls_port: int | None = None  # the SSL listener, when started with tls=True
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def tls_bootstrap(self) -> str | None:
+        return None if self.tls_port is None else f"127.0.0.1:{self.tls_port}"
+
+    @property
+    def ca_file(self) -> str | None:
+        """The PEM certificate clients trust for the SSL listener."""
+        return None if self.tls_port is None else str(Path(self.home) / "tls" / "ca.pem")
 
 
 class DevKafka:
@@ -140,7 +162,8 @@ class DevKafka:
             return None
         return info
 
-    def start(self, port: int | None = None, timeout_s: float = 90.0) -> BrokerInfo:
+    def start(self, port: int | None = None, timeout_s: float = 90.0, tls: bool = False) -> BrokerInfo:
+        """Start the broker (or return the running one); ``tls`` adds an SSL listener with a self-signed certificate."""
         running = self.info()
         if running is not None:
             return running
@@ -153,7 +176,12 @@ class DevKafka:
         datadir.mkdir(parents=True)
         logdir.mkdir(parents=True, exist_ok=True)
         props = self.home / "server.properties"
-        props.write_text(SERVER_PROPERTIES.format(port=port, cport=cport, datadir=datadir))
+        text = SERVER_PROPERTIES.format(port=port, cport=cport, datadir=datadir)
+        tls_port = None
+        if tls:
+            tls_port = free_port()
+            text = _with_tls(text, port, tls_port, self._certificate())
+        props.write_text(text)
         log4j = self.home / "log4j2.properties"
         log4j.write_text(LOG4J2.format(logdir=logdir))
         jvm = _jvm_flags(logdir, log4j)
@@ -165,16 +193,34 @@ class DevKafka:
              f"--cluster-id={cluster_id}", "-c", str(props)], capture_output=True, text=True, check=False)
         if fmt.returncode != 0:
             raise DevKafkaError(f"formatting the broker storage failed: {fmt.stderr[-2000:] or fmt.stdout[-2000:]}")
-        return self._launch(java, jvm, classpath, props, logdir, port, cport, timeout_s)
+        return self._launch(java, jvm, classpath, props, logdir, port, cport, timeout_s, tls_port)
+
+    def _certificate(self) -> Path:
+        """A self-signed key pair for 127.0.0.1 (PKCS12 keystore, made with the JDK's keytool) and its PEM."""
+        keytool = shutil.which("keytool")
+        if keytool is None:
+            raise DevKafkaError("keytool (part of the JDK) is needed for the TLS listener")
+        folder = self.home / "tls"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        store, password = folder / "broker.p12", TLS_STORE_PASSWORD
+        for args in (["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "30",
+                      "-dname", "CN=127.0.0.1", "-ext", "SAN=ip:127.0.0.1,dns:localhost"],
+                     ["-exportcert", "-alias", "broker", "-rfc", "-file", str(folder / "ca.pem")]):
+            result = subprocess.run([keytool, *args, "-keystore", str(store), "-storetype", "PKCS12", "-storepass", password,
+                                     "-noprompt"], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise DevKafkaError(f"keytool failed: {result.stderr[-1000:] or result.stdout[-1000:]}")
+        return store
 
     def _launch(self, java: str, jvm: list[str], classpath: str, props: Path, logdir: Path, port: int, cport: int,
-                timeout_s: float) -> BrokerInfo:
+                timeout_s: float, tls_port: int | None = None) -> BrokerInfo:
         out = (logdir / "stdout.log").open("ab")
         process = subprocess.Popen([java, *jvm, "-cp", classpath, "kafka.Kafka", str(props)],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self._process = process
-        info = BrokerInfo(process.pid, port, cport, str(self.home))
+        info = BrokerInfo(process.pid, port, cport, str(self.home), tls_port)
         self.state_file.write_text(json.dumps(info.__dict__))
         try:
             wait_ready(info.bootstrap, timeout_s, process)
@@ -194,7 +240,7 @@ class DevKafka:
         log4j = self.home / "log4j2.properties"
         jvm = _jvm_flags(logdir, log4j)
         return self._launch(self._java(), jvm, f"{ensure_jars(self.cache)}/*", self.home / "server.properties", logdir,
-                            info.port, info.controller_port, timeout_s)
+                            info.port, info.controller_port, timeout_s, info.tls_port)
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the broker; True when one was running."""

@@ -42,7 +42,8 @@ POISON: list[tuple[str, bytes, str]] = [
     ("prediction", _p(probs=[-0.5, 1.5]), "negative_probability"),
     ("prediction", _p(probs=[0.2, 0.2]), "probs_not_normalised"),
     ("prediction", _p(logits=[1.0, 2.0]), "probs_or_logits"),
-    ("prediction", _p(ts=1_795_000_030), "timestamp_out_of_range"),
+    ("prediction", _p(ts=1_795_000_030), "timestamp_out_of_range"),  # seconds, not milliseconds: 1970
+    ("prediction", _p(ts="1999-12-31T23:59:59Z"), "timestamp_out_of_range"),  # ancient
     ("prediction", _p(ts="yesterday"), "invalid_timestamp"),
     ("prediction", _p(extra=1), "unknown_field"),
     ("prediction", _p(v=2), "unsupported_version"),
@@ -73,6 +74,10 @@ def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_p
         if i % 50 == 0 and i // 50 < len(POISON):
             kind, value, _reason = POISON[i // 50]
             mixed.append((kind, f"poison-{i}", value))
+    # Duplicate request ids: a second copy of a prediction, a replay and a label already joined (same key,
+    # so the same partition), while their window is still open.
+    duplicates = [next(r for r in valid if r[0] == kind) for kind in ("prediction", "teacher", "label")]
+    mixed += duplicates
     topics = new_topics(kafka, partitions=2)
     produce_records(kafka, topic_map(topics), mixed, options={"max_request_size": 16 * 1024 * 1024})
 
@@ -84,24 +89,26 @@ def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_p
     for topic in (topics.predictions, topics.teacher, topics.labels):
         received += [(topic, value, headers) for value, headers in _dead_letters(kafka, topic + ".DLT")]
     reasons = sorted(h["kdwatch.error.class"].decode() for _t, _v, h in received)
-    assert reasons == sorted(reason for _k, _v, reason in POISON)
+    assert reasons == sorted([reason for _k, _v, reason in POISON] + ["duplicate"] * 3)
     for topic, value, headers in received:
         assert headers["kdwatch.original.topic"].decode() + ".DLT" == topic + ".DLT"
         assert int(headers["kdwatch.original.offset"]) >= 0
         assert headers["kdwatch.error.message"]
-        assert value in {v for _k, v, _r in POISON}
+        assert value in {v for _k, v, _r in POISON} | {v for _k, _rid, v in duplicates}
 
     counted = store.counters()
     for kind, _value, reason in POISON:
         assert counted[(kind, reason)] >= 1
-    assert sum(c for (_kind, reason), c in counted.items() if reason != "valid") == len(POISON)
-    assert sum(c for (_kind, reason), c in counted.items() if reason == "valid") == len(valid)
+    assert {kind for (kind, reason) in counted if reason == "duplicate"} == {"prediction", "teacher", "label"}
+    assert sum(c for (_kind, reason), c in counted.items() if reason != "valid") == len(POISON) + len(duplicates)
+    # A duplicate passes the contract (counted valid) and is then kept out of the windows (counted duplicate).
+    assert sum(c for (_kind, reason), c in counted.items() if reason == "valid") == len(valid) + len(duplicates)
 
     expected = offline_results(write_jsonl(valid, tmp_path / "valid"))
     stored = stored_results(store)
     # Rejected predictions with a readable model, version and ts are counted in their window.
     for result in stored.values():
-        result["n_rejected"] = 0
+        result["n_rejected"] = result["n_duplicate"] = 0
     diffs = differences(stored, expected)
     assert not diffs, explain(diffs)
     store.close()
