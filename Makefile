@@ -34,3 +34,8 @@ bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own vir
 	cd benchmarks && ../$(PY) analyze_vs_peers.py
 	cd benchmarks && ../$(PY) api_latency.py
 	cd benchmarks && ../$(PY) sdk_overhead.py
+	cd benchmarks && ../$(PY) ingest.py
+	cd benchmarks && ../$(PY) detection.py
+	cd benchmarks && ../$(PY) freshness.py
+	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
+	cd benchmarks && ../$(PY) profile_collector.py

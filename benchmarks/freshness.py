@@ -85,7 +85,7 @@ def main() -> None:
             first_full = (int(time.time() * 1000) // MIN + 1) * MIN  # the first window that gets a full minute
             wanted = [first_full + k * MIN for k in range(args.windows)]
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
-            deadline = time.time() + (wanted[-1] - time.time() * 1000) / 1000 + args.grace_s + 60
+            deadline = time.time() + (wanted[-1] + MIN - time.time() * 1000) / 1000 + args.grace_s + 30
             while len(final_at) < len(wanted) and time.time() < deadline:
                 for w in client.get("/v1/models/m/windows").json().get("windows", []):
                     start = _ms(w["window_start"])

@@ -123,9 +123,11 @@ def main() -> None:
             full = [collector_in_process(info.bootstrap, topics, args.n, home / f"c{i}.db") for i in range(args.runs)]
             one = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"one{i}.db", 1) for i in range(args.runs)]
             two = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"two{i}.db", 2) for i in range(args.runs)]
-            big_topics = new_topics(info.bootstrap)
-            fill(info.bootstrap, big_topics, args.n * args.memory_factor)
-            big = collectors_as_processes(info.bootstrap, big_topics, args.n * args.memory_factor, home / "big.db", 1)
+            big = None
+            if args.memory_factor > 1:
+                big_topics = new_topics(info.bootstrap)
+                fill(info.bootstrap, big_topics, args.n * args.memory_factor)
+                big = collectors_as_processes(info.bootstrap, big_topics, args.n * args.memory_factor, home / "big.db", 1)
         finally:
             broker.stop()
     bare_rate, full_rate = median(bare), median(full)
@@ -140,8 +142,9 @@ def main() -> None:
           f"(target >= 50,000)")
     print(f"scale-out 2 vs 1 process: {median([r for r, _p in two]) / median([r for r, _p in one]):.2f}x")
     small_peak = median([float(p[0]) for _r, p in one]) / 1024
-    print(f"collector peak RSS: {small_peak:.0f} MB after {args.n:,} events, {big[1][0] / 1024:.0f} MB after "
-          f"{args.n * args.memory_factor:,}")
+    if big is not None:
+        print(f"collector peak RSS: {small_peak:.0f} MB after {args.n:,} events, {big[1][0] / 1024:.0f} MB after "
+              f"{args.n * args.memory_factor:,}")
 
 
 if __name__ == "__main__":
