@@ -345,6 +345,17 @@ class SqlStore:
                 set_={"fingerprint": stmt.excluded.fingerprint, "data": stmt.excluded.data,
                       "updated_at": stmt.excluded.updated_at}))
 
+    def change_signature(self, model: str) -> tuple[int, int, int, str | None]:
+        """Changes whenever any of the model's windows or its reference does: (rows, newest update, sum of
+        updates, reference fingerprint). The sum catches two partitions writing within one millisecond,
+        which the newest update alone would miss; a row has one writer, whose transactions take longer."""
+        with self.engine.connect() as conn:
+            rows, newest, total = conn.execute(
+                select(func.count(), func.max(window_state.c.updated_at), func.sum(window_state.c.updated_at))
+                .where(window_state.c.model == model)).one()
+            fingerprint = conn.execute(select(references.c.fingerprint).where(references.c.model == model)).scalar()
+        return int(rows), int(newest or 0), int(total or 0), fingerprint
+
     def references(self) -> dict[str, Reference]:
         with self.engine.connect() as conn:
             return {r.model: Reference.from_dict(orjson.loads(r.data)) for r in conn.execute(select(references))}

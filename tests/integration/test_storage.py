@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -78,3 +80,25 @@ def test_the_transfer_set_round_trips_and_keeps_the_newest_rows_per_model(store:
     assert r.teacher.probs.tolist() == [0.25, 0.75] and r.teacher.log_probs is not None
     assert r.student.log_probs is None
     assert [x.request_id for x in store.transfer_records("m", T0 + 8_000, T0 + 10_000)] == ["r8", "r9"]
+
+
+def test_the_change_signature_moves_with_every_window_write_and_reference(store: SqlStore) -> None:
+    from analyzer.drift import ReferenceBuilder
+
+    key = WindowKey("m", "s1", 60_000 * 29_916_667)
+    first = store.change_signature("m")
+    assert first == (0, 0, 0, None)
+    seen = [first]
+    for partition, offsets in ((0, (None, 1)), (1, (None, 1)), (0, (1, 2))):
+        time.sleep(0.002)  # a row's writes are milliseconds apart in real use (one writer, a transaction each)
+        changes = PartitionJoiner(60_000, 600_000).end_batch(ALL_READ)
+        changes.windows[key] = WindowState(n=partition + 1)
+        store.commit_batch("g", partition, 60_000, changes, {"preds": offsets})
+        seen.append(store.change_signature("m"))
+    assert len(set(seen)) == len(seen)  # every write changed it, even a rewrite of an existing row
+    assert store.change_signature("m") == seen[-1]  # and nothing else does
+    builder = ReferenceBuilder()
+    builder.add("x", 1.0)
+    store.put_reference("m", builder.build())
+    assert store.change_signature("m")[3] is not None
+    assert store.change_signature("other") == (0, 0, 0, None)
