@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from analyzer.drift import Reference
 from analyzer.rollup import rollup
@@ -77,7 +78,7 @@ def _bearer(request: Request) -> str | None:
     return header[7:] if header.lower().startswith("bearer ") else None
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     """Writes: the bearer API key, compared in constant time."""
     settings: ApiSettings = request.app.state.api_settings
     if settings.api_key is None:
@@ -87,10 +88,13 @@ def require_key(request: Request) -> None:
         raise HTTPException(401, "a valid bearer API key is required", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_read(request: Request) -> None:
-    """Reads: open, unless the deployment requires the key for them too."""
+async def require_read(request: Request) -> None:
+    """Reads: open, unless the deployment requires the key for them too.
+
+    Async (no I/O): FastAPI would otherwise hop to its thread pool for every request just to run it.
+    """
     if request.app.state.api_settings.read_token_required:
-        require_key(request)
+        await require_key(request)
 
 
 # Module level, so FastAPI can resolve them from the (postponed) annotations.
@@ -166,7 +170,7 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
             for v, e in sorted(versions.items())]} for m, versions in sorted(seen.items())]}
 
     @app.get("/v1/models/{model}/windows", response_model=None)
-    def windows(
+    async def windows(
         model: str,
         _: Read,
         from_: Annotated[str | None, Query(alias="from", description="RFC 3339 or epoch ms, inclusive")] = None,
@@ -212,7 +216,8 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
                     threading.Thread(target=refresh, daemon=True).start()
                 return hit[1]
             refreshing.add(key)
-        return refresh()
+        # A cache hit (above) answers on the event loop; only a build goes to the thread pool (database, merging).
+        return await run_in_threadpool(refresh)
 
     def _windows_response(model: str, version: str | None, start: int | None, end: int | None, step: str,
                           format: str) -> Response:
