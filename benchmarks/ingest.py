@@ -18,13 +18,15 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import ROOT, median
 from kafka import KafkaConsumer, TopicPartition
 
 from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
-from kdwatch.devkafka import DevKafka
+from kdwatch.devkafka import BrokerInfo, DevKafka
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from storage.sql import SqlStore
@@ -42,6 +44,28 @@ def fill(bootstrap: str, topics: Topics, n: int) -> None:
     spec = TrafficSpec(teacher_rate=0.0, label_rate=0.0, events_per_second=200.0, seed=5)
     produce_records(bootstrap, {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels},
                     generate(spec, n))
+
+
+@contextmanager
+def filled_broker(n: int) -> Iterator[tuple[BrokerInfo, Topics, Path]]:
+    """A local broker with ``n`` predictions on fresh topics, and a scratch folder; stopped afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        broker = DevKafka(home / "kafka")
+        info = broker.start()
+        try:
+            topics = new_topics(info.bootstrap)
+            fill(info.bootstrap, topics, n)
+            yield info, topics, home
+        finally:
+            broker.stop()
+
+
+def collector_env(bootstrap: str, topics: Topics, db: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `kdwatch collect` process on these topics, in a new consumer group."""
+    return {**os.environ, "KDWATCH_DATABASE_URL": f"sqlite:///{db}", "KDWATCH_BOOTSTRAP_SERVERS": bootstrap,
+            "KDWATCH_GROUP_ID": f"g-{uuid.uuid4().hex[:8]}", "KDWATCH_TOPIC_PREDICTIONS": topics.predictions,
+            "KDWATCH_TOPIC_TEACHER": topics.teacher, "KDWATCH_TOPIC_LABELS": topics.labels, **extra}
 
 
 def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
@@ -85,9 +109,7 @@ def collectors_as_processes(bootstrap: str, topics: Topics, n: int, db: Path, co
     """``count`` `kdwatch collect` processes in one group: events/s and each one's peak RSS (kB)."""
     store = SqlStore.from_url(f"sqlite:///{db}")
     store.migrate()
-    env = {**os.environ, "KDWATCH_DATABASE_URL": f"sqlite:///{db}", "KDWATCH_BOOTSTRAP_SERVERS": bootstrap,
-           "KDWATCH_GROUP_ID": f"g-{uuid.uuid4().hex[:8]}", "KDWATCH_TOPIC_PREDICTIONS": topics.predictions,
-           "KDWATCH_TOPIC_TEACHER": topics.teacher, "KDWATCH_TOPIC_LABELS": topics.labels, "KDWATCH_SESSION_TIMEOUT": "6s"}
+    env = collector_env(bootstrap, topics, db, KDWATCH_SESSION_TIMEOUT="6s")
     procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "peak.py"), sys.executable, "-m", "kdwatch.cli",
                                "collect", "--idle-exit", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
              for _ in range(count)]
@@ -112,24 +134,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory-factor", type=int, default=4)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        broker = DevKafka(home / "kafka")
-        info = broker.start()
-        try:
-            topics = new_topics(info.bootstrap)
-            fill(info.bootstrap, topics, args.n)
-            bare = [bare_consumer(info.bootstrap, topics.predictions, args.n) for _ in range(args.runs)]
-            full = [collector_in_process(info.bootstrap, topics, args.n, home / f"c{i}.db") for i in range(args.runs)]
-            one = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"one{i}.db", 1) for i in range(args.runs)]
-            two = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"two{i}.db", 2) for i in range(args.runs)]
-            big = None
-            if args.memory_factor > 1:
-                big_topics = new_topics(info.bootstrap)
-                fill(info.bootstrap, big_topics, args.n * args.memory_factor)
-                big = collectors_as_processes(info.bootstrap, big_topics, args.n * args.memory_factor, home / "big.db", 1)
-        finally:
-            broker.stop()
+    with filled_broker(args.n) as (info, topics, home):
+        bare = [bare_consumer(info.bootstrap, topics.predictions, args.n) for _ in range(args.runs)]
+        full = [collector_in_process(info.bootstrap, topics, args.n, home / f"c{i}.db") for i in range(args.runs)]
+        one = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"one{i}.db", 1) for i in range(args.runs)]
+        two = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"two{i}.db", 2) for i in range(args.runs)]
+        big = None
+        if args.memory_factor > 1:
+            big_topics = new_topics(info.bootstrap)
+            fill(info.bootstrap, big_topics, args.n * args.memory_factor)
+            big = collectors_as_processes(info.bootstrap, big_topics, args.n * args.memory_factor, home / "big.db", 1)
     bare_rate, full_rate = median(bare), median(full)
     print(f"\n{args.n:,} predictions on a 4-partition topic, SQLite, median of {args.runs} runs\n")
     print("| run | events/s |")

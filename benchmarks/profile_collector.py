@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import uuid
-from pathlib import Path
 
 from common import ROOT
-from ingest import fill, new_topics
-
-from kdwatch.devkafka import DevKafka
+from ingest import collector_env, filled_broker
 
 OUT = ROOT / "benchmarks" / "profiles"
 
@@ -35,24 +29,14 @@ def main() -> None:
     if py_spy is None:
         raise SystemExit("py-spy is needed: .venv/bin/pip install py-spy (make bench does)")
     OUT.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        broker = DevKafka(home / "kafka")
-        info = broker.start()
-        try:
-            topics = new_topics(info.bootstrap)
-            fill(info.bootstrap, topics, args.n)
-            env = {**os.environ, "KDWATCH_DATABASE_URL": f"sqlite:///{home / 'k.db'}", "KDWATCH_BOOTSTRAP_SERVERS": info.bootstrap,
-                   "KDWATCH_GROUP_ID": f"g-{uuid.uuid4().hex[:8]}", "KDWATCH_TOPIC_PREDICTIONS": topics.predictions,
-                   "KDWATCH_TOPIC_TEACHER": topics.teacher, "KDWATCH_TOPIC_LABELS": topics.labels}
-            collect = [sys.executable, "-m", "kdwatch.cli", "collect", "--idle-exit", "3"]
-            raw = home / "stacks.txt"
-            subprocess.run([py_spy, "record", "--rate", "200", "--format", "raw", "-o", str(raw), "--", *collect],
-                           env=env, check=True, capture_output=True)
-            subprocess.run([py_spy, "record", "--rate", "100", "-o", str(OUT / "collector.svg"), "--", *collect],
-                           env={**env, "KDWATCH_GROUP_ID": f"g-{uuid.uuid4().hex[:8]}"}, check=True, capture_output=True)
-        finally:
-            broker.stop()
+    with filled_broker(args.n) as (info, topics, home):
+        env = collector_env(info.bootstrap, topics, home / "k.db")
+        collect = [sys.executable, "-m", "kdwatch.cli", "collect", "--idle-exit", "3"]
+        raw = home / "stacks.txt"
+        subprocess.run([py_spy, "record", "--rate", "200", "--format", "raw", "-o", str(raw), "--", *collect],
+                       env=env, check=True, capture_output=True)
+        subprocess.run([py_spy, "record", "--rate", "100", "-o", str(OUT / "collector.svg"), "--", *collect],
+                       env=collector_env(info.bootstrap, topics, home / "k2.db"), check=True, capture_output=True)
         own: collections.Counter[str] = collections.Counter()
         inclusive: collections.Counter[str] = collections.Counter()
         total = 0

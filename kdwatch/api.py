@@ -122,9 +122,8 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
     # Whole responses of the windows endpoint for ``cache_ttl_s`` (so results lag by at most that), and
     # below them merged buckets, each keyed with its own version (rows, newest update): while new
     # windows arrive only the buckets they touch are merged again.
-    cache: OrderedDict[tuple[Any, ...], tuple[float, Response]] = OrderedDict()
+    cache: OrderedDict[tuple[Any, ...], tuple[float, Response, Any]] = OrderedDict()  # expiry, response, change signature
     refreshing: set[tuple[Any, ...]] = set()
-    signatures: OrderedDict[tuple[Any, ...], tuple[Any, Response]] = OrderedDict()
     bucket_cache: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], dict[str, Any]]] = OrderedDict()
     cache_lock = threading.Lock()
 
@@ -188,17 +187,13 @@ def create_app(store: SqlStore, settings: ApiSettings, registry: CollectorRegist
                 # build means the same response, with no GROUP BY and no merge.
                 signature = store.change_signature(model)
                 with cache_lock:
-                    built = signatures.get(key)
-                if built is not None and built[0] == signature:
+                    built = cache.get(key)
+                if built is not None and built[2] == signature:
                     fresh = built[1]
                 else:
                     fresh = _windows_response(model, version, start, end, step, format)
-                    with cache_lock:
-                        signatures[key] = (signature, fresh)
-                        while len(signatures) > CACHE_ENTRIES:
-                            signatures.popitem(last=False)
                 with cache_lock:
-                    cache[key] = (time.monotonic() + settings.cache_ttl_s, fresh)
+                    cache[key] = (time.monotonic() + settings.cache_ttl_s, fresh, signature)
                     while len(cache) > CACHE_ENTRIES:
                         cache.popitem(last=False)
                 return fresh

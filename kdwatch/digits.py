@@ -9,7 +9,6 @@ Everything is seeded, so a run is reproducible.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import orjson
 import torch
 import torch.nn.functional as F
 
+from kdwatch.generator import ArrivalQueue
 from runner.distill import StudentMLP, TrainConfig, TransferArrays, distil
 
 FEATURES = [f"px{i:02d}" for i in range(64)]
@@ -111,11 +111,9 @@ def traffic(d: Digits, phase: Phase, student: Predictor, teacher: Predictor | No
     x = shift(d.x[picks], phase.noise, rng)
     log_s = student(x)
     log_t = teacher(x) if teacher is not None else None
-    pending: list[tuple[int, int, str, str, bytes]] = []
-    seq = 0
+    pending = ArrivalQueue()
     for ts, rid, value in audits(d, phase, student, rng):  # interleaved by event time, so never late
-        heapq.heappush(pending, (ts, seq, "prediction", rid, value))
-        seq += 1
+        pending.push(ts, "prediction", rid, value)
     for i in range(phase.n):
         ts = phase.start_ms + i * phase.interval_ms
         rid = f"{phase.model}-{phase.student_version}-{phase.seed}-{i}"
@@ -124,20 +122,15 @@ def traffic(d: Digits, phase: Phase, student: Predictor, teacher: Predictor | No
             "request_id": rid, "model": phase.model, "student_version": phase.student_version, "ts": ts,
             "latency_ms": round(float(rng.lognormal(1.5, 0.3)), 3), "features": features, "logits": _logits(log_s[i])})
         if log_t is not None and rng.random() < phase.teacher_rate:
-            heapq.heappush(pending, (ts + 2_000, seq, "teacher", rid, orjson.dumps({
+            pending.push(ts + 2_000, "teacher", rid, orjson.dumps({
                 "request_id": rid, "model": phase.model, "teacher_version": phase.teacher_version, "ts": ts + 2_000,
-                "logits": _logits(log_t[i])})))
-            seq += 1
+                "logits": _logits(log_t[i])}))
         if rng.random() < phase.label_rate:
             delay = int(rng.uniform(30_000, 120_000))
-            heapq.heappush(pending, (ts + delay, seq, "label", rid, orjson.dumps({
-                "request_id": rid, "model": phase.model, "label": int(d.y[picks[i]]), "ts": ts + delay})))
-            seq += 1
-        while pending and pending[0][0] <= ts:
-            _due, _s, kind, prid, value = heapq.heappop(pending)
-            yield kind, prid, value
-    for _due, _s, kind, prid, value in sorted(pending):
-        yield kind, prid, value
+            pending.push(ts + delay, "label", rid, orjson.dumps({
+                "request_id": rid, "model": phase.model, "label": int(d.y[picks[i]]), "ts": ts + delay}))
+        yield from pending.due(ts)
+    yield from pending.drain()
 
 
 def audits(d: Digits, phase: Phase, student: Predictor, rng: np.random.Generator) -> Iterator[tuple[int, str, bytes]]:

@@ -37,6 +37,29 @@ class TrafficSpec:
     seed: int = 0
 
 
+class ArrivalQueue:
+    """Records due later (replays, labels) released in due-time order; ties keep insertion order."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, str, str, bytes]] = []
+        self._seq = 0
+
+    def push(self, due_ms: int, kind: str, request_id: str, value: bytes) -> None:
+        heapq.heappush(self._heap, (due_ms, self._seq, kind, request_id, value))
+        self._seq += 1
+
+    def due(self, now_ms: int) -> Iterator[tuple[str, str, bytes]]:
+        """Pop every record due at or before ``now_ms``."""
+        while self._heap and self._heap[0][0] <= now_ms:
+            _due, _s, kind, request_id, value = heapq.heappop(self._heap)
+            yield kind, request_id, value
+
+    def drain(self) -> Iterator[tuple[str, str, bytes]]:
+        for _due, _s, kind, request_id, value in sorted(self._heap):
+            yield kind, request_id, value
+        self._heap.clear()
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -47,8 +70,7 @@ def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
     rng = np.random.default_rng(spec.seed)
     k = spec.n_classes
     step_ms = 1000.0 / spec.events_per_second
-    pending: list[tuple[int, int, str, str, bytes]] = []  # (due_ms, seq, kind, request_id, value)
-    seq = 0
+    pending = ArrivalQueue()
     for i in range(n):
         ts = spec.start_ms + int(i * step_ms)
         rid = f"{spec.model}-{spec.seed}-{i}"
@@ -85,15 +107,10 @@ def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
                 teacher["logits"] = [round(float(x), 6) for x in teacher_logits]
             else:
                 teacher["probs"] = [float(x) for x in _softmax(teacher_logits)]
-            heapq.heappush(pending, (ts + 2_000, seq, "teacher", rid, orjson.dumps(teacher)))
-            seq += 1
+            pending.push(ts + 2_000, "teacher", rid, orjson.dumps(teacher))
         if rng.random() < spec.label_rate:
             delay = int(rng.uniform(10_000, 120_000))
-            heapq.heappush(pending, (ts + delay, seq, "label", rid,
-                            orjson.dumps({"request_id": rid, "model": spec.model, "label": label, "ts": ts + delay})))
-            seq += 1
-        while pending and pending[0][0] <= ts:
-            _due, _s, kind, prid, value = heapq.heappop(pending)
-            yield kind, prid, value
-    for _due, _s, kind, prid, value in sorted(pending):
-        yield kind, prid, value
+            pending.push(ts + delay, "label", rid,
+                         orjson.dumps({"request_id": rid, "model": spec.model, "label": label, "ts": ts + delay}))
+        yield from pending.due(ts)
+    yield from pending.drain()
