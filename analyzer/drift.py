@@ -16,6 +16,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -42,8 +43,16 @@ class FeatureBins:
     def n_bins(self) -> int:
         return len(self.edges) + 1 if self.edges is not None else len(self.categories or ()) + 1
 
-    def bin_indices(self, values: Sequence[Any]) -> np.ndarray:
-        """Bin index of each value; values of the wrong type get -1 and are not counted."""
+    def bin_indices(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Bin index of each value; values of the wrong type get -1 and are not counted.
+
+        A float array (NaN = missing) is binned without a Python loop (the columnar path).
+        """
+        if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+            if self.edges is None:  # numbers are never a category's value
+                return np.full(values.shape[0], -1, dtype=np.int64)
+            idx = np.searchsorted(np.asarray(self.edges), values, side="right")
+            return np.where(np.isnan(values), -1, idx)
         if self.edges is not None:
             numbers = np.array([v if isinstance(v, float | int) and not isinstance(v, bool) else np.nan for v in values], dtype=np.float64)
             idx = np.searchsorted(np.asarray(self.edges), numbers, side="right")
@@ -52,15 +61,21 @@ class FeatureBins:
         other = len(lookup)
         return np.array([lookup.get(v, other) if isinstance(v, str) else -1 for v in values], dtype=np.int64)
 
-    def count(self, values: Sequence[Any]) -> np.ndarray:
+    def count(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
         idx = self.bin_indices(values)
         return np.bincount(idx[idx >= 0], minlength=self.n_bins)
+
+    def count_classes(self, classes: np.ndarray, n_classes: int) -> np.ndarray:
+        """Counts of predicted class indices (0..n_classes-1) binned as their text, like ``count``."""
+        lookup = {c: i for i, c in enumerate(self.categories or ())}
+        table = np.array([lookup.get(str(k), len(lookup)) for k in range(n_classes)], dtype=np.int64)
+        return np.bincount(table[classes], minlength=self.n_bins)
 
 
 def _numeric_bins(name: str, values: np.ndarray) -> FeatureBins:
     edges = tuple(float(e) for e in np.unique(np.quantile(values, DECILES)))
     bins = FeatureBins(name, edges=edges)
-    return FeatureBins(name, edges=edges, reference_counts=tuple(int(c) for c in bins.count(values.tolist())))
+    return FeatureBins(name, edges=edges, reference_counts=tuple(int(c) for c in bins.count(values)))
 
 
 def _categorical_bins(name: str, counts: Counter[str]) -> FeatureBins:
@@ -114,7 +129,7 @@ class Reference:
                 builder.add(name, value)
         return builder.build()
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         return hashlib.sha256(orjson.dumps(self.to_dict(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
@@ -163,11 +178,15 @@ class DriftState:
             values = columns.get(name)
             if values is None:
                 continue
-            counted = fb.count(list(values))
-            if name in self.counts:
-                self.counts[name] = [a + int(b) for a, b in zip(self.counts[name], counted, strict=True)]
-            else:
-                self.counts[name] = [int(b) for b in counted]
+            counted = fb.count(values if isinstance(values, np.ndarray) else list(values))
+            self.add_counts(name, counted)
+
+    def add_counts(self, name: str, counted: np.ndarray) -> None:
+        """Add a feature's bin counts (binned by the reference this state belongs to)."""
+        if name in self.counts:
+            self.counts[name] = [a + int(b) for a, b in zip(self.counts[name], counted, strict=True)]
+        else:
+            self.counts[name] = [int(b) for b in counted]
 
     def merge(self, other: DriftState) -> None:
         if other.fingerprint is None:

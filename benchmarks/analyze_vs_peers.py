@@ -4,7 +4,9 @@ kdwatch computes every window field (agreement, KL, JS, ECE, accuracy, PSI on 10
 confidence and predicted class, latency quantiles) over predictions + 10 % replays + 10 % labels;
 Evidently's DataDriftPreset(method="psi") computes PSI on the 10 features only (reference 1M rows).
 Both are median wall seconds of several runs in this same process tree, so their ratio is fair on a
-noisy machine. Memory: kdwatch's peak RSS at N and at 5N predictions (flat = bounded state).
+noisy machine. Each is run twice: on the JSONL files, and on the same events as Parquet (written by
+`kdwatch convert`; kdwatch takes its columnar path, Evidently reads the feature columns). Memory:
+kdwatch's peak RSS at N and at 5N predictions (flat = bounded state).
 
     python benchmarks/analyze_vs_peers.py [--n 1000000] [--runs 3] [--memory-factor 5]
 """
@@ -14,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
-from common import ROOT, dataset, measure, median
+from common import ROOT, dataset, measure, median, parquet_dataset
 
 KDWATCH = str(ROOT / ".venv" / "bin" / "kdwatch")
 BENCH_PY = str(ROOT / ".venv-bench" / "bin" / "python")
@@ -52,40 +55,58 @@ def main() -> None:
 
     current = dataset(args.n, seed=0)
     reference = dataset(args.n, seed=1)["prediction"]
+    current_pq = parquet_dataset(current)
+    reference_pq = parquet_dataset({"prediction": reference})["prediction"]
     records = 0
     for path in current.values():
         with open(path, "rb") as handle:
             records += sum(1 for _ in handle)
+    evidently = str(ROOT / "benchmarks" / "peers" / "evidently_psi.py")
 
     kd = [measure(kdwatch_cmd(current, reference)) for _ in range(args.runs)]
-    ev = [measure([BENCH_PY, str(ROOT / "benchmarks" / "peers" / "evidently_psi.py"), str(current["prediction"]), str(reference)])
-          for _ in range(args.runs)]
-    ev_parts = [json.loads(m.stdout.splitlines()[-1]) for m in ev]
+    ev = [measure([BENCH_PY, evidently, str(current["prediction"]), str(reference)]) for _ in range(args.runs)]
+    kd_pq = [measure(kdwatch_cmd(current_pq, reference_pq)) for _ in range(args.runs)]
+    ev_pq = [measure([BENCH_PY, evidently, str(current_pq["prediction"]), str(reference_pq)]) for _ in range(args.runs)]
     floor = [measure(floor_cmd(current, reference)) for _ in range(args.runs)]
     big = dataset(args.n * args.memory_factor, seed=2)
     kd_big = measure(kdwatch_cmd(big, reference))
+    kd_big_pq = measure(kdwatch_cmd(parquet_dataset(big), reference_pq))
 
-    kd_s, ev_s = median([m.seconds for m in kd]), median([m.seconds for m in ev])
+    def seconds(ms: list[Any]) -> float:
+        return median([m.seconds for m in ms])
+
+    def rss(ms: list[Any]) -> float:
+        return median([m.peak_rss_mb for m in ms])
+
+    def run_s(ms: list[Any]) -> float:
+        return median([json.loads(m.stdout.splitlines()[-1])["run_s"] for m in ms])
+
+    big_n = args.n * args.memory_factor
     rows = [
-        ("kdwatch analyze (all fields)", kd_s, median([m.peak_rss_mb for m in kd]), args.n / kd_s),
-        ("Evidently DataDriftPreset(psi), total", ev_s, median([m.peak_rss_mb for m in ev]), args.n / ev_s),
-        ("  of which Report.run", median([p["run_s"] for p in ev_parts]), None, None),
-        ("floor: orjson-parse every input and reference line, no compute", median([m.seconds for m in floor]),
-         median([m.peak_rss_mb for m in floor]), args.n / median([m.seconds for m in floor])),
-        (f"kdwatch analyze at {args.n * args.memory_factor:,} predictions", kd_big.seconds, kd_big.peak_rss_mb,
-         args.n * args.memory_factor / kd_big.seconds),
+        ("JSONL: kdwatch analyze (all fields)", seconds(kd), rss(kd), args.n / seconds(kd)),
+        ("JSONL: Evidently DataDriftPreset(psi), total", seconds(ev), rss(ev), args.n / seconds(ev)),
+        ("  of which Report.run", run_s(ev), None, None),
+        ("JSONL floor: orjson-parse every input and reference line, no compute", seconds(floor), rss(floor),
+         args.n / seconds(floor)),
+        ("Parquet: kdwatch analyze (all fields, columnar path)", seconds(kd_pq), rss(kd_pq), args.n / seconds(kd_pq)),
+        ("Parquet: Evidently DataDriftPreset(psi), total", seconds(ev_pq), rss(ev_pq), args.n / seconds(ev_pq)),
+        ("  of which Report.run", run_s(ev_pq), None, None),
+        (f"JSONL: kdwatch analyze at {big_n:,} predictions", kd_big.seconds, kd_big.peak_rss_mb, big_n / kd_big.seconds),
+        (f"Parquet: kdwatch analyze at {big_n:,} predictions", kd_big_pq.seconds, kd_big_pq.peak_rss_mb,
+         big_n / kd_big_pq.seconds),
     ]
     print(f"\n{args.n:,} predictions ({records:,} records with replays and labels), median of {args.runs} runs\n")
     print("| run | seconds | peak RSS MB | predictions/s |")
     print("|---|---|---|---|")
-    for name, seconds, rss, rate in rows:
-        print(f"| {name} | {seconds:.2f} | {'' if rss is None else f'{rss:.0f}'} | {'' if rate is None else f'{rate:,.0f}'} |")
-    print(f"\nspeed-up of kdwatch over Evidently (total): {ev_s / kd_s:.2f}x (target >= 20x)")
-    floor_s = median([m.seconds for m in floor])
-    print(f"best possible for any tool that parses the JSONL in Python: {ev_s / floor_s:.2f}x over Evidently")
-    print(f"kdwatch peak RSS {args.memory_factor}x more events: {kd_big.peak_rss_mb / median([m.peak_rss_mb for m in kd]):.2f}x")
+    for name, secs, mb, rate in rows:
+        print(f"| {name} | {secs:.2f} | {'' if mb is None else f'{mb:.0f}'} | {'' if rate is None else f'{rate:,.0f}'} |")
+    print(f"\nspeed-up of kdwatch over Evidently, JSONL: {seconds(ev) / seconds(kd):.2f}x; Parquet: "
+          f"{seconds(ev_pq) / seconds(kd_pq):.2f}x; kdwatch Parquet vs Evidently JSONL: {seconds(ev) / seconds(kd_pq):.2f}x "
+          "(target >= 20x)")
+    print(f"best possible for any tool that parses the JSONL in Python: {seconds(ev) / seconds(floor):.2f}x over Evidently")
+    print(f"kdwatch peak RSS with {args.memory_factor}x more events: JSONL {kd_big.peak_rss_mb / rss(kd):.2f}x, "
+          f"Parquet {kd_big_pq.peak_rss_mb / rss(kd_pq):.2f}x")
     sys.stdout.flush()
-
 
 if __name__ == "__main__":
     main()

@@ -53,5 +53,18 @@ def dataset(n: int, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+def parquet_dataset(paths: dict[str, Path]) -> dict[str, Path]:
+    """The same events as Parquet (`kdwatch convert`), cached beside the JSONL."""
+    from collector.columnar import convert_jsonl
+
+    out = {kind: path.with_suffix(".parquet") for kind, path in paths.items()}
+    for kind, path in paths.items():
+        done = path.with_suffix(".parquet.complete")
+        if not done.exists():
+            convert_jsonl(path, out[kind], kind)
+            done.touch()
+    return out
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)

@@ -8,7 +8,7 @@ the grace, the result equals the Kafka path's stored windows (tests/integration/
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,29 @@ def _parse(raw: bytes) -> tuple[int, dict[str, Any] | None]:
 
 
 def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]:
+    """The merge's entries of a JSONL file: (ts, input order, line number, kind, raw line, parsed)."""
     with path.open("rb") as handle:
         for lineno, line in enumerate(handle):
             line = line.rstrip(b"\r\n")
             if line.strip():
                 ts, obj = _parse(line)
                 yield (ts, order, lineno, kind, line, obj)
+
+
+Stream = Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]
+
+
+def _streams(predictions: Path, teacher: Path | None, labels: Path | None) -> dict[str, Stream]:
+    """Each input's entries for the merge: JSONL lines, or Parquet rows as the objects they stand for."""
+    from collector.columnar import SchemaError, is_parquet, parquet_lines
+
+    given = {"prediction": predictions, "teacher": teacher, "label": labels}
+    paths = {kind: path for kind, path in given.items() if path is not None}
+    kinds = {is_parquet(path) for path in paths.values()}
+    if len(kinds) > 1:
+        raise SchemaError("--predictions, --teacher and --labels must be all JSONL or all Parquet")
+    reader = parquet_lines if kinds == {True} else _lines
+    return {kind: reader(path, kind, order) for order, (kind, path) in enumerate(given.items()) if path is not None}
 
 
 def merged_events(
@@ -67,11 +84,7 @@ def merged_events(
     ``exhausted`` names the input whose file just ended (after that record), so the watermark no
     longer waits for it.
     """
-    streams = {"prediction": _lines(predictions, "prediction", 0)}
-    if teacher is not None:
-        streams["teacher"] = _lines(teacher, "teacher", 1)
-    if labels is not None:
-        streams["label"] = _lines(labels, "label", 2)
+    streams = _streams(predictions, teacher, labels)
     # Heap entries: (ts, order, lineno, ...) are unique in their first three, so the dict is never compared.
     heads: list[tuple[int, int, int, str, bytes, dict[str, Any] | None]] = []
     for kind, stream in list(streams.items()):
@@ -117,7 +130,11 @@ def build_references(lines: Iterable[bytes]) -> dict[str, tuple[Reference, int]]
 
 
 def load_reference(path: Path) -> dict[str, Reference]:
-    """Per-model references from a JSONL file of (valid) baseline predictions."""
+    """Per-model references from a JSONL or Parquet file of (valid) baseline predictions."""
+    from collector.columnar import is_parquet, load_reference_parquet
+
+    if is_parquet(path):
+        return load_reference_parquet(path)
     with path.open("rb") as handle:
         return {model: reference for model, (reference, _n) in build_references(handle).items()}
 
@@ -130,8 +147,22 @@ def analyze_files(
     window_ms: int = 60_000,
     grace_ms: int = 600_000,
     references: dict[str, Reference] | None = None,
+    on_fallback: Callable[[str], None] | None = None,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
-    """Final window states and per-(kind, reason) counters of the files."""
+    """Final window states and per-(kind, reason) counters of the files.
+
+    Parquet inputs take the columnar path (collector.columnar); when the data needs the per-record
+    joiner, ``on_fallback`` hears why and the rows go through the same loop as JSONL lines.
+    """
+    from collector.columnar import Fallback, analyze_parquet, is_parquet
+
+    if is_parquet(predictions):
+        try:
+            return analyze_parquet(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms,
+                                   references=references)
+        except Fallback as exc:
+            if on_fallback is not None:
+                on_fallback(str(exc))
     joiner = PartitionJoiner(window_ms, grace_ms, references)
     windows: dict[WindowKey, WindowState] = {}
     counters: dict[tuple[str, str], int] = {}

@@ -49,17 +49,18 @@ def _emit(record: dict[str, Any]) -> None:
 
 @app.command()
 def analyze(
-    predictions: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="JSONL of predictions")],
-    teacher: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL of teacher replays")] = None,
-    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL of labels")] = None,
+    predictions: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="predictions (.jsonl or .parquet)")],
+    teacher: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="teacher replays (.jsonl or .parquet)")] = None,
+    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="labels (.jsonl or .parquet)")] = None,
     window: Annotated[str, typer.Option(help="window size")] = "1m",
     grace: Annotated[str, typer.Option(help="join grace after a window closes")] = "10m",
-    reference: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL baseline predictions for PSI")] = None,
+    reference: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="PSI baseline (.jsonl or .parquet)")] = None,
     slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML: backtest it on these windows")] = None,
 ) -> None:
-    """Analyse JSONL files with no broker and no database; one JSON object per window on stdout.
+    """Analyse JSONL or Parquet files with no broker and no database; one JSON object per window on stdout.
 
-    With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
+    Parquet inputs are validated and computed on columns (README: "Parquet input"), with the same
+    results. With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
     """
     from analyzer.window import window_result
     from collector.offline import analyze_files, load_reference
@@ -69,7 +70,9 @@ def analyze(
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
     slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
     refs = load_reference(reference) if reference is not None else {}
-    windows, counters = analyze_files(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs)
+    windows, counters = analyze_files(
+        predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs,
+        on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
     inputs = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
         result = window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model))
@@ -78,9 +81,29 @@ def analyze(
     if slo_config is not None:
         for notification in backtest(slo_config, inputs):
             _emit(notification)
-    rejected = {f"{kind}.{reason}": count for (kind, reason), count in sorted(counters.items())}
+    rejected = {f"{kind}.{reason}": count for (kind, reason), count in sorted(counters.items()) if reason != "valid"}
     if rejected:
         err.print(f"[yellow]not counted in any window metric:[/] {rejected}")
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL file of one kind of event")],
+    target: Annotated[Path, typer.Argument(dir_okay=False, help="Parquet file to write")],
+    kind: Annotated[str, typer.Option(help="prediction, teacher or label")] = "prediction",
+) -> None:
+    """Convert contract-v1 JSONL to Parquet for the columnar `analyze`; invalid lines go to TARGET.rejected.jsonl."""
+    from collector.columnar import convert_jsonl
+
+    if kind not in ("prediction", "teacher", "label"):
+        raise typer.BadParameter("must be prediction, teacher or label", param_hint="--kind")
+    rejected = target.with_name(target.name + ".rejected.jsonl")
+    written, reasons = convert_jsonl(source, target, kind, rejected)
+    if reasons:
+        err.print(f"[yellow]{sum(reasons.values())} invalid line(s) written to {rejected}:[/] {reasons}")
+    else:
+        rejected.unlink(missing_ok=True)
+    err.print(f"wrote {written} {kind} rows to {target}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 KdwatchError
 ├── ContractError      an event breaks contract v1 (collector.contract)
+├── SchemaError        a Parquet file's columns cannot hold contract v1 (collector.columnar)
 ├── ConfigError        a setting or file is invalid at start-up (kdwatch.settings)
 ├── StoreConflict      another collector took over a partition (storage)
 └── DevKafkaError      the local development broker failed (kdwatch.devkafka)
@@ -25,6 +26,10 @@ class ContractError(KdwatchError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class SchemaError(KdwatchError):
+    """A Parquet input whose columns cannot hold the event contract: the whole file is refused."""
 
 
 class ConfigError(KdwatchError):

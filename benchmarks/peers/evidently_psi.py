@@ -1,6 +1,6 @@
 """Evidently's DataDriftPreset(method="psi") over the same 10 features (run in .venv-bench).
 
-Prints {"load_s", "run_s"} as JSON: loading the JSONL into DataFrames and the report itself.
+Prints {"load_s", "run_s"} as JSON: loading the files (JSONL or Parquet) into DataFrames and the report itself.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from evidently.presets import DataDriftPreset
 
 
 def features(path: str) -> pd.DataFrame:
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pq.read_table(path, columns=["features"]).column("features").combine_chunks()
+        return pa.Table.from_struct_array(column).to_pandas()
     with open(path, "rb") as handle:
         rows = [orjson.loads(line)["features"] for line in handle if line.strip()]
     return pd.DataFrame.from_records(rows)

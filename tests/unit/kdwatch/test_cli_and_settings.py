@@ -34,6 +34,41 @@ def test_analyze_prints_one_ordered_window_per_line_with_rfc3339_bounds(tmp_path
         assert field in rows[0]
 
 
+def test_convert_then_analyze_parquet_prints_the_jsonl_windows(tmp_path: Path) -> None:
+    files = {k: (tmp_path / f"{k}.jsonl").open("wb") for k in ("prediction", "teacher", "label")}
+    for kind, _rid, value in generate(TrafficSpec(events_per_second=10, seed=2), 1_200):
+        files[kind].write(value + b"\n")
+    for f in files.values():
+        f.close()
+    for kind in ("prediction", "teacher", "label"):
+        subprocess.run([sys.executable, "-m", "kdwatch.cli", "convert", str(tmp_path / f"{kind}.jsonl"),
+                        str(tmp_path / f"{kind}.parquet"), "--kind", kind], check=True, capture_output=True)
+
+    def analyze(suffix: str) -> str:
+        args = [a for kind, option in (("prediction", "--predictions"), ("teacher", "--teacher"), ("label", "--labels"))
+                for a in (option, str(tmp_path / f"{kind}.{suffix}"))]
+        return subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", *args, "--reference",
+                               str(tmp_path / f"prediction.{suffix}")], capture_output=True, check=True, text=True).stdout
+
+    jsonl, parquet = analyze("jsonl"), analyze("parquet")
+    assert [orjson.loads(line)["n"] for line in parquet.splitlines()] == [orjson.loads(line)["n"] for line in jsonl.splitlines()]
+    for a, b in zip(jsonl.splitlines(), parquet.splitlines(), strict=True):
+        ra, rb = orjson.loads(a), orjson.loads(b)
+        assert ra["window_start"] == rb["window_start"] and ra["n_joined"] == rb["n_joined"]
+        assert ra["agreement"] == rb["agreement"] and ra["psi"].keys() == rb["psi"].keys()
+        assert abs(ra["kl_mean"] - rb["kl_mean"]) <= 1e-9 * abs(ra["kl_mean"])
+
+
+def test_analyze_refuses_a_parquet_column_the_contract_lacks(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"request_id": ["a"], "colour": ["red"]}), tmp_path / "p.parquet")
+    out = subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "p.parquet")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "'colour' is not a field of the prediction contract" in out.stderr
+
+
 def test_analyze_rejects_a_bad_window_naming_the_option(tmp_path: Path) -> None:
     (tmp_path / "p.jsonl").write_text("")
     out = subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "p.jsonl"),

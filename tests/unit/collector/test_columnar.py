@@ -1,0 +1,245 @@
+"""The columnar (Parquet) offline path gives the per-record path's windows and counters on the same events."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from analyzer.window import window_result
+from collector import columnar
+from collector.columnar import Fallback, analyze_parquet, convert_jsonl, load_reference_parquet
+from collector.offline import analyze_files, load_reference
+from kdwatch.errors import ContractError, SchemaError
+from kdwatch.generator import TrafficSpec, generate
+
+START = 1_795_000_000_000
+
+
+def write_jsonl(directory: Path, spec: TrafficSpec, n: int, extra: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Path]:
+    paths = {kind: directory / f"{kind}.jsonl" for kind in ("prediction", "teacher", "label")}
+    handles = {kind: path.open("wb") for kind, path in paths.items()}
+    for kind, _rid, value in generate(spec, n):
+        handles[kind].write(value + b"\n")
+    for kind, rows in (extra or {}).items():
+        for row in rows:
+            handles[kind].write(orjson.dumps(row) + b"\n")
+    for handle in handles.values():
+        handle.close()
+    return paths
+
+
+def to_parquet(paths: dict[str, Path]) -> dict[str, Path]:
+    out = {}
+    for kind, path in paths.items():
+        target = path.with_suffix(".parquet")
+        convert_jsonl(path, target, kind)
+        out[kind] = target
+    return out
+
+
+def results(windows: dict[Any, Any], refs: dict[str, Any], window_ms: int) -> dict[Any, dict[str, Any]]:
+    return {key: window_result(key.model, key.student_version, key.window_start, window_ms, state, refs.get(key.model))
+            for key, state in windows.items()}
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal, floats to 1e-9 relative (numpy's vectorised log may differ from a scalar one in the last bit)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), f"{where}: {a} != {b}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def compare(paths: dict[str, Path], parquet: dict[str, Path], reference: Path | None, window_ms: int = 60_000,
+            grace_ms: int = 600_000) -> tuple[dict[Any, Any], dict[tuple[str, str], int]]:
+    refs = load_reference(reference) if reference is not None else {}
+    refs_pq = load_reference(reference.with_suffix(".parquet")) if reference is not None else {}
+    assert {m: r.to_dict() for m, r in refs.items()} == {m: r.to_dict() for m, r in refs_pq.items()}
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=window_ms, grace_ms=grace_ms,
+                           references=refs)
+    w2, c2 = analyze_parquet(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=window_ms,
+                             grace_ms=grace_ms, references=refs_pq)
+    assert c1 == c2
+    r1, r2 = results(w1, refs, window_ms), results(w2, refs_pq, window_ms)
+    assert_same(r1, r2, "windows")
+    return r1, c1
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_generated_traffic_gives_the_same_windows(tmp_path: Path, logits: bool) -> None:
+    spec = TrafficSpec(seed=3, events_per_second=40.0, teacher_rate=0.3, label_rate=0.3, audit_rate=0.05,
+                       disagreement=0.1, logits=logits)
+    paths = write_jsonl(tmp_path, spec, 6_000)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    reference = write_jsonl(ref_dir, TrafficSpec(seed=4, feature_shift=0.2), 3_000)["prediction"]
+    convert_jsonl(reference, reference.with_suffix(".parquet"), "prediction")
+    r, counters = compare(paths, to_parquet(paths), reference)
+    assert len(r) >= 3
+    total = sum(w["n"] for w in r.values())
+    assert total == 6_000
+    assert sum(w["n_joined"] for w in r.values()) > 1_000
+    assert any(w["mia"] for w in r.values())
+    assert all(w["psi"]["f0"] is not None for w in r.values())
+    assert counters[("prediction", "valid")] > 6_000
+
+
+def test_late_and_unmatched_records_count_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small batches so both paths close windows as they go; 10 s windows, 20 s grace.
+    monkeypatch.setattr(columnar, "BATCH_ROWS", 500)
+    spec = TrafficSpec(seed=5, events_per_second=20.0, teacher_rate=0.5, label_rate=0.0)
+    old = START + 1_000
+    extra = {
+        "prediction": [{"request_id": "late-1", "model": spec.model, "student_version": "s1", "ts": old,
+                        "probs": [0.5, 0.5] + [0.0] * 8}],
+        "teacher": [{"request_id": "nobody", "model": spec.model, "teacher_version": "t1", "ts": START + 290_000,
+                     "probs": [1.0] + [0.0] * 9},
+                    {"request_id": "late-t", "model": spec.model, "teacher_version": "t1", "ts": old,
+                     "probs": [1.0] + [0.0] * 9}],
+    }
+    paths = write_jsonl(tmp_path, spec, 6_000, extra)
+    _r, counters = compare(paths, to_parquet(paths), None, window_ms=10_000, grace_ms=20_000)
+    assert counters[("prediction", "late")] == 1
+    assert counters[("teacher", "late")] == 1
+    assert counters[("teacher", "unmatched")] == 1
+
+
+BAD_PREDICTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("empty_string", {"request_id": ""}),
+    ("string_too_long", {"model": "m" * 300}),
+    ("timestamp_out_of_range", {"ts": 1_000}),
+    ("probs_or_logits", {"logits": [0.0, 1.0] * 5}),
+    ("bad_class_count", {"probs": [1.0]}),
+    ("negative_probability", {"probs": [1.5, -0.5] + [0.0] * 8}),
+    ("probs_not_normalised", {"probs": [0.5, 0.4] + [0.0] * 8}),
+    ("bad_latency", {"latency_ms": -1.0}),
+    ("label_out_of_range", {"label": 12}),
+    ("bad_audit", {"audit": "maybe", "label": 1}),
+    ("missing_field", {"audit": "member"}),
+    ("string_too_long", {"segment": "s" * 300}),
+    ("string_too_long", {"features": {"f0": 1.0, "f1": 2.0, "f2": 3.0, "f3": 4.0, "f4": "x" * 300}}),
+]
+
+
+def test_invalid_rows_are_rejected_with_the_decoders_reasons(tmp_path: Path) -> None:
+    base = {"model": "m", "student_version": "s1", "probs": [0.1] * 10, "latency_ms": 3.0,
+            "features": {"f0": 1.0, "f1": 2.0, "f2": 3.0, "f3": 4.0, "f4": "a"}, "segment": "eu"}
+    rows = []
+    for i, (_reason, change) in enumerate(BAD_PREDICTIONS):
+        row = {**base, "request_id": f"bad-{i}", "ts": START + i * 1000, **change}
+        rows.append(row)
+    good = [{**base, "request_id": f"ok-{i}", "ts": START + i * 1000} for i in range(20)]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in good + rows))
+    schema = pa.schema([("request_id", pa.string()), ("model", pa.string()), ("student_version", pa.string()),
+                        ("ts", pa.int64()), ("probs", pa.list_(pa.float64())), ("logits", pa.list_(pa.float64())),
+                        ("latency_ms", pa.float64()),
+                        ("features", pa.struct([(f"f{j}", pa.float64()) for j in range(4)] + [("f4", pa.string())])),
+                        ("label", pa.int64()), ("audit", pa.string()), ("segment", pa.string())])
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(good + rows, schema=schema), parquet)
+    w1, c1 = analyze_files(jsonl)
+    w2, c2 = analyze_parquet(parquet)
+    assert c1 == c2
+    expected: dict[str, int] = {}
+    for reason, _change in BAD_PREDICTIONS:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert {r: c for (k, r), c in c2.items() if k == "prediction" and r != "valid"} == expected
+    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+    assert sum(s.n_rejected for s in w2.values()) == len(BAD_PREDICTIONS) - 2  # two name no readable window
+
+
+def test_not_finite_values_are_rejected(tmp_path: Path) -> None:
+    rows = [{"request_id": "a", "model": "m", "student_version": "s", "ts": START, "probs": [0.5, float("nan")],
+             "features": {"x": 0.0}},
+            {"request_id": "b", "model": "m", "student_version": "s", "ts": START, "probs": [0.5, 0.5],
+             "features": {"x": float("inf")}},
+            {"request_id": "c", "model": "m", "student_version": "s", "ts": START, "probs": [0.5, 0.5],
+             "features": {"x": 1.0}}]
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    windows, counters = analyze_parquet(path)
+    assert counters[("prediction", "not_finite")] == 2
+    assert sum(s.n for s in windows.values()) == 1
+
+
+def test_duplicates_fall_back_to_the_record_joiner(tmp_path: Path) -> None:
+    spec = TrafficSpec(seed=7, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3)
+    dup = {"request_id": f"{spec.model}-7-10", "model": spec.model, "student_version": "s1", "ts": START + 300,
+           "probs": [0.1] * 10}
+    paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": [dup]})
+    parquet = to_parquet(paths)
+    with pytest.raises(Fallback, match="appears twice"):
+        analyze_parquet(parquet["prediction"], parquet["teacher"], parquet["label"])
+    reasons: list[str] = []
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"])
+    w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], on_fallback=reasons.append)
+    assert reasons and "appears twice" in reasons[0]
+    assert c1 == c2 and c1[("prediction", "duplicate")] == 1
+    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+
+
+def test_schema_errors_name_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"request_id": ["a"], "model": ["m"], "student_version": ["s"], "ts": [START],
+                             "probs": [[0.5, 0.5]], "colour": ["red"]}), path)
+    with pytest.raises(SchemaError, match="'colour' is not a field"):
+        analyze_parquet(path)
+    pq.write_table(pa.table({"request_id": ["a"], "model": ["m"], "student_version": ["s"], "ts": ["yesterday"],
+                             "probs": [[0.5, 0.5]]}), path)
+    with pytest.raises(SchemaError, match="column 'ts' has type string"):
+        analyze_parquet(path)
+
+
+def test_mixing_jsonl_and_parquet_inputs_is_refused(tmp_path: Path) -> None:
+    paths = write_jsonl(tmp_path, TrafficSpec(seed=1), 100)
+    parquet = to_parquet(paths)
+    with pytest.raises(SchemaError, match="all JSONL or all Parquet"):
+        analyze_files(paths["prediction"], parquet["teacher"], None)
+
+
+def test_reference_with_an_invalid_row_fails_naming_it(tmp_path: Path) -> None:
+    rows = [{"request_id": f"r{i}", "model": "m", "student_version": "s", "ts": START, "probs": [0.5, 0.5]} for i in range(3)]
+    rows[2]["probs"] = [0.9, 0.9]
+    path = tmp_path / "ref.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(ContractError, match="row 3: probs_not_normalised"):
+        load_reference_parquet(path)
+
+
+def test_timestamp_columns_are_read_as_event_time(tmp_path: Path) -> None:
+    ts = np.array([START, START + 61_000], dtype="datetime64[ms]")
+    table = pa.table({"request_id": ["a", "b"], "model": ["m", "m"], "student_version": ["s", "s"],
+                      "ts": pa.array(ts, type=pa.timestamp("ms", tz="UTC")), "probs": [[0.5, 0.5], [0.2, 0.8]]})
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+    windows, _c = analyze_parquet(path)
+    assert sorted(k.window_start for k in windows) == [START - START % 60_000, START + 61_000 - (START + 61_000) % 60_000]
+
+
+def test_convert_keeps_rejected_lines_with_their_reason(tmp_path: Path) -> None:
+    source = tmp_path / "p.jsonl"
+    source.write_bytes(b'{"request_id": "a", "model": "m", "student_version": "s", "ts": 1795000000000, "probs": [0.5, 0.5]}\n'
+                       b'not json\n'
+                       b'{"request_id": "b", "model": "m", "student_version": "s", "ts": "2026-11-18T11:06:40Z", "logits": [1, 2]}\n')
+    written, reasons = convert_jsonl(source, tmp_path / "p.parquet", "prediction", tmp_path / "rejected.jsonl")
+    assert written == 2 and reasons == {"invalid_json": 1}
+    rejected = [orjson.loads(line) for line in (tmp_path / "rejected.jsonl").read_bytes().splitlines()]
+    assert rejected == [{"line": 2, "reason": "invalid_json", "message": rejected[0]["message"], "value": "not json"}]
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.column("ts").to_pylist() == [1795000000000, 1795000000000]
