@@ -66,5 +66,40 @@ def parquet_dataset(paths: dict[str, Path]) -> dict[str, Path]:
     return out
 
 
+def py_spy() -> str:
+    import shutil
+
+    found = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("py-spy is needed: .venv/bin/pip install py-spy (make bench does)")
+    return found
+
+
+def print_profile(raw: Path, title: str, top: int) -> None:
+    """Tables of the functions with the most samples (own, then inclusive) from py-spy's raw output."""
+    import collections
+
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")" if " (" in f else f
+                  for f in stack.split(";")]
+        n = int(count)
+        total += n
+        if frames:
+            own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    print(f"\n{total} samples of {title}\n")
+    for kind, counter in (("own time", own), ("inclusive time", inclusive)):
+        print(f"| function ({kind}) | share |")
+        print("|---|---|")
+        for frame, n in counter.most_common(top):
+            print(f"| {frame} | {n / total:.1%} |")
+        print()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)

@@ -64,9 +64,10 @@ def main() -> None:
             db = home / "memory.db"
             store = SqlStore.from_url(f"sqlite:///{db}")
             store.migrate()
+            log = (home / "collector.log").open("wb")
             proc = subprocess.Popen([sys.executable, "-m", "kdwatch.cli", "collect", "--idle-exit", "60"],
                                     env=collector_env(info.bootstrap, topics, db), cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    stdout=log, stderr=subprocess.STDOUT)
             samples: list[tuple[int, int]] = []  # (stored predictions, RSS kB)
             start = time.perf_counter()
             peak = 0
@@ -90,8 +91,13 @@ def main() -> None:
                 time.sleep(3.0)
             print(f"produced {produced[0]:,} records in {time.perf_counter() - t0:.0f} s; collector done", flush=True)
             records = produced[0]
+            code = proc.poll()
+            if code is not None:
+                tail = (home / "collector.log").read_text(errors="replace")[-3000:]
+                print(f"the collector exited with {code} after {samples[-1][0] if samples else 0:,} stored:\n{tail}", flush=True)
             proc.terminate()
             proc.wait(60)
+            log.close()
             with store.engine.connect() as conn:
                 rows = conn.execute(select(func.count(), func.avg(func.length(window_state.c.state)),
                                            func.max(func.length(window_state.c.state)))).one()

@@ -19,6 +19,8 @@ window_state = Table(
     Column("closed", Boolean, nullable=False),
     Column("state", Text, nullable=False),  # analyzer.window.WindowState.to_dict() as JSON
     Column("updated_at", BigInteger, nullable=False),
+    # Covers the windows endpoint's change checks (storage.sql.SqlStore.change_signature, bucket_versions).
+    Index("ix_window_state_versions", "model", "student_version", "window_start", "updated_at"),
 )
 
 # The join buffer of open windows, so a restarted collector resumes joins where it stopped.

@@ -57,6 +57,18 @@ def test_windows_roll_up_by_merging_state_not_averaging(store: SqlStore, client:
     assert [w["window_start"] for w in ranged] == ["2026-11-18T12:00:00Z"]
 
 
+def test_windows_are_gzipped_for_clients_that_ask_and_plain_for_the_rest(store: SqlStore, client: TestClient) -> None:
+    seed(store, 60)
+    plain = client.get("/v1/models/m/windows", params={"step": "5m"}, headers={"accept-encoding": "identity"})
+    packed = client.get("/v1/models/m/windows", params={"step": "5m"}, headers={"accept-encoding": "gzip"})
+    assert "content-encoding" not in plain.headers and packed.headers["content-encoding"] == "gzip"
+    assert plain.headers["vary"] == packed.headers["vary"] == "accept-encoding"
+    assert int(packed.headers["content-length"]) < len(plain.content) / 4
+    assert packed.json() == plain.json() and len(plain.json()["windows"]) == 12  # httpx decompresses
+    cached = client.get("/v1/models/m/windows", params={"step": "5m"}, headers={"accept-encoding": "gzip, deflate"})
+    assert cached.headers["content-encoding"] == "gzip" and cached.json() == plain.json()
+
+
 def test_windows_export_as_csv_and_parquet(store: SqlStore, client: TestClient) -> None:
     seed(store, 60)
     csv = client.get("/v1/models/m/windows", params={"step": "5m", "format": "csv"})
