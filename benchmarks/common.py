@@ -75,6 +75,15 @@ def py_spy() -> str:
     return found
 
 
+def _frame_name(frame: str) -> str:
+    """``function (file)``; a C++ frame (--native) loses its template and argument lists."""
+    name, _, where = frame.partition(" (")
+    where = where.split(":")[0].split("/")[-1].rstrip(")")
+    if "<" in name or "(" in name:
+        name = name.split("<")[0].split("(")[0] + "<...>"
+    return f"{name} ({where})" if where else name
+
+
 def print_profile(raw: Path, title: str, top: int) -> None:
     """Tables of the functions with the most samples (own, then inclusive) from py-spy's raw output."""
     import collections
@@ -84,8 +93,7 @@ def print_profile(raw: Path, title: str, top: int) -> None:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")" if " (" in f else f
-                  for f in stack.split(";")]
+        frames = [_frame_name(f) for f in stack.split(";")]
         n = int(count)
         total += n
         if frames:

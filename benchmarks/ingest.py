@@ -29,6 +29,7 @@ from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
 from kdwatch.devkafka import BrokerInfo, DevKafka
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
+from kdwatch.runtime import tune_gc
 from storage.sql import SqlStore
 
 
@@ -87,6 +88,8 @@ def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
 
 
 def collector_in_process(bootstrap: str, topics: Topics, n: int, db: Path) -> float:
+    """The collector on a thread of this process, tuned as `kdwatch collect` is (kdwatch.runtime.tune_gc)."""
+    tune_gc()
     store = SqlStore.from_url(f"sqlite:///{db}")
     store.migrate()
     collector = Collector(CollectorConfig(bootstrap, group_id=f"g-{uuid.uuid4().hex[:8]}", topics=topics), store)

@@ -161,6 +161,9 @@ def collect(
         transfer_max_records=settings.transfer_max_records)
     collector = Collector(config, store, store.references())
     stop = threading.Event()
+    from kdwatch.runtime import tune_gc
+
+    tune_gc()
     err.print(f"collector {settings.group_id} consuming from {settings.bootstrap_servers}")
     try:
         collector.run(stop, idle_exit_s=idle_exit)
@@ -406,24 +409,11 @@ def serve(
     app_ = create_app(store, ApiSettings(api_key=api_key, read_token_required=settings.api_read_token_required),
                       readiness=kafka_readiness(settings.bootstrap_servers, settings.kafka_options()),
                       lag=lag_source(settings.bootstrap_servers, store, settings.kafka_options()))
-    _tune_gc_for_serving()
+    from kdwatch.runtime import tune_gc
+
+    tune_gc()
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
-
-def _tune_gc_for_serving() -> None:
-    """Keep full garbage collections off the request path of a long-running server.
-
-    After start-up the process holds ~120,000 objects that live as long as it does (modules, the app,
-    SQLAlchemy and pandas internals); every full collection walked them all, ~60 ms during which no
-    request was answered: that was the windows endpoint's p99 under load (75 ms; 6.5 ms without it).
-    ``gc.freeze()`` moves them out of the collector's sight, and a larger first-generation threshold
-    (10,000 instead of 700) makes collections rarer; request garbage still goes, young.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 100)
 
 
 @app.command()
