@@ -39,3 +39,5 @@ bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own vir
 	cd benchmarks && ../$(PY) freshness.py
 	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
 	cd benchmarks && ../$(PY) profile_collector.py
+	cd benchmarks && ../$(PY) profile_analyze.py
+	cd benchmarks && ../$(PY) memory.py
