@@ -29,7 +29,7 @@ clean: ## remove local state (virtualenv kept)
 	rm -rf .kdwatch kdwatch.db
 
 bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own virtualenv
-	@test -x .venv-bench/bin/python || (python3 -m venv .venv-bench && .venv-bench/bin/pip install -q "evidently>=0.7,<0.8" "pandas<3" orjson)
+	@.venv-bench/bin/python -c "import evidently, pyarrow, orjson" 2>/dev/null || (python3 -m venv .venv-bench && .venv-bench/bin/pip install -q "evidently>=0.7,<0.8" "pandas<3" orjson pyarrow)
 	@command -v wrk >/dev/null || (test "$$(id -u)" = 0 && apt-get install -y -qq wrk >/dev/null) || (echo "install wrk (Debian package wrk)" && exit 1)
 	cd benchmarks && ../$(PY) analyze_vs_peers.py
 	cd benchmarks && ../$(PY) api_latency.py
