@@ -17,8 +17,8 @@ predictions of closed windows are late, and replays or labels left without a pre
 own window closes are unmatched. Memory is bounded by one step plus the open windows.
 
 What the vectorised join does not model, it hands back: a ``request_id`` seen twice in the same
-input while the first is still open (a duplicate), a replay whose class count differs from the
-student's, a label record for an audit prediction or for a prediction that carried its own label,
+input while the first is still open (a duplicate), a model whose events have different class counts
+(different models may), a label record for an audit prediction or for a prediction that carried its own label,
 more than :data:`analyzer.window.MAX_SEGMENTS` segments in a window. Then the run restarts on the
 per-record path (the same decoder and joiner as JSONL and Kafka) and says why on stderr, so the
 result is always the stream joiner's.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,13 @@ def concat(blocks: list[Block]) -> Block:
         parts = [getattr(b, name) for b in blocks]
         if parts[0] is None:
             return None
-        return pa.concat_arrays(parts) if isinstance(parts[0], pa.Array) else np.concatenate(parts)
+        if isinstance(parts[0], pa.Array):
+            return pa.concat_arrays(parts)
+        if parts[0].ndim == 2:  # class-probability matrices: pad to the widest with NaN
+            width = max(p.shape[1] for p in parts)
+            parts = [p if p.shape[1] == width else np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=np.nan)
+                     for p in parts]
+        return np.concatenate(parts)
 
     names = set().union(*(b.features for b in blocks))
     features = {}
@@ -235,7 +241,11 @@ def _check_string(rej: Rejections, values: tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Validated (probs, logp) of the rows still valid; None when no row is (or K varies: Fallback)."""
+    """Validated (probs, logp) as (n, K_max) matrices, NaN beyond each row's class count; None when no row is valid.
+
+    Rows are checked and normalised in groups of equal class count, so each row's arithmetic is the
+    decoder's (summing a padded row would group the additions differently).
+    """
     n = batch.num_rows
     names = batch.schema.names
 
@@ -257,46 +267,60 @@ def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | 
     if not ok.any():
         return None, None
     ks = np.unique(lengths[ok])
-    if ks.size > 1:
-        raise Fallback(f"rows with different class counts ({ks[:5].tolist()}) in one batch")
-    k = int(ks[0])
-    matrix = np.full((n, k), np.nan)
-    logits_rows = np.zeros(n, bool)
-    for col, has, is_logits in ((probs_col, has_p, False), (logits_col, has_l, True)):
-        if col is None:
-            continue
-        rows = ok & has
-        if not rows.any():
-            continue
-        picked = col.filter(pa.array(rows))
-        flat = pc.list_flatten(picked)
-        rej_null = pc.list_value_length(picked).to_numpy(zero_copy_only=False) != k  # pragma: no cover - filtered
-        assert not rej_null.any()
-        values = pc.fill_null(pc.cast(flat, pa.float64()), np.nan).to_numpy(zero_copy_only=False).reshape(-1, k)
-        has_null = (pc.is_null(flat).to_numpy(zero_copy_only=False).reshape(-1, k)).any(axis=1)
-        wrong = np.zeros(n, bool)
-        wrong[rows] = has_null
-        rej.flag(wrong, "wrong_type")
-        matrix[rows] = values
-        if is_logits:
-            logits_rows |= rows
-    ok = rej.ok
-    rej.flag(ok & ~np.isfinite(matrix).all(axis=1), "not_finite")
-    prob_rows = rej.ok & has_p
-    rej.flag(prob_rows & (np.where(prob_rows[:, None], matrix, 0.0) < 0).any(axis=1), "negative_probability")
-    prob_rows = rej.ok & has_p
-    totals = np.where(prob_rows, matrix.sum(axis=1), 1.0)
-    rej.flag(prob_rows & (np.abs(totals - 1.0) > PROB_SUM_TOLERANCE), "probs_not_normalised")
-    probs = np.where(prob_rows[:, None], matrix / np.where(prob_rows, totals, 1.0)[:, None], np.nan)
-    logp = np.full((n, k), np.nan)
-    lrows = rej.ok & logits_rows
-    if lrows.any():
-        logits = matrix[lrows]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        logp[lrows] = log_probs
-        probs[lrows] = np.exp(log_probs)
+    width = int(ks.max())
+    probs = np.full((n, width), np.nan)
+    logp = np.full((n, width), np.nan)
+    for k in ks.tolist():
+        group = rej.ok & (lengths == k)
+        matrix = np.full((n, k), np.nan)
+        logits_rows = np.zeros(n, bool)
+        for col, has, is_logits in ((probs_col, has_p, False), (logits_col, has_l, True)):
+            rows = group & has
+            if col is None or not rows.any():
+                continue
+            flat = pc.list_flatten(col.filter(pa.array(rows)))
+            values = pc.fill_null(pc.cast(flat, pa.float64()), np.nan).to_numpy(zero_copy_only=False).reshape(-1, k)
+            wrong = np.zeros(n, bool)
+            wrong[rows] = pc.is_null(flat).to_numpy(zero_copy_only=False).reshape(-1, k).any(axis=1)
+            rej.flag(wrong, "wrong_type")
+            matrix[rows] = values
+            if is_logits:
+                logits_rows |= rows
+        rej.flag(group & rej.ok & ~np.isfinite(matrix).all(axis=1), "not_finite")
+        prob_rows = group & rej.ok & has_p
+        rej.flag(prob_rows & (np.where(prob_rows[:, None], matrix, 0.0) < 0).any(axis=1), "negative_probability")
+        prob_rows = group & rej.ok & has_p
+        totals = np.where(prob_rows, matrix.sum(axis=1), 1.0)
+        rej.flag(prob_rows & (np.abs(totals - 1.0) > PROB_SUM_TOLERANCE), "probs_not_normalised")
+        prob_rows = group & rej.ok & has_p
+        probs[prob_rows, :k] = matrix[prob_rows] / totals[prob_rows, None]
+        lrows = group & rej.ok & logits_rows
+        if lrows.any():
+            logits = matrix[lrows]
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            logp[lrows, :k] = log_probs
+            probs[lrows, :k] = np.exp(log_probs)
     return probs, logp
+
+
+def _class_counts(probs: np.ndarray) -> np.ndarray:
+    """Each row's class count (its probabilities are NaN beyond it)."""
+    return (~np.isnan(probs)).sum(axis=1)
+
+
+def trim(block: Block) -> Block:
+    """The block with its matrices cut to its single class count (several: Fallback)."""
+    if block.probs is None or not block.n:
+        return block
+    ks = np.unique(_class_counts(block.probs))
+    if ks.size > 1:
+        raise Fallback(f"model {block.model[0].as_py()!r} has events with {ks[:5].tolist()} classes")
+    k = int(ks[0])
+    if k == block.probs.shape[1]:
+        return block
+    assert block.logp is not None
+    return replace(block, probs=block.probs[:, :k], logp=block.logp[:, :k])
 
 
 def _features(batch: pa.RecordBatch, rej: Rejections) -> dict[str, np.ndarray]:
@@ -368,7 +392,7 @@ def validate(batch: pa.RecordBatch, kind: str) -> tuple[Block | None, dict[str, 
             latency = np.full(n, np.nan)
         rej.flag(~label_missing & ((label < 0) | (label >= MAX_CLASSES)), "label_out_of_range")
         if probs is not None:
-            rej.flag(~label_missing & (label >= probs.shape[1]), "label_out_of_range")
+            rej.flag(~label_missing & (label >= _class_counts(probs)), "label_out_of_range")
         audit_values, audit_missing, _len = _strings(batch, "audit")
         audit = np.zeros(n, dtype=np.int8)
         for text, code in AUDIT_CODE.items():
@@ -449,6 +473,8 @@ def load_reference_parquet(path: Path) -> dict[str, Reference]:
             nums = numbers.setdefault(m, {})
             strs = strings.setdefault(m, {})
             probs = block.probs[rows]
+            probs = probs[:, : int(_class_counts(probs).max())] if probs.size else probs
+            probs = np.where(np.isnan(probs), -np.inf, probs)  # rows of fewer classes: padding never wins
             nums.setdefault(CONFIDENCE, []).append(probs.max(axis=1))
             classes = np.bincount(np.argmax(probs, axis=1), minlength=probs.shape[1])
             strs.setdefault(PREDICTED_CLASS, Counter()).update({str(k): int(c) for k, c in enumerate(classes) if c})
@@ -555,7 +581,7 @@ class ColumnarAnalyzer:
             if block is not None and block.n:
                 models.update(_distinct(block.model))
         for model in sorted(models):
-            self._step_model(model, *(None if b is None or not b.n else b if len(models) == 1 else b.take(b.rows_of(model))
+            self._step_model(model, *(None if b is None or not b.n else trim(b if len(models) == 1 else b.take(b.rows_of(model)))
                                       for b in (preds, teacher, labels)))
 
     def _step_model(self, model: str, preds: Block | None, teacher: Block | None, labels: Block | None) -> None:

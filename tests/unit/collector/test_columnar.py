@@ -99,6 +99,23 @@ def test_generated_traffic_gives_the_same_windows(tmp_path: Path, logits: bool) 
     assert counters[("prediction", "valid")] > 6_000
 
 
+def test_two_models_interleaved_give_the_same_windows(tmp_path: Path) -> None:
+    import heapq
+
+    streams = [generate(TrafficSpec(model=name, seed=seed, events_per_second=30.0, teacher_rate=0.4, label_rate=0.2,
+                                    n_classes=k, logits=seed == 2), 3_000)
+               for name, seed, k in (("a", 1, 10), ("b", 2, 4))]
+    paths = {kind: tmp_path / f"{kind}.jsonl" for kind in ("prediction", "teacher", "label")}
+    handles = {kind: path.open("wb") for kind, path in paths.items()}
+    for kind, _rid, value in heapq.merge(*streams, key=lambda record: orjson.loads(record[2])["ts"]):
+        handles[kind].write(value + b"\n")
+    for handle in handles.values():
+        handle.close()
+    r, _counters = compare(paths, to_parquet(paths), None)
+    assert {key.model for key in r} == {"a", "b"}
+    assert sum(w["n"] for key, w in r.items() if key.model == "b") == 3_000
+
+
 def test_late_and_unmatched_records_count_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches so both paths close windows as they go; 10 s windows, 20 s grace.
     monkeypatch.setattr(columnar, "BATCH_ROWS", 500)
@@ -162,6 +179,19 @@ def test_invalid_rows_are_rejected_with_the_decoders_reasons(tmp_path: Path) -> 
     assert {r: c for (k, r), c in c2.items() if k == "prediction" and r != "valid"} == expected
     assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
     assert sum(s.n_rejected for s in w2.values()) == len(BAD_PREDICTIONS) - 2  # two name no readable window
+
+
+def test_a_label_is_checked_against_its_own_rows_class_count(tmp_path: Path) -> None:
+    rows = [{"request_id": "wide", "model": "a", "student_version": "s", "ts": START, "probs": [0.1] * 10, "label": 7},
+            {"request_id": "narrow", "model": "b", "student_version": "s", "ts": START, "probs": [0.5, 0.5], "label": 7},
+            {"request_id": "fine", "model": "b", "student_version": "s", "ts": START, "probs": [0.5, 0.5], "label": 1}]
+    jsonl, parquet = tmp_path / "p.jsonl", tmp_path / "p.parquet"
+    jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    w1, c1 = analyze_files(jsonl)
+    w2, c2 = analyze_parquet(parquet)
+    assert c1 == c2 and c2[("prediction", "label_out_of_range")] == 1
+    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
 
 
 def test_not_finite_values_are_rejected(tmp_path: Path) -> None:
