@@ -114,6 +114,8 @@ class Changes:
 
     upserted: dict[tuple[str, str, str], Entry] = field(default_factory=dict)
     deleted: set[tuple[str, str, str]] = field(default_factory=set)
+    # Window starts closed now: every buffer entry of these windows goes (one range delete, not one per entry).
+    closed_starts: set[int] = field(default_factory=set)
     windows: dict[WindowKey, WindowState] = field(default_factory=dict)  # open windows touched
     closed: dict[WindowKey, WindowState] = field(default_factory=dict)  # windows closed now (final)
     late: dict[WindowKey, int] = field(default_factory=lambda: defaultdict(int))
@@ -470,7 +472,8 @@ class PartitionJoiner:
                             DeadLetter(entry.source, "unmatched", f"no prediction for request_id {entry.request_id!r} within the grace"))
                 self.entries.pop(key)
                 self._changes.upserted.pop(key, None)
-                self._changes.deleted.add(key)
+                self._changes.deleted.discard(key)
+            self._changes.closed_starts.add(start)
             self._sample_transfer(candidates)
 
     def _sample_transfer(self, candidates: list[Entry]) -> None:

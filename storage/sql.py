@@ -225,6 +225,9 @@ class SqlStore:
                 conn.execute(update(window_state).where(key).values(state=payload, updated_at=now))
 
     def _write_entries(self, conn: Connection, partition: int, changes: Changes) -> None:
+        if changes.closed_starts:  # whole closed windows: no entry of theirs is upserted again (collector.join)
+            conn.execute(delete(join_entries).where(join_entries.c.partition == partition,
+                                                    join_entries.c.window_start.in_(sorted(changes.closed_starts))))
         if changes.deleted:
             conn.execute(
                 delete(join_entries).where(
