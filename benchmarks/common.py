@@ -79,13 +79,17 @@ def _frame_name(frame: str) -> str:
     """``function (file)``; a C++ frame (--native) loses its template and argument lists."""
     name, _, where = frame.partition(" (")
     where = where.split(":")[0].split("/")[-1].rstrip(")")
-    if "<" in name or "(" in name:
+    if "::" in name:
         name = name.split("<")[0].split("(")[0] + "<...>"
     return f"{name} ({where})" if where else name
 
 
-def print_profile(raw: Path, title: str, top: int) -> None:
-    """Tables of the functions with the most samples (own, then inclusive) from py-spy's raw output."""
+def print_profile(raw: Path, title: str, top: int, root: str | None = None) -> None:
+    """Tables of the functions with the most samples (own, then inclusive) from py-spy's raw output.
+
+    ``root`` (a function name as printed): the inclusive table starts there, leaving out the
+    start-up frames that hold it (they are in every sample and say nothing).
+    """
     import collections
 
     own: collections.Counter[str] = collections.Counter()
@@ -101,7 +105,9 @@ def print_profile(raw: Path, title: str, top: int) -> None:
         for frame in set(frames):
             inclusive[frame] += n
     print(f"\n{total} samples of {title}\n")
-    for kind, counter in (("own time", own), ("inclusive time", inclusive)):
+    ceiling = max((n for frame, n in inclusive.items() if root is not None and frame.startswith(root)), default=total)
+    below = collections.Counter({frame: n for frame, n in inclusive.items() if n <= ceiling})
+    for kind, counter in (("own time", own), ("inclusive time", below)):
         print(f"| function ({kind}) | share |")
         print("|---|---|")
         for frame, n in counter.most_common(top):

@@ -38,7 +38,7 @@ def main() -> None:
         subprocess.run([spy, "record", "--rate", "100", "-o", str(OUT / "analyze.svg"), "--", *analyze],
                        check=True, capture_output=True)
         print_profile(raw, f"`kdwatch analyze` on Parquet, {args.n:,} predictions (flame graph: {OUT / 'analyze.svg'})",
-                      args.top)
+                      args.top, root="analyze (cli.py)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
         subprocess.run([spy, "record", "--rate", "100", "-o", str(OUT / "collector.svg"), "--", *collect],
                        env=collector_env(info.bootstrap, topics, home / "k2.db"), check=True, capture_output=True)
         print_profile(raw, f"`kdwatch collect` consuming {args.n:,} predictions (flame graph: {OUT / 'collector.svg'})",
-                      args.top)
+                      args.top, root="Collector.run")
 
 
 if __name__ == "__main__":
