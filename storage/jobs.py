@@ -11,6 +11,7 @@ from sqlalchemy.orm import aliased
 
 from analyzer.window import rfc3339
 from storage.schema import retrain_jobs
+from storage.sql import read_connection
 
 QUEUED, RUNNING, PROMOTED, REJECTED, FAILED = "queued", "running", "promoted", "rejected", "failed"
 
@@ -48,7 +49,7 @@ class JobStore:
         return _job(row), created
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.id == job_id)).first()
         return None if row is None else _job(row)
 
@@ -56,7 +57,7 @@ class JobStore:
         query = select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc(), retrain_jobs.c.id).limit(limit)
         if model is not None:
             query = query.where(retrain_jobs.c.model == model)
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return [_job(r) for r in conn.execute(query)]
 
     def claim_next(self, now_ms: int) -> dict[str, Any] | None:

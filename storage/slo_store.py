@@ -11,6 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from slo.dispatch import Delivery
 from slo.engine import Silence
 from storage.schema import delivery_log, disabled_receivers, outbox, silences, slo_config, slo_engine
+from storage.sql import read_connection
 
 
 class SloSqlStore:
@@ -33,7 +34,7 @@ class SloSqlStore:
             return result.rowcount == 1
 
     def load_engine(self, name: str) -> tuple[dict[str, Any], int]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(select(slo_engine.c.state, slo_engine.c.evaluated_through).where(slo_engine.c.name == name)).first()
         if row is None:
             return {}, 0
@@ -59,7 +60,7 @@ class SloSqlStore:
     # ---- the outbox ----
 
     def due_deliveries(self, now_ms: int, limit: int) -> list[Delivery]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execute(
                 select(outbox.c.id, outbox.c.receiver, outbox.c.payload, outbox.c.attempts, outbox.c.group_key)
                 .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now_ms)
@@ -68,12 +69,12 @@ class SloSqlStore:
 
     def retrains_in_flight(self) -> set[str]:
         """Models whose retrain request is not yet delivered (or given up)."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return {g for (g,) in conn.execute(select(outbox.c.group_key).where(
                 outbox.c.receiver == "retrain", outbox.c.status == "pending"))}
 
     def last_delivered_at(self, receiver: str, group_key: str) -> int | None:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return conn.execute(
                 select(func.max(delivery_log.c.at)).select_from(delivery_log.join(outbox, delivery_log.c.outbox_id == outbox.c.id))
                 .where(outbox.c.receiver == receiver, outbox.c.group_key == group_key, outbox.c.status == "delivered",
@@ -98,7 +99,7 @@ class SloSqlStore:
                          .on_conflict_do_nothing())
 
     def disabled_receivers(self) -> set[str]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return {r for (r,) in conn.execute(select(disabled_receivers.c.receiver))}
 
     def enable_receiver(self, receiver: str) -> None:
@@ -107,7 +108,7 @@ class SloSqlStore:
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every outbox entry with its outcome and attempts (the delivery log)."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execute(select(outbox).order_by(outbox.c.created_at, outbox.c.id)).mappings().all()
             attempts = conn.execute(select(delivery_log).order_by(delivery_log.c.id)).mappings().all()
         log: dict[str, list[dict[str, Any]]] = {}
@@ -121,7 +122,7 @@ class SloSqlStore:
     # ---- the SLO document ----
 
     def get_slo_document(self, name: str = "default") -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             text = conn.execute(select(slo_config.c.document).where(slo_config.c.name == name)).scalar()
         return None if text is None else orjson.loads(text)
 
@@ -145,6 +146,6 @@ class SloSqlStore:
                                 .values(ends_at=now_ms)).rowcount == 1
 
     def silences(self) -> list[Silence]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return [Silence(r.id, orjson.loads(r.matchers), r.starts_at, r.ends_at, r.created_by, r.comment)
                     for r in conn.execute(select(silences).order_by(silences.c.starts_at))]

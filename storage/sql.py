@@ -79,11 +79,21 @@ def create_db_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            # IMMEDIATE takes the write lock up front: no deadlock on a read-then-write upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # IMMEDIATE takes the write lock up front: no deadlock on a read-then-write upgrade. A read-only
+            # connection (read_connection) takes no lock: in WAL mode it reads its snapshot while a writer
+            # commits, so the API and other readers neither wait for nor hold up a collector.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+READ_ONLY = "kdwatch_read_only"
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection for reads only (its transaction is rolled back, never written)."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 def _window_filter(query: Select[Any], model: str | None, student_version: str | None, start_ms: int | None,
@@ -124,13 +134,13 @@ class SqlStore:
             command.upgrade(config, "head")
 
     def ping(self) -> None:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             conn.exec_driver_sql("SELECT 1")
 
     # ---- the collector's side ----
 
     def load_partition(self, group_id: str, partition: int, topics: Iterable[str]) -> PartitionSnapshot:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execute(
                 select(consumer_offsets.c.topic, consumer_offsets.c.next_offset).where(
                     consumer_offsets.c.group_id == group_id, consumer_offsets.c.partition == partition,
@@ -265,12 +275,12 @@ class SqlStore:
             query = query.where(transfer_set.c.ts >= start_ms)
         if end_ms is not None:
             query = query.where(transfer_set.c.ts < end_ms)
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return [transfer_from_row(r.model, r.request_id, r.ts, r.student_version, orjson.loads(r.payload))
                     for r in conn.execute(query.order_by(transfer_set.c.ts, transfer_set.c.request_id))]
 
     def transfer_count(self, model: str) -> int:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return int(conn.execute(select(func.count()).where(transfer_set.c.model == model)).scalar() or 0)
 
     def _add_counters(self, conn: Connection, partition: int, items: Iterable[tuple[tuple[str, str], int]]) -> None:
@@ -294,7 +304,7 @@ class SqlStore:
         """Stored windows merged across partitions: key -> (state, final, window_ms)."""
         query = _window_filter(select(window_state), model, student_version, start_ms, end_ms)
         merged: dict[WindowKey, tuple[WindowState, bool, int]] = {}
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             for r in conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)):
                 key = WindowKey(r.model, r.student_version, r.window_start)
                 state = WindowState.from_dict(orjson.loads(r.state))
@@ -307,13 +317,13 @@ class SqlStore:
 
     def offsets(self) -> dict[tuple[str, str, int], int]:
         """Stored next offsets: (group, topic, partition) -> offset."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return {(g, t, p): o for g, t, p, o in conn.execute(select(
                 consumer_offsets.c.group_id, consumer_offsets.c.topic, consumer_offsets.c.partition, consumer_offsets.c.next_offset))}
 
     def data_version(self, model: str) -> tuple[int, int]:
         """(rows, newest update) of a model's windows: changes whenever any of its windows does."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows, newest = conn.execute(
                 select(func.count(), func.max(window_state.c.updated_at)).where(window_state.c.model == model)).one()
         return int(rows), int(newest or 0)
@@ -325,14 +335,14 @@ class SqlStore:
         query = _window_filter(
             select(window_state.c.student_version, bucket, func.count(), func.max(window_state.c.updated_at)),
             model, student_version, start_ms, end_ms)
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execute(query.group_by(window_state.c.student_version, bucket)).all()
         return {(v, int(b)): (int(n), int(u or 0)) for v, b, n, u in rows}
 
     def counters(self) -> dict[tuple[str, str], int]:
         """Counts per (kind, reason), summed over partitions."""
         out: dict[tuple[str, str], int] = {}
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             for kind, reason, count in conn.execute(
                     select(event_counters.c.kind, event_counters.c.reason, event_counters.c.count)):
                 out[(kind, reason)] = out.get((kind, reason), 0) + count
@@ -352,7 +362,7 @@ class SqlStore:
         """Changes whenever any of the model's windows or its reference does: (rows, newest update, sum of
         updates, reference fingerprint). The sum catches two partitions writing within one millisecond,
         which the newest update alone would miss; a row has one writer, whose transactions take longer."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows, newest, total = conn.execute(
                 select(func.count(), func.max(window_state.c.updated_at), func.sum(window_state.c.updated_at))
                 .where(window_state.c.model == model)).one()
@@ -360,5 +370,5 @@ class SqlStore:
         return int(rows), int(newest or 0), int(total or 0), fingerprint
 
     def references(self) -> dict[str, Reference]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return {r.model: Reference.from_dict(orjson.loads(r.data)) for r in conn.execute(select(references))}

@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 
 from analyzer.window import WindowState
 from collector.contract import Distribution, Prediction
-from collector.join import PartitionJoiner, WindowKey
+from collector.join import Changes, PartitionJoiner, WindowKey
 from kdwatch.errors import StoreConflict
 from storage.schema import metadata
 from storage.sql import SqlStore
@@ -102,3 +102,28 @@ def test_the_change_signature_moves_with_every_window_write_and_reference(store:
     store.put_reference("m", builder.build())
     assert store.change_signature("m")[3] is not None
     assert store.change_signature("other") == (0, 0, 0, None)
+
+
+def test_readers_neither_wait_for_nor_block_a_writer(store: SqlStore) -> None:
+    """A reader reads its snapshot while a write transaction is open, and a writer commits while a read is open."""
+    from sqlalchemy import text
+
+    from storage.sql import read_connection
+
+    store.commit_batch("g", 0, 60_000, _one_window_changes(), {})
+    with store.engine.begin() as writer:  # holds the write lock (BEGIN IMMEDIATE on SQLite)
+        writer.execute(text("UPDATE window_state SET updated_at = updated_at + 1"))
+        started = time.monotonic()
+        assert len(store.windows(model="m")) == 1  # does not wait for the writer
+        assert time.monotonic() - started < 1.0
+    with read_connection(store.engine) as reader:
+        reader.execute(text("SELECT count(*) FROM window_state")).one()  # a read transaction stays open
+        started = time.monotonic()
+        store.commit_batch("g", 1, 60_000, _one_window_changes(), {})
+        assert time.monotonic() - started < 1.0
+
+
+def _one_window_changes() -> Changes:
+    changes = Changes()
+    changes.closed[WindowKey("m", "s1", T0 - T0 % 60_000)] = WindowState(n=3)
+    return changes
