@@ -48,18 +48,24 @@ def fill(bootstrap: str, topics: Topics, n: int) -> None:
 
 
 @contextmanager
-def filled_broker(n: int) -> Iterator[tuple[BrokerInfo, Topics, Path]]:
-    """A local broker with ``n`` predictions on fresh topics, and a scratch folder; stopped afterwards."""
+def local_broker() -> Iterator[tuple[BrokerInfo, Topics, Path]]:
+    """A local broker with fresh (empty) topics, and a scratch folder; stopped afterwards."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         broker = DevKafka(home / "kafka")
         info = broker.start()
         try:
-            topics = new_topics(info.bootstrap)
-            fill(info.bootstrap, topics, n)
-            yield info, topics, home
+            yield info, new_topics(info.bootstrap), home
         finally:
             broker.stop()
+
+
+@contextmanager
+def filled_broker(n: int) -> Iterator[tuple[BrokerInfo, Topics, Path]]:
+    """A local broker with ``n`` predictions on fresh topics, and a scratch folder; stopped afterwards."""
+    with local_broker() as (info, topics, home):
+        fill(info.bootstrap, topics, n)
+        yield info, topics, home
 
 
 def collector_env(bootstrap: str, topics: Topics, db: Path, **extra: str) -> dict[str, str]:

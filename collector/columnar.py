@@ -56,7 +56,7 @@ from collector.contract import (
     PROB_SUM_TOLERANCE,
     TEACHER_FIELDS,
 )
-from collector.join import INPUTS, NO_SEGMENT, WindowKey
+from collector.join import INPUTS, NO_SEGMENT, WindowKey, watermark_candidate
 from kdwatch.errors import ContractError, SchemaError
 
 BATCH_ROWS = 65_536
@@ -720,22 +720,10 @@ class ColumnarAnalyzer:
                     buf.early_label = merged
 
     def advance(self, caught_up: dict[str, bool], close_all: bool = False) -> None:
-        """Move the watermark (as PartitionJoiner does) and compute every window it closes."""
-        if self.observed:
-            newest = max(self.observed.values())
-            candidates: list[int] | None = []
-            for kind in INPUTS:
-                if caught_up.get(kind, False):
-                    candidates.append(newest)  # type: ignore[union-attr]
-                elif kind in self.observed:
-                    candidates.append(self.observed[kind])  # type: ignore[union-attr]
-                else:
-                    candidates = None
-                    break
-            if candidates:
-                candidate = min(candidates)
-                if self.watermark is None or candidate > self.watermark:
-                    self.watermark = candidate
+        """Move the watermark (the stream joiner's rule) and compute every window it closes."""
+        candidate = watermark_candidate(self.observed, caught_up)
+        if candidate is not None and (self.watermark is None or candidate > self.watermark):
+            self.watermark = candidate
         for model, buf in self.buffers.items():
             self._close(model, buf, close_all)
         for key in sorted(self.rejected):

@@ -151,6 +151,27 @@ class _Pending:
         return self.segments.setdefault(name or NO_SEGMENT, [0, 0, 0, 0, 0])
 
 
+def watermark_candidate(observed: dict[str, int], caught_up: dict[str, bool]) -> int | None:
+    """The least newest event time over the inputs still being read (Flink's min-over-inputs watermark).
+
+    ``observed``: input kind -> highest event time seen; an input with nothing left to read counts as
+    the newest time seen anywhere. None while an input that is still read has shown nothing: it may
+    hold anything. Shared by the stream joiner and the columnar offline path.
+    """
+    if not observed:
+        return None
+    newest = max(observed.values())
+    candidates = []
+    for kind in INPUTS:
+        if caught_up.get(kind, False):
+            candidates.append(newest)
+        elif kind in observed:
+            candidates.append(observed[kind])
+        else:
+            return None
+    return min(candidates)
+
+
 def window_start_of(ts_ms: int, window_ms: int) -> int:
     """Tumbling windows aligned to the epoch."""
     return ts_ms - ts_ms % window_ms
@@ -414,18 +435,9 @@ class PartitionJoiner:
 
     def _advance_watermark(self, caught_up: dict[str, bool]) -> None:
         """Move the watermark to the least event time of the inputs that still have records to read."""
-        if not self.observed:
+        candidate = watermark_candidate(self.observed, caught_up)
+        if candidate is None:
             return
-        newest = max(self.observed.values())
-        candidates = []
-        for kind in INPUTS:
-            if caught_up.get(kind, False):
-                candidates.append(newest)
-            elif kind in self.observed:
-                candidates.append(self.observed[kind])
-            else:
-                return  # an input not read yet: it may hold anything
-        candidate = min(candidates)
         if self.watermark is None or candidate > self.watermark:
             self.watermark = candidate
             self._changes.watermark = candidate
