@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,29 @@ def check_schema(schema: pa.Schema, kind: str, path: Path) -> None:
             raise SchemaError(f"{where} has type {t}, which cannot hold the contract's {f.name}")
 
 
+def _np(arr: pa.Array) -> np.ndarray:
+    """A boolean or fixed-width numeric Arrow array as a read-only numpy view (null slots: unspecified values).
+
+    Read from the buffers: pyarrow's ``to_numpy`` converts through its pandas layer, whose first use
+    imports pandas (~0.3 s of a run).
+    """
+    n = len(arr)
+    buffer = arr.buffers()[1]
+    if pa.types.is_boolean(arr.type):
+        if buffer is None:
+            return np.zeros(n, dtype=bool)
+        bits = np.unpackbits(np.frombuffer(buffer, dtype=np.uint8), count=arr.offset + n, bitorder="little")
+        return bits[arr.offset:].view(bool)
+    dtype = np.dtype(arr.type.to_pandas_dtype())
+    if buffer is None:
+        return np.zeros(n, dtype=dtype)
+    return np.frombuffer(buffer, dtype=dtype, count=n, offset=arr.offset * dtype.itemsize)
+
+
+def _missing(arr: pa.Array) -> np.ndarray:
+    return np.zeros(len(arr), dtype=bool) if arr.null_count == 0 else _np(arr.is_null())
+
+
 def _strings(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """(values as an Arrow string array, missing mask, length) of a string column (absent = all missing).
 
@@ -125,8 +149,16 @@ def _strings(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, np.ndarray, np
     col = batch.column(name)
     if not pa.types.is_string(col.type):
         col = pc.cast(col, pa.string())
-    missing = col.is_null().to_numpy(zero_copy_only=False)
-    length = pc.fill_null(pc.utf8_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    missing = _missing(col)
+    # Byte lengths from the offsets; characters are counted only where bytes exceed the limit.
+    large = pa.types.is_large_string(col.type)
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64 if large else np.int32, count=n + 1,
+                            offset=col.offset * (8 if large else 4))
+    length = np.diff(offsets).astype(np.int64)
+    length[missing] = 0
+    long = np.flatnonzero(length > MAX_STRING_CHARS)
+    if long.size:
+        length[long] = _np(pc.utf8_length(col.take(pa.array(long))))
     return col, missing, length
 
 
@@ -138,8 +170,56 @@ def _ints(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
     col = batch.column(name)
     if pa.types.is_timestamp(col.type):
         col = pc.cast(pc.cast(col, pa.timestamp("ms", tz=col.type.tz)), pa.int64())
-    missing = col.is_null().to_numpy(zero_copy_only=False)
-    return pc.fill_null(pc.cast(col, pa.int64()), 0).to_numpy(zero_copy_only=False), missing
+    missing = _missing(col)
+    return _np(pc.fill_null(pc.cast(col, pa.int64()), 0)), missing
+
+
+# splitmix64's constants: a cheap mix with full avalanche.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    h = (h ^ (h >> np.uint64(30))) * _MIX1
+    h = (h ^ (h >> np.uint64(27))) * _MIX2
+    return h ^ (h >> np.uint64(31))
+
+
+def string_keys(values: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each string (null: as empty), computed on Arrow's buffers eight bytes at a time.
+
+    Equal strings get equal keys, so joins and duplicate checks hash integers instead of strings.
+    Different strings may share a key (about 1 in 10^13 for a million open requests): every match
+    is confirmed by comparing the strings, and a collision sends the run to the record joiner.
+    """
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if values.null_count:
+        values = pc.fill_null(values, "")
+    large = pa.types.is_large_string(values.type)
+    width = 8 if large else 4
+    _validity, offsets_buffer, data_buffer = values.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64 if large else np.int32, count=n + 1,
+                            offset=values.offset * width).astype(np.int64)
+    first, last = int(offsets[0]), int(offsets[-1])
+    data = np.zeros(last - first + 8, dtype=np.uint8)  # 8 zero bytes: the last word never reads past the end
+    if last > first:
+        data[: last - first] = np.frombuffer(data_buffer, dtype=np.uint8, count=last - first, offset=first)
+    start = offsets[:-1] - first
+    length = np.diff(offsets)
+    # Every byte offset as the start of a little-endian 64-bit word (unaligned reads).
+    words = np.ndarray((data.size - 7,), dtype="<u8", buffer=data, strides=(1,))
+    h = _mix(length.astype(np.uint64) ^ _GOLDEN)
+    top = words.size - 1
+    for at in range(0, int(length.max()), 8):
+        rest = length - at
+        word = words[np.minimum(start + at, top)]
+        tail = (np.uint64(1) << (np.clip(rest, 0, 7).astype(np.uint64) * np.uint64(8))) - np.uint64(1)
+        word &= np.where(rest >= 8, ~np.uint64(0), tail)
+        h = np.where(rest > 0, _mix(h ^ word) + _GOLDEN, h)  # a key depends on its own string only
+    return h
 
 
 @dataclass
@@ -148,11 +228,12 @@ class Block:
 
     kind: str
     request_id: pa.Array
+    key: np.ndarray  # string_keys(request_id)
     model: pa.Array
     version: pa.Array  # student_version / teacher_version; null for labels
     ts: np.ndarray
     probs: np.ndarray | None = None  # (n, K), renormalised
-    logp: np.ndarray | None = None  # (n, K): exact log-softmax where sent as logits, else NaN rows
+    logp: np.ndarray | None = None  # (n, K): exact log-softmax where sent as logits, else NaN rows; None: no logits
     label: np.ndarray | None = None  # -1: none
     latency: np.ndarray | None = None  # NaN: none
     audit: np.ndarray | None = None  # 0 none, 1 member, 2 nonmember
@@ -164,26 +245,49 @@ class Block:
         return int(self.ts.shape[0])
 
     def take(self, idx: np.ndarray) -> Block:
+        """The rows at ``idx`` (a contiguous range is sliced without copying)."""
+        if idx.size and idx[-1] - idx[0] + 1 == idx.size and (idx.size < 2 or bool((np.diff(idx) == 1).all())):
+            return self.slice(int(idx[0]), int(idx[-1]) + 1)
+        if not idx.size:
+            return self.slice(0, 0)
+
         def sub(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[idx]
 
         at = pa.array(idx, type=pa.int64())
-        return Block(self.kind, self.request_id.take(at), self.model.take(at), self.version.take(at), self.ts[idx],
-                     sub(self.probs), sub(self.logp), sub(self.label), sub(self.latency), sub(self.audit),
+        return Block(self.kind, self.request_id.take(at), self.key[idx], self.model.take(at), self.version.take(at),
+                     self.ts[idx], sub(self.probs), sub(self.logp), sub(self.label), sub(self.latency), sub(self.audit),
                      None if self.segment is None else self.segment.take(at), {k: v[idx] for k, v in self.features.items()})
 
+    def slice(self, begin: int, end: int) -> Block:
+        """Rows ``begin:end`` as views."""
+
+        def sub(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[begin:end]
+
+        size = max(end - begin, 0)
+        return Block(self.kind, self.request_id.slice(begin, size), self.key[begin:end], self.model.slice(begin, size),
+                     self.version.slice(begin, size), self.ts[begin:end], sub(self.probs), sub(self.logp),
+                     sub(self.label), sub(self.latency), sub(self.audit),
+                     None if self.segment is None else self.segment.slice(begin, size),
+                     {k: v[begin:end] for k, v in self.features.items()})
+
     def rows_of(self, model: str) -> np.ndarray:
-        return np.flatnonzero(pc.equal(self.model, model).to_numpy(zero_copy_only=False))
+        return np.flatnonzero(_np(pc.fill_null(pc.equal(self.model, model), False)))
 
 
 def concat(blocks: list[Block]) -> Block:
     """Rows of blocks of one kind and class count, in order."""
+    blocks = [b for b in blocks if b.n] or blocks[:1]
     if len(blocks) == 1:
         return blocks[0]
     first = blocks[0]
 
     def cat(name: str) -> Any:
         parts = [getattr(b, name) for b in blocks]
+        if name == "logp" and any(p is not None for p in parts):  # blocks without logits: NaN rows
+            parts = [np.full((b.n, b.probs.shape[1]), np.nan) if p is None else p  # type: ignore[union-attr]
+                     for p, b in zip(parts, blocks, strict=True)]
         if parts[0] is None:
             return None
         if isinstance(parts[0], pa.Array):
@@ -205,8 +309,8 @@ def concat(blocks: list[Block]) -> Block:
                 kind = next(x.features[name].dtype for x in blocks if name in x.features)
                 parts.append(np.full(b.n, np.nan if kind.kind == "f" else None, dtype=kind))
         features[name] = np.concatenate(parts)
-    return Block(first.kind, cat("request_id"), cat("model"), cat("version"), cat("ts"), cat("probs"), cat("logp"),
-                 cat("label"), cat("latency"), cat("audit"), cat("segment"), features)
+    return Block(first.kind, cat("request_id"), cat("key"), cat("model"), cat("version"), cat("ts"), cat("probs"),
+                 cat("logp"), cat("label"), cat("latency"), cat("audit"), cat("segment"), features)
 
 
 class Rejections:
@@ -243,8 +347,10 @@ def _check_string(rej: Rejections, values: tuple[np.ndarray, np.ndarray, np.ndar
 def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Validated (probs, logp) as (n, K_max) matrices, NaN beyond each row's class count; None when no row is valid.
 
-    Rows are checked and normalised in groups of equal class count, so each row's arithmetic is the
-    decoder's (summing a padded row would group the additions differently).
+    ``logp`` is None when no row sent logits. Rows are checked and normalised in groups of equal
+    class count, so each row's arithmetic is the decoder's (summing a padded row would group the
+    additions differently). The usual batch (one class count, all probabilities or all logits, no
+    nulls) is computed on the decoded values in place, without copies.
     """
     n = batch.num_rows
     names = batch.schema.names
@@ -255,52 +361,82 @@ def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | 
         return batch.column(name)
 
     probs_col, logits_col = column("probs"), column("logits")
-    has_p = np.zeros(n, bool) if probs_col is None else ~probs_col.is_null().to_numpy(zero_copy_only=False)
-    has_l = np.zeros(n, bool) if logits_col is None else ~logits_col.is_null().to_numpy(zero_copy_only=False)
+    has_p = np.zeros(n, bool) if probs_col is None else ~_missing(probs_col)
+    has_l = np.zeros(n, bool) if logits_col is None else ~_missing(logits_col)
     rej.flag(has_p == has_l, "probs_or_logits")
     lengths = np.zeros(n, dtype=np.int64)
     for col, has in ((probs_col, has_p), (logits_col, has_l)):
-        if col is not None:
-            lengths = np.where(has, pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False), lengths)
+        if col is not None and has.any():
+            lengths = np.where(has, _np(pc.fill_null(pc.list_value_length(col), 0)), lengths)
     rej.flag(~((lengths >= 2) & (lengths <= MAX_CLASSES)), "bad_class_count")
     ok = rej.ok
     if not ok.any():
         return None, None
     ks = np.unique(lengths[ok])
     width = int(ks.max())
-    probs = np.full((n, width), np.nan)
-    logp = np.full((n, width), np.nan)
+    probs: np.ndarray | None = None
+    logp: np.ndarray | None = None
+
+    def put(target: np.ndarray | None, rows: np.ndarray, k: int, values: np.ndarray) -> np.ndarray:
+        """``values`` written into ``rows`` of an (n, width) NaN matrix (created when first needed)."""
+        if target is None:
+            if k == width and values.shape[0] == n:
+                return values
+            target = np.full((n, width), np.nan)
+        target[rows, :k] = values if values.shape[0] == int(rows.sum()) else values[rows]
+        return target
+
     for k in ks.tolist():
         group = rej.ok & (lengths == k)
-        matrix = np.full((n, k), np.nan)
+        whole = bool(group.all())
+        matrix = None if whole else np.full((n, k), np.nan)
         logits_rows = np.zeros(n, bool)
         for col, has, is_logits in ((probs_col, has_p, False), (logits_col, has_l, True)):
             rows = group & has
             if col is None or not rows.any():
                 continue
-            flat = pc.list_flatten(col.filter(pa.array(rows)))
-            values = pc.fill_null(pc.cast(flat, pa.float64()), np.nan).to_numpy(zero_copy_only=False).reshape(-1, k)
-            wrong = np.zeros(n, bool)
-            wrong[rows] = pc.is_null(flat).to_numpy(zero_copy_only=False).reshape(-1, k).any(axis=1)
-            rej.flag(wrong, "wrong_type")
-            matrix[rows] = values
+            every = bool(rows.all())
+            flat = pc.list_flatten(col if every else col.filter(pa.array(rows)))
+            if not pa.types.is_float64(flat.type):
+                flat = pc.cast(flat, pa.float64())
+            if flat.null_count:
+                wrong = np.zeros(n, bool)
+                wrong[rows] = _np(pc.is_null(flat)).reshape(-1, k).any(axis=1)
+                rej.flag(wrong, "wrong_type")
+                flat = pc.fill_null(flat, np.nan)
+            values = _np(flat).reshape(-1, k)
+            if every:
+                matrix = values
+            else:
+                if matrix is None:
+                    matrix = np.full((n, k), np.nan)
+                matrix[rows] = values
             if is_logits:
                 logits_rows |= rows
-        rej.flag(group & rej.ok & ~np.isfinite(matrix).all(axis=1), "not_finite")
+        assert matrix is not None
+        finite = np.isfinite(matrix).all(axis=1)
+        rej.flag(group & rej.ok & ~finite, "not_finite")
         prob_rows = group & rej.ok & has_p
-        rej.flag(prob_rows & (np.where(prob_rows[:, None], matrix, 0.0) < 0).any(axis=1), "negative_probability")
-        prob_rows = group & rej.ok & has_p
-        totals = np.where(prob_rows, matrix.sum(axis=1), 1.0)
-        rej.flag(prob_rows & (np.abs(totals - 1.0) > PROB_SUM_TOLERANCE), "probs_not_normalised")
-        prob_rows = group & rej.ok & has_p
-        probs[prob_rows, :k] = matrix[prob_rows] / totals[prob_rows, None]
+        if prob_rows.any():
+            negative = (matrix < 0).any(axis=1)  # NaN compares False; non-finite rows are rejected already
+            rej.flag(prob_rows & negative, "negative_probability")
+            prob_rows = group & rej.ok & has_p
+            totals = matrix.sum(axis=1)
+            rej.flag(prob_rows & (np.abs(totals - 1.0) > PROB_SUM_TOLERANCE), "probs_not_normalised")
+            prob_rows = group & rej.ok & has_p
+            if prob_rows.all():
+                probs = put(probs, prob_rows, k, matrix / totals[:, None])
+            elif prob_rows.any():
+                probs = put(probs, prob_rows, k, matrix[prob_rows] / totals[prob_rows, None])
         lrows = group & rej.ok & logits_rows
         if lrows.any():
-            logits = matrix[lrows]
+            logits = matrix if lrows.all() else matrix[lrows]
             shifted = logits - logits.max(axis=1, keepdims=True)
             log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            logp[lrows, :k] = log_probs
-            probs[lrows, :k] = np.exp(log_probs)
+            logp = put(logp, lrows, k, log_probs)
+            probs = put(probs, lrows, k, np.exp(log_probs))
+    if probs is None:  # every row failed a check after the class count
+        probs = np.full((n, width), np.nan)
     return probs, logp
 
 
@@ -311,16 +447,15 @@ def _class_counts(probs: np.ndarray) -> np.ndarray:
 
 def trim(block: Block) -> Block:
     """The block with its matrices cut to its single class count (several: Fallback)."""
-    if block.probs is None or not block.n:
-        return block
+    if block.probs is None or not block.n or not np.isnan(block.probs[:, -1]).any():
+        return block  # every row fills the widest class count
     ks = np.unique(_class_counts(block.probs))
     if ks.size > 1:
         raise Fallback(f"model {block.model[0].as_py()!r} has events with {ks[:5].tolist()} classes")
     k = int(ks[0])
     if k == block.probs.shape[1]:
         return block
-    assert block.logp is not None
-    return replace(block, probs=block.probs[:, :k], logp=block.logp[:, :k])
+    return replace(block, probs=block.probs[:, :k], logp=None if block.logp is None else block.logp[:, :k])
 
 
 def _features(batch: pa.RecordBatch, rej: Rejections) -> dict[str, np.ndarray]:
@@ -328,29 +463,31 @@ def _features(batch: pa.RecordBatch, rej: Rejections) -> dict[str, np.ndarray]:
     if "features" not in batch.schema.names or pa.types.is_null(batch.schema.field("features").type):
         return {}
     col = batch.column("features")
-    outer_missing = col.is_null().to_numpy(zero_copy_only=False)
+    outer_missing = _missing(col)
     out: dict[str, np.ndarray] = {}
     for i, sub in enumerate(col.type):
         child = pc.struct_field(col, [i])
         st = sub.type
         if pa.types.is_null(st):
             continue
-        missing = child.is_null().to_numpy(zero_copy_only=False) | outer_missing
+        missing = _missing(child) | outer_missing
         if pa.types.is_string(st) or pa.types.is_large_string(st):
-            values = child.to_numpy(zero_copy_only=False).astype(object)
-            length = pc.fill_null(pc.utf8_length(child), 0).to_numpy(zero_copy_only=False)
+            values = np.array(child.to_pylist(), dtype=object)
+            length = _np(pc.fill_null(pc.utf8_length(child), 0))
             rej.flag(~missing & (length > MAX_STRING_CHARS), "string_too_long")
             values[missing] = None
         else:
-            values = pc.fill_null(pc.cast(child, pa.float64()), np.nan).to_numpy(zero_copy_only=False).copy()
+            values = _np(pc.fill_null(pc.cast(child, pa.float64()), np.nan)).copy()
             rej.flag(~missing & ~np.isfinite(values), "not_finite")
             values[missing] = np.nan
         out[sub.name] = values
     return out
 
 
-def validate(batch: pa.RecordBatch, kind: str) -> tuple[Block | None, dict[str, int], dict[WindowKey, int]]:
+def validate(batch: pa.RecordBatch, kind: str, keys: bool = True) -> tuple[Block | None, dict[str, int], dict[WindowKey, int]]:
     """(valid rows, rejected count per reason, rejected predictions per window they name).
+
+    ``keys=False`` leaves the join keys out (an empty array): a reference is never joined.
 
     The window hint mirrors collector.ingest: a rejected prediction whose model, student_version and
     ts are readable is counted in that window's ``n_rejected``. The caller knows the window size, so
@@ -384,19 +521,19 @@ def validate(batch: pa.RecordBatch, kind: str) -> tuple[Block | None, dict[str, 
     if kind == "prediction":
         if "latency_ms" in batch.schema.names and not pa.types.is_null(batch.schema.field("latency_ms").type):
             lat_col = batch.column("latency_ms")
-            lat_missing = lat_col.is_null().to_numpy(zero_copy_only=False)
-            latency = pc.fill_null(pc.cast(lat_col, pa.float64()), np.nan).to_numpy(zero_copy_only=False).copy()
+            lat_missing = _missing(lat_col)
+            latency = _np(pc.fill_null(pc.cast(lat_col, pa.float64()), np.nan)).copy()
             rej.flag(~lat_missing & (~np.isfinite(latency) | (latency < 0)), "bad_latency")
             latency[lat_missing] = np.nan
         else:
             latency = np.full(n, np.nan)
         rej.flag(~label_missing & ((label < 0) | (label >= MAX_CLASSES)), "label_out_of_range")
-        if probs is not None:
+        if probs is not None and not label_missing.all():
             rej.flag(~label_missing & (label >= _class_counts(probs)), "label_out_of_range")
         audit_values, audit_missing, _len = _strings(batch, "audit")
         audit = np.zeros(n, dtype=np.int8)
         for text, code in AUDIT_CODE.items():
-            audit[pc.fill_null(pc.equal(audit_values, text), False).to_numpy(zero_copy_only=False)] = code
+            audit[_np(pc.fill_null(pc.equal(audit_values, text), False))] = code
         rej.flag(~audit_missing & (audit == 0), "bad_audit")
         rej.flag((audit > 0) & label_missing, "missing_field")
         features = _features(batch, rej)
@@ -417,16 +554,11 @@ def validate(batch: pa.RecordBatch, kind: str) -> tuple[Block | None, dict[str, 
             hints[key] = hints.get(key, 0) + 1
     if not ok.any():
         return None, dict(reasons), hints
-    idx = np.flatnonzero(ok)
-    at = pa.array(idx, type=pa.int64())
     block = Block(
-        kind, request_id[0].take(at), model[0].take(at),
-        version[0].take(at) if version is not None else pa.nulls(idx.size, pa.string()), ts[idx],
-        None if probs is None else probs[idx], None if logp is None else logp[idx],
-        np.where(label_missing, -1, label)[idx], None if latency is None else latency[idx],
-        None if audit is None else audit[idx], None if segment is None else segment.take(at),
-        {k: a[idx] for k, a in features.items()})
-    return block, dict(reasons), hints
+        kind, request_id[0], string_keys(request_id[0]) if keys else np.zeros(n, dtype=np.uint64), model[0],
+        version[0] if version is not None else pa.nulls(n, pa.string()), ts, probs, logp,
+        np.where(label_missing, -1, label), latency, audit, segment, features)
+    return (block if ok.all() else block.take(np.flatnonzero(ok))), dict(reasons), hints
 
 
 def read_blocks(path: Path, kind: str) -> Iterator[tuple[Block | None, dict[str, int], dict[WindowKey, int]]]:
@@ -460,31 +592,35 @@ def load_reference_parquet(path: Path) -> dict[str, Reference]:
     file = pq.ParquetFile(path, pre_buffer=False)
     check_schema(file.schema_arrow, "prediction", path)
     for batch in file.iter_batches(batch_size=BATCH_ROWS):
-        block, reasons, _hints = validate(batch, "prediction")
+        block, reasons, _hints = validate(batch, "prediction", keys=False)
         if reasons:
             # Re-validate to find the first bad row (rare: a reference is expected to be clean).
             for i in range(batch.num_rows):
-                _one, bad, _h = validate(batch.slice(i, 1), "prediction")
+                _one, bad, _h = validate(batch.slice(i, 1), "prediction", keys=False)
                 if bad:
                     reason = next(iter(bad))
                     raise ContractError(reason, f"row {row0 + i + 1}: {reason}")
         row0 += batch.num_rows
         if block is None:
             continue
-        assert block.probs is not None and block.audit is not None
-        keep = block.audit == 0
-        for m in _distinct(block.model):
-            rows = keep & pc.equal(block.model, m).to_numpy(zero_copy_only=False)
+        assert block.audit is not None
+        if block.audit.any():
+            block = block.take(np.flatnonzero(block.audit == 0))
+        models = _distinct(block.model)
+        for m in models:
+            part = block if len(models) == 1 else block.take(block.rows_of(m))
+            assert part.probs is not None
             nums = numbers.setdefault(m, {})
             strs = strings.setdefault(m, {})
-            probs = block.probs[rows]
-            probs = probs[:, : int(_class_counts(probs).max())] if probs.size else probs
-            probs = np.where(np.isnan(probs), -np.inf, probs)  # rows of fewer classes: padding never wins
-            nums.setdefault(CONFIDENCE, []).append(probs.max(axis=1))
-            classes = np.bincount(np.argmax(probs, axis=1), minlength=probs.shape[1])
+            probs = part.probs
+            if probs.size and np.isnan(probs[:, -1]).any():  # rows of fewer classes: padding never wins
+                probs = probs[:, : int(_class_counts(probs).max())]
+                probs = np.where(np.isnan(probs), -np.inf, probs)
+            predicted = np.argmax(probs, axis=1)
+            nums.setdefault(CONFIDENCE, []).append(np.take_along_axis(probs, predicted[:, None], axis=1)[:, 0])
+            classes = np.bincount(predicted, minlength=probs.shape[1])
             strs.setdefault(PREDICTED_CLASS, Counter()).update({str(k): int(c) for k, c in enumerate(classes) if c})
-            for name, values in block.features.items():
-                col = values[rows]
+            for name, col in part.features.items():
                 if col.dtype.kind == "f":
                     nums.setdefault(name, []).append(col[~np.isnan(col)])
                 else:
@@ -504,16 +640,108 @@ def load_reference_parquet(path: Path) -> dict[str, Reference]:
 # ---- the vectorised join and windows ----
 
 
+@dataclass(frozen=True)
+class _KeyIndex:
+    """Join keys sorted once, so replays and labels of later steps find their rows by binary search."""
+
+    sorted_keys: np.ndarray
+    rows: np.ndarray  # the row of each sorted key
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> _KeyIndex:
+        order = np.argsort(keys)
+        return cls(keys[order], order)
+
+    def find(self, keys: np.ndarray, offset: int, n: int) -> np.ndarray:
+        """Row (minus ``offset``) of each key among rows ``offset .. offset + n`` of the indexed ones; -1: absent."""
+        if not self.sorted_keys.size or not keys.size:
+            return np.full(keys.size, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.sorted_keys, keys), self.sorted_keys.size - 1)
+        rows = self.rows[at] - offset
+        return np.where((self.sorted_keys[at] == keys) & (rows >= 0) & (rows < n), rows, -1)
+
+
+@dataclass
+class _Open:
+    """Predictions of one model not yet closed, with what has joined them, row for row."""
+
+    preds: Block
+    starts: np.ndarray  # each row's window start
+    teacher_probs: np.ndarray  # (n, K); NaN rows: no replay yet
+    teacher_logp: np.ndarray | None  # (n, K) log-softmax of replays sent as logits (NaN rows otherwise); None: none were
+    teacher_version: np.ndarray  # object; None: no replay
+    has_teacher: np.ndarray
+    label_joined: np.ndarray  # a label that came as its own record (-1: none)
+    # The key index of the rows this chunk was sliced from, and where it starts in them (built when first used).
+    index: _KeyIndex | None = None
+    index_offset: int = 0
+
+    def find(self, values: Block) -> np.ndarray:
+        """This chunk's row of each request_id of ``values`` (-1: none); matches confirmed on the strings."""
+        if self.index is None:
+            self.index, self.index_offset = _KeyIndex.of(self.preds.key), 0
+        at = self.index.find(values.key, self.index_offset, self.n)
+        _confirm(values, self.preds, at)
+        return at
+
+    @classmethod
+    def new(cls, preds: Block, starts: np.ndarray, k: int) -> _Open:
+        n = preds.n
+        return cls(preds, starts, np.full((n, k), np.nan), None, np.full(n, None, dtype=object),
+                   np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64))
+
+    @property
+    def n(self) -> int:
+        return self.preds.n
+
+    def set_teacher(self, rows: np.ndarray, teacher: Block) -> None:
+        assert teacher.probs is not None
+        self.teacher_probs[rows] = teacher.probs
+        if teacher.logp is not None:
+            if self.teacher_logp is None:
+                self.teacher_logp = np.full(self.teacher_probs.shape, np.nan)
+            self.teacher_logp[rows] = teacher.logp
+        self.teacher_version[rows] = np.array(teacher.version.to_pylist(), dtype=object)
+        self.has_teacher[rows] = True
+
+    def take(self, idx: np.ndarray) -> _Open:
+        """The rows at ``idx`` (views when they are a contiguous range)."""
+        if idx.size and idx[-1] - idx[0] + 1 == idx.size and bool((np.diff(idx) == 1).all()):
+            return self.slice(int(idx[0]), int(idx[-1]) + 1)
+        return _Open(self.preds.take(idx), self.starts[idx], self.teacher_probs[idx],
+                     None if self.teacher_logp is None else self.teacher_logp[idx], self.teacher_version[idx],
+                     self.has_teacher[idx], self.label_joined[idx])
+
+    def slice(self, begin: int, end: int) -> _Open:
+        return _Open(self.preds.slice(begin, end), self.starts[begin:end], self.teacher_probs[begin:end],
+                     None if self.teacher_logp is None else self.teacher_logp[begin:end],
+                     self.teacher_version[begin:end], self.has_teacher[begin:end], self.label_joined[begin:end],
+                     self.index, self.index_offset + begin)
+
+
+def _concat_open(parts: list[_Open]) -> _Open:
+    if len(parts) == 1:
+        return parts[0]
+    logp = None
+    if any(p.teacher_logp is not None for p in parts):
+        logp = np.concatenate([np.full(p.teacher_probs.shape, np.nan) if p.teacher_logp is None else p.teacher_logp
+                               for p in parts])
+    return _Open(concat([p.preds for p in parts]), np.concatenate([p.starts for p in parts]),
+                 np.concatenate([p.teacher_probs for p in parts]), logp,
+                 np.concatenate([p.teacher_version for p in parts]), np.concatenate([p.has_teacher for p in parts]),
+                 np.concatenate([p.label_joined for p in parts]))
+
+
+# Open predictions are kept as the chunks they arrived in (closing a window slices them instead of
+# copying the rest); past this many chunks of one model they are joined into one.
+MAX_CHUNKS = 8
+
+
 @dataclass
 class _Buffer:
     """Rows of one model still open: predictions with what joined them, early replays and labels."""
 
-    preds: Block | None = None
-    teacher_probs: np.ndarray | None = None
-    teacher_logp: np.ndarray | None = None
-    teacher_version: np.ndarray | None = None
-    has_teacher: np.ndarray | None = None
-    label_joined: np.ndarray | None = None  # a label that came as its own record (-1: none)
+    chunks: list[_Open] = field(default_factory=list)
     early_teacher: Block | None = None
     early_label: Block | None = None
 
@@ -522,12 +750,27 @@ def _distinct(values: pa.Array) -> list[str]:
     return sorted(v for v in pc.unique(values).to_pylist() if v is not None)
 
 
-def _index_in(values: pa.Array, universe: pa.Array) -> np.ndarray:
-    """Position of each value in ``universe`` (-1 where absent), by a hash lookup."""
-    if len(values) == 0 or len(universe) == 0:
-        return np.full(len(values), -1, dtype=np.int64)
-    found = pc.index_in(values, value_set=universe)
-    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+def _lookup(values: Block, universe: Block) -> np.ndarray:
+    """The row of ``universe`` with each request_id of ``values`` (-1: none).
+
+    Keys are matched by a hash lookup on 64-bit integers and every match is confirmed on the
+    strings; a key shared by two different request_ids raises Fallback.
+    """
+    if not values.n or not universe.n:
+        return np.full(values.n, -1, dtype=np.int64)
+    found = pc.index_in(pa.array(values.key), value_set=pa.array(universe.key))
+    at = np.where(_missing(found), -1, _np(found)).astype(np.int64)
+    _confirm(values, universe, at)
+    return at
+
+
+def _confirm(values: Block, universe: Block, at: np.ndarray) -> None:
+    """Raise Fallback unless each key match (``at`` >= 0) is the same request_id string."""
+    hit = np.flatnonzero(at >= 0)
+    if hit.size:
+        same = pc.equal(values.request_id.take(pa.array(hit)), universe.request_id.take(pa.array(at[hit])))
+        if not pc.all(same).as_py():
+            raise Fallback("two request_ids share a 64-bit join key")
 
 
 def _first_duplicate(values: pa.Array) -> str | None:
@@ -538,13 +781,30 @@ def _first_duplicate(values: pa.Array) -> str | None:
     return None if len(many) == 0 else str(many.field("values")[0])
 
 
-class ColumnarAnalyzer:
-    """Windows and counters of Parquet inputs (see the module docstring)."""
+def _duplicate(block: Block) -> str | None:
+    """A request_id the block holds twice, if any."""
+    if block.n < 2:
+        return None
+    keys = np.sort(block.key)
+    if not (keys[1:] == keys[:-1]).any():
+        return None
+    return _first_duplicate(block.request_id) or "(two request_ids sharing a 64-bit join key)"
 
-    def __init__(self, window_ms: int, grace_ms: int, references: dict[str, Reference] | None = None) -> None:
+
+References = dict[str, Reference]
+
+
+class ColumnarAnalyzer:
+    """Windows and counters of Parquet inputs (see the module docstring).
+
+    ``references`` may be a callable giving them (a reference still loading on another thread):
+    it is called when the first window closes.
+    """
+
+    def __init__(self, window_ms: int, grace_ms: int,
+                 references: References | Callable[[], References] | None = None) -> None:
         self.window_ms, self.grace_ms = window_ms, grace_ms
-        self.references = references or {}
-        self.fingerprints = {m: r.fingerprint for m, r in self.references.items()}
+        self._references = references
         self.watermark: int | None = None
         self.observed: dict[str, int] = {}
         self.buffers: dict[str, _Buffer] = {}
@@ -552,6 +812,15 @@ class ColumnarAnalyzer:
         self.windows: dict[WindowKey, WindowState] = {}  # final states
         self.counters: Counter[tuple[str, str]] = Counter()
         self.k: dict[str, int] = {}  # class count per model
+
+    @cached_property
+    def references(self) -> References:
+        source = self._references
+        return (source() if callable(source) else source) or {}
+
+    @cached_property
+    def fingerprints(self) -> dict[str, str]:
+        return {m: r.fingerprint for m, r in self.references.items()}
 
     def _closed(self, start: np.ndarray | int) -> Any:
         if self.watermark is None:
@@ -597,16 +866,17 @@ class ColumnarAnalyzer:
                 if self.k.setdefault(model, k) != k:
                     raise Fallback(f"model {model!r} has events with {self.k[model]} and with {k} classes")
         if preds is not None and preds.n:
-            late = self._closed(self._starts(preds.ts))
+            starts = self._starts(preds.ts)
+            late = self._closed(starts)
             if late.any():
                 self.counters[("prediction", "late")] += int(late.sum())
-                starts = self._starts(preds.ts[late])
                 late_versions = preds.version.take(pa.array(np.flatnonzero(late), type=pa.int64())).to_pylist()
-                for ver, start in zip(late_versions, starts.tolist(), strict=True):
+                for ver, start in zip(late_versions, starts[late].tolist(), strict=True):
                     self.windows.setdefault(WindowKey(model, ver, start), WindowState()).n_late += 1
-                preds = preds.take(np.flatnonzero(~late))
+                keep = np.flatnonzero(~late)
+                preds, starts = preds.take(keep), starts[keep]
             if preds.n:
-                self._add_predictions(model, buf, preds)
+                self._add_predictions(model, buf, preds, starts)
         if teacher is not None and teacher.n:
             self._observe("teacher", teacher.ts)
             self._add_partners(model, buf, teacher, "teacher")
@@ -614,54 +884,40 @@ class ColumnarAnalyzer:
             self._observe("label", labels.ts)
             self._add_partners(model, buf, labels, "label")
 
-    def _add_predictions(self, model: str, buf: _Buffer, preds: Block) -> None:
-        dup = _first_duplicate(preds.request_id)
-        if dup is None and buf.preds is not None:
-            hits = _index_in(preds.request_id, buf.preds.request_id)
+    def _add_predictions(self, model: str, buf: _Buffer, preds: Block, starts: np.ndarray) -> None:
+        dup = _duplicate(preds)
+        for chunk in buf.chunks if dup is None else ():
+            hits = chunk.find(preds)
             if (hits >= 0).any():
                 dup = str(preds.request_id[int(np.argmax(hits >= 0))].as_py())
+                break
         if dup is not None:
             raise Fallback(f"prediction request_id {dup[:80]!r} of model {model!r} appears twice")
         self._observe("prediction", preds.ts)
-        n, k = preds.n, self.k[model]
-        new_tp = np.full((n, k), np.nan)
-        new_tl = np.full((n, k), np.nan)
-        new_tv = np.full(n, None, dtype=object)
-        new_ht = np.zeros(n, dtype=bool)
-        new_lj = np.full(n, -1, dtype=np.int64)
+        chunk = _Open.new(preds, starts, self.k[model])
         # Replays and labels that came first join now.
         for kind in ("teacher", "label"):
             early = buf.early_teacher if kind == "teacher" else buf.early_label
             if early is None or not early.n:
                 continue
-            at = _index_in(early.request_id, preds.request_id)
+            at = _lookup(early, preds)
             matched = at >= 0
             if not matched.any():
                 continue
             rows = at[matched]
-            self._check_partner(model, preds, rows, early.take(np.flatnonzero(matched)), kind)
+            partners = early.take(np.flatnonzero(matched))
+            self._check_partner(model, preds, rows, partners, kind)
+            rest = early.take(np.flatnonzero(~matched))
             if kind == "teacher":
-                assert early.probs is not None and early.logp is not None
-                new_tp[rows], new_tl[rows] = early.probs[matched], early.logp[matched]
-                new_tv[rows] = early.version.take(pa.array(np.flatnonzero(matched), type=pa.int64())).to_numpy(zero_copy_only=False)
-                new_ht[rows] = True
-                buf.early_teacher = early.take(np.flatnonzero(~matched))
+                chunk.set_teacher(rows, partners)
+                buf.early_teacher = rest
             else:
-                assert early.label is not None
-                new_lj[rows] = early.label[matched]
-                buf.early_label = early.take(np.flatnonzero(~matched))
-        if buf.preds is None:
-            buf.preds, buf.teacher_probs, buf.teacher_logp = preds, new_tp, new_tl
-            buf.teacher_version, buf.has_teacher, buf.label_joined = new_tv, new_ht, new_lj
-        else:
-            assert buf.teacher_probs is not None and buf.teacher_logp is not None and buf.teacher_version is not None
-            assert buf.has_teacher is not None and buf.label_joined is not None
-            buf.preds = concat([buf.preds, preds])
-            buf.teacher_probs = np.concatenate([buf.teacher_probs, new_tp])
-            buf.teacher_logp = np.concatenate([buf.teacher_logp, new_tl])
-            buf.teacher_version = np.concatenate([buf.teacher_version, new_tv])
-            buf.has_teacher = np.concatenate([buf.has_teacher, new_ht])
-            buf.label_joined = np.concatenate([buf.label_joined, new_lj])
+                assert partners.label is not None
+                chunk.label_joined[rows] = partners.label
+                buf.early_label = rest
+        buf.chunks.append(chunk)
+        if len(buf.chunks) > MAX_CHUNKS:
+            buf.chunks = [_concat_open(buf.chunks)]
 
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
         """Fallback for what the vectorised join does not model (see the module docstring)."""
@@ -676,37 +932,35 @@ class ColumnarAnalyzer:
                 raise Fallback(f"a label record of model {model!r} outside the student's classes")
 
     def _add_partners(self, model: str, buf: _Buffer, block: Block, kind: str) -> None:
-        dup = _first_duplicate(block.request_id)
+        dup = _duplicate(block)
         early = buf.early_teacher if kind == "teacher" else buf.early_label
         if dup is None and early is not None and early.n:
-            hits = _index_in(block.request_id, early.request_id)
+            hits = _lookup(block, early)
             if (hits >= 0).any():
                 dup = str(block.request_id[int(np.argmax(hits >= 0))].as_py())
         if dup is not None:
             raise Fallback(f"{kind} request_id {dup[:80]!r} of model {model!r} appears twice")
-        matched = np.zeros(block.n, dtype=bool)
-        if buf.preds is not None and buf.preds.n:
-            at = _index_in(block.request_id, buf.preds.request_id)
+        rest = block
+        for chunk in buf.chunks:
+            if not rest.n:
+                break
+            at = chunk.find(rest)
             matched = at >= 0
-            if matched.any():
-                rows = at[matched]
-                partners = block.take(np.flatnonzero(matched))
-                self._check_partner(model, buf.preds, rows, partners, kind)
-                assert buf.has_teacher is not None and buf.label_joined is not None
-                if kind == "teacher":
-                    if buf.has_teacher[rows].any():
-                        raise Fallback(f"a second teacher replay for a request of model {model!r}")
-                    assert buf.teacher_probs is not None and buf.teacher_logp is not None and buf.teacher_version is not None
-                    assert partners.probs is not None and partners.logp is not None
-                    buf.teacher_probs[rows], buf.teacher_logp[rows] = partners.probs, partners.logp
-                    buf.teacher_version[rows] = partners.version.to_numpy(zero_copy_only=False)
-                    buf.has_teacher[rows] = True
-                else:
-                    if (buf.label_joined[rows] >= 0).any():
-                        raise Fallback(f"a second label for a request of model {model!r}")
-                    assert partners.label is not None
-                    buf.label_joined[rows] = partners.label
-        rest = block.take(np.flatnonzero(~matched))
+            if not matched.any():
+                continue
+            rows = at[matched]
+            partners = rest.take(np.flatnonzero(matched))
+            self._check_partner(model, chunk.preds, rows, partners, kind)
+            if kind == "teacher":
+                if chunk.has_teacher[rows].any():
+                    raise Fallback(f"a second teacher replay for a request of model {model!r}")
+                chunk.set_teacher(rows, partners)
+            else:
+                if (chunk.label_joined[rows] >= 0).any():
+                    raise Fallback(f"a second label for a request of model {model!r}")
+                assert partners.label is not None
+                chunk.label_joined[rows] = partners.label
+            rest = rest.take(np.flatnonzero(~matched))
         if rest.n:
             late = self._closed(self._starts(rest.ts))
             if late.any():
@@ -744,50 +998,57 @@ class ColumnarAnalyzer:
                     buf.early_teacher = kept
                 else:
                     buf.early_label = kept
-        preds = buf.preds
-        if preds is None or not preds.n:
-            return
-        starts = self._starts(preds.ts)
-        done = np.ones(preds.n, bool) if everything else self._closed(starts)
-        if not done.any():
-            return
-        assert buf.teacher_probs is not None and buf.teacher_logp is not None and buf.teacher_version is not None
-        assert buf.has_teacher is not None and buf.label_joined is not None
-        idx = np.flatnonzero(done)
-        encoded = pc.dictionary_encode(preds.version.take(pa.array(idx, type=pa.int64())))
+        done_parts, open_parts = [], []
+        for chunk in buf.chunks:
+            done = np.ones(chunk.n, bool) if everything else self._closed(chunk.starts)
+            if done.all():
+                done_parts.append(chunk)
+            elif done.any():
+                done_parts.append(chunk.take(np.flatnonzero(done)))
+                open_parts.append(chunk.take(np.flatnonzero(~done)))
+            else:
+                open_parts.append(chunk)
+        buf.chunks = open_parts
+        if done_parts:
+            self._close_rows(model, _concat_open(done_parts))
+
+    def _close_rows(self, model: str, rows: _Open) -> None:
+        """Compute the windows of closed rows: one state per (student_version, window)."""
+        encoded = pc.dictionary_encode(rows.preds.version)
         names = encoded.dictionary.to_pylist()
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        slot = (starts[idx] - starts[idx].min()) // self.window_ms
+        codes = _np(encoded.indices).astype(np.int64)
+        slot = (rows.starts - rows.starts.min()) // self.window_ms
         combo = codes * (int(slot.max()) + 1) + slot
-        order = np.argsort(combo, kind="stable")
-        bounds = np.flatnonzero(np.diff(combo[order])) + 1
-        groups = sorted(((int(starts[idx[g[0]]]), names[codes[g[0]]], idx[g]) for g in np.split(order, bounds)),
+        if rows.n > 1 and bool((np.diff(combo) < 0).any()):  # group the rows of each window together
+            order = np.argsort(combo, kind="stable")
+            rows, combo, codes = rows.take(order), combo[order], codes[order]
+        edges = [0, *(np.flatnonzero(np.diff(combo)) + 1).tolist(), rows.n]
+        groups = sorted(((int(rows.starts[b]), names[codes[b]], b, e) for b, e in zip(edges[:-1], edges[1:], strict=True)),
                         key=lambda item: item[0])
-        for start, ver, r in groups:
+        for start, ver, begin, end in groups:
             key = WindowKey(model, ver, start)
-            state = self._window_state(model, preds.take(r), buf.teacher_probs[r], buf.teacher_logp[r],
-                                       buf.teacher_version[r], buf.has_teacher[r], buf.label_joined[r])
+            state = self._window_state(model, rows.slice(begin, end))
             state.n_rejected += self.rejected.pop(key, 0)
             prior = self.windows.get(key)
             self.windows[key] = prior.merge(state) if prior is not None else state
-        keep = np.flatnonzero(~done)
-        buf.preds = preds.take(keep)
-        buf.teacher_probs, buf.teacher_logp = buf.teacher_probs[keep], buf.teacher_logp[keep]
-        buf.teacher_version, buf.has_teacher = buf.teacher_version[keep], buf.has_teacher[keep]
-        buf.label_joined = buf.label_joined[keep]
 
-    def _window_state(self, model: str, p: Block, t_probs: np.ndarray, t_logp: np.ndarray, t_version: np.ndarray,
-                      has_teacher: np.ndarray, label_joined: np.ndarray) -> WindowState:
+    def _window_state(self, model: str, rows: _Open) -> WindowState:
         """One window's state from its predictions and what joined them, all at once."""
-        assert p.probs is not None and p.logp is not None and p.label is not None and p.audit is not None
+        p = rows.preds
+        assert p.probs is not None and p.label is not None and p.audit is not None
         assert p.latency is not None and p.segment is not None
         state = WindowState()
-        label = np.where(p.label >= 0, p.label, label_joined)
+
+        def student_log(idx: np.ndarray) -> np.ndarray:
+            assert p.probs is not None
+            floor = np.log(np.maximum(p.probs[idx], STUDENT_PROB_FLOOR))
+            return floor if p.logp is None else np.where(np.isnan(p.logp[idx]), floor, p.logp[idx])
+
+        label = np.where(p.label >= 0, p.label, rows.label_joined)
         audit = p.audit > 0
         prod = ~audit
-        s_logp = np.where(np.isnan(p.logp), np.log(np.maximum(p.probs, STUDENT_PROB_FLOOR)), p.logp)
         s_pred = np.argmax(p.probs, axis=1)
-        confidence = p.probs.max(axis=1)
+        confidence = np.take_along_axis(p.probs, s_pred[:, None], axis=1)[:, 0]
         state.n = int(prod.sum())
         lat = p.latency[prod]
         lat = lat[~np.isnan(lat)]
@@ -797,50 +1058,59 @@ class ColumnarAnalyzer:
         if reference is not None and state.n:
             drift = state.drift
             drift.fingerprint = self.fingerprints[model]
+            every = bool(prod.all())
             for name, fb in reference.features.items():
                 if name == CONFIDENCE:
-                    counted = fb.count(confidence[prod])
+                    counted = fb.count(confidence if every else confidence[prod])
                 elif name == PREDICTED_CLASS:
-                    counted = fb.count_classes(s_pred[prod], p.probs.shape[1])
+                    counted = fb.count_classes(s_pred if every else s_pred[prod], p.probs.shape[1])
                 elif name in p.features:
-                    values = p.features[name][prod]
+                    values = p.features[name] if every else p.features[name][prod]
                     counted = fb.count(values if values.dtype.kind == "f" else values.tolist())
                 else:
                     continue
                 drift.add_counts(name, counted)
-        pair = prod & has_teacher
-        t_pred = np.argmax(t_probs, axis=1)
-        if pair.any():
-            t = t_probs[pair]
-            t_log = np.where(np.isnan(t_logp[pair]), np.log(np.where(t > 0, t, 1.0)), t_logp[pair])
-            state.fidelity.update(t, t_log, p.probs[pair], s_logp[pair])
-            for ver, count in Counter(t_version[pair].tolist()).items():
-                state.teacher_versions[ver] = count
+        pair = prod & rows.has_teacher
+        agree = np.zeros(p.n, dtype=bool)
         labeled = prod & (label >= 0)
         correct = s_pred == label
+        if pair.any():
+            idx = np.flatnonzero(pair)
+            t = rows.teacher_probs[idx]
+            t_log = np.log(np.where(t > 0, t, 1.0))
+            if rows.teacher_logp is not None:
+                t_log = np.where(np.isnan(rows.teacher_logp[idx]), t_log, rows.teacher_logp[idx])
+            state.fidelity.update(t, t_log, p.probs[idx], student_log(idx))
+            agree[idx] = np.argmax(t, axis=1) == s_pred[idx]
+            for ver, count in Counter(rows.teacher_version[idx].tolist()).items():
+                state.teacher_versions[ver] = count
         if labeled.any():
             state.calibration.update(confidence[labeled], correct[labeled])
-        lt = labeled & has_teacher
+        lt = labeled & rows.has_teacher
         if lt.any():
-            state.n_labeled_with_teacher = int(lt.sum())
-            state.n_correct_student_lt = int(correct[lt].sum())
-            state.teacher_calibration.update(t_probs[lt].max(axis=1), t_pred[lt] == label[lt])
+            idx = np.flatnonzero(lt)
+            t = rows.teacher_probs[idx]
+            state.n_labeled_with_teacher = int(idx.size)
+            state.n_correct_student_lt = int(correct[idx].sum())
+            state.teacher_calibration.update(t.max(axis=1), np.argmax(t, axis=1) == label[idx])
         if state.n:
-            segment = pc.dictionary_encode(pc.fill_null(p.segment.take(pa.array(np.flatnonzero(prod), type=pa.int64())),
-                                                        NO_SEGMENT))
-            names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
-            inverse = segment.indices.to_numpy(zero_copy_only=False)
-            agree = (t_pred == s_pred)
-            columns = [np.ones(state.n, bool), pair[prod], (pair & agree)[prod], labeled[prod], (labeled & correct)[prod]]
-            if names.size > MAX_SEGMENTS:
-                raise Fallback(f"a window of model {model!r} has more than {MAX_SEGMENTS} segments")
-            counts = np.stack([np.bincount(inverse, weights=c, minlength=names.size) for c in columns], axis=1)
-            state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})
+            columns = [prod, pair, pair & agree, labeled, labeled & correct]
+            if p.segment.null_count == p.n:  # no segments: one row of totals
+                state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
+            else:
+                segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
+                names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
+                if names.size > MAX_SEGMENTS:
+                    raise Fallback(f"a window of model {model!r} has more than {MAX_SEGMENTS} segments")
+                inverse = _np(segment.indices)
+                counts = np.stack([np.bincount(inverse, weights=c[prod], minlength=names.size) for c in columns], axis=1)
+                state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})
         if audit.any():
-            state.n_audit = int(audit.sum())
-            scores = attack_scores(p.probs[audit], s_logp[audit], label[audit])
-            ids = p.request_id.take(pa.array(np.flatnonzero(audit), type=pa.int64())).to_pylist()
-            state.membership.update(ids, p.audit[audit] == 1, scores)
+            idx = np.flatnonzero(audit)
+            state.n_audit = int(idx.size)
+            scores = attack_scores(p.probs[idx], student_log(idx), label[idx])
+            ids = p.request_id.take(pa.array(idx, type=pa.int64())).to_pylist()
+            state.membership.update(ids, p.audit[idx] == 1, scores)
         return state
 
 
@@ -851,7 +1121,7 @@ def analyze_parquet(
     *,
     window_ms: int = 60_000,
     grace_ms: int = 600_000,
-    references: dict[str, Reference] | None = None,
+    references: References | Callable[[], References] | None = None,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
     """Final window states and per-(kind, reason) counters; raises Fallback when the data needs the joiner."""
     analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)

@@ -63,16 +63,21 @@ def analyze(
     results. With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
     """
     from analyzer.window import window_result
-    from collector.offline import analyze_files, load_reference
+    from collector.offline import analyze_files, reference_loader
     from slo.config import load_slo_file
     from slo.engine import WindowInput, backtest
 
+    from kdwatch.runtime import tune_gc
+
+    tune_gc()
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
     slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
-    refs = load_reference(reference) if reference is not None else {}
+    # The reference loads on a second thread while the inputs are read; the first window to close waits for it.
+    references = reference_loader(reference) if reference is not None else dict
     windows, counters = analyze_files(
-        predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs,
+        predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=references,
         on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
+    refs = references()
     inputs = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
         result = window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model))
