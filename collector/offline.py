@@ -8,8 +8,8 @@ the grace, the result equals the Kafka path's stored windows (tests/integration/
 from __future__ import annotations
 
 import heapq
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 

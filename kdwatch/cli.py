@@ -64,10 +64,9 @@ def analyze(
     """
     from analyzer.window import window_result
     from collector.offline import analyze_files, reference_loader
+    from kdwatch.runtime import tune_gc
     from slo.config import load_slo_file
     from slo.engine import WindowInput, backtest
-
-    from kdwatch.runtime import tune_gc
 
     tune_gc()
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")

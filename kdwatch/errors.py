@@ -27,6 +27,9 @@ class ContractError(KdwatchError):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[ContractError], tuple[str, str]]:  # survives a trip between processes
+        return type(self), (self.reason, self.message)
+
 
 class SchemaError(KdwatchError):
     """A Parquet input whose columns cannot hold the event contract: the whole file is refused."""
@@ -38,6 +41,10 @@ class ConfigError(KdwatchError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str]]:
+        return type(self), (self.field, self.message)
 
 
 class StoreConflict(KdwatchError):
