@@ -7,14 +7,18 @@ A column the contract does not know, or of a type it cannot hold, fails the whol
 naming the column.
 
 Rows are validated with the same rules, in the same order and with the same reason codes as
-:mod:`collector.contract`, but over whole columns. Then the three files are read in event-time
-steps (a batch of predictions, and the replays and labels up to its newest event time), joined by
-``request_id`` with numpy and pyarrow hash lookups, and each window's state is computed once, when
-the watermark closes it. The rules are the stream joiner's (collector.join): the watermark is the
-least newest event time of the inputs still being read, a window closes at ``start + size + grace``,
-a replay or label joins its prediction when both arrive before the prediction's window closes,
-predictions of closed windows are late, and replays or labels left without a prediction when their
-own window closes are unmatched. Memory is bounded by one step plus the open windows.
+:mod:`collector.contract`, but over whole columns. The three files are then read in the order the
+record path merges them (by event time; a file out of order as a heap merge reads it, i.e. by the
+file's running maximum of ``ts``), a stretch at a time, and each record arrives with the watermark
+it would see there. The rules are the stream joiner's (collector.join), with the watermark moving
+after every record as on the record path offline: the least newest event time of the inputs still
+being read; a window closes at ``start + size + grace``; a replay or label joins its prediction when
+both arrive before the prediction's window closes (one that comes first waits while its own window
+is open); predictions of closed windows are late; replays or labels left without a prediction when
+their own window closes are unmatched. So the result depends on the events and their order in each
+file, not on batch sizes. Joins look up 64-bit hashes of ``request_id`` (each match confirmed on the
+strings); each window's state is computed once, when the watermark closes it. Memory: about one
+batch per input plus the open windows.
 
 What the vectorised join does not model, it hands back: a ``request_id`` seen twice in the same
 input while the first is still open (a duplicate), a model whose events have different class counts
@@ -29,7 +33,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
@@ -59,10 +63,12 @@ from collector.contract import (
     PROB_SUM_TOLERANCE,
     TEACHER_FIELDS,
 )
-from collector.join import INPUTS, NO_SEGMENT, WindowKey, watermark_candidate
+from collector.join import INPUTS, NO_SEGMENT, WindowKey
 from kdwatch.errors import ContractError, SchemaError
 
 BATCH_ROWS = 65_536
+ORDER = {kind: i for i, kind in enumerate(INPUTS)}  # the merge's order among equal keys: collector.offline's
+NEVER = -(2**62)  # a merge key or watermark before every event
 FIELDS = {"prediction": PREDICTION_FIELDS, "teacher": TEACHER_FIELDS, "label": LABEL_FIELDS}
 AUDIT_CODE = {AUDIT_VALUES[0]: 1, AUDIT_VALUES[1]: 2}
 
@@ -257,38 +263,42 @@ class Block:
     audit: np.ndarray | None = None  # 0 none, 1 member, 2 nonmember
     segment: pa.Array | None = None  # null: none
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    # Where each row stands in the merge of the inputs (see analyze_parquet): its merge key and row
+    # number in its file; once stepped, its position in the merge and the watermark when it arrived.
+    mkey: np.ndarray | None = None
+    rowno: np.ndarray | None = None
+    position: np.ndarray | None = None
+    arrival_wm: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return int(self.ts.shape[0])
 
+    def _map(self, arrow: Callable[[pa.Array], pa.Array], numpy: Callable[[np.ndarray], np.ndarray]) -> Block:
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kind" or value is None:
+                continue
+            if f.name == "features":
+                changes[f.name] = {name: numpy(column) for name, column in value.items()}
+            else:
+                changes[f.name] = arrow(value) if isinstance(value, pa.Array) else numpy(value)
+        return replace(self, **changes)
+
     def take(self, idx: np.ndarray) -> Block:
         """The rows at ``idx`` (a contiguous range is sliced without copying)."""
-        if idx.size and idx[-1] - idx[0] + 1 == idx.size and (idx.size < 2 or bool((np.diff(idx) == 1).all())):
-            return self.slice(int(idx[0]), int(idx[-1]) + 1)
         if not idx.size:
             return self.slice(0, 0)
-
-        def sub(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[idx]
-
+        if idx[-1] - idx[0] + 1 == idx.size and (idx.size < 2 or bool((np.diff(idx) == 1).all())):
+            return self.slice(int(idx[0]), int(idx[-1]) + 1)
         at = pa.array(idx, type=pa.int64())
-        return Block(self.kind, self.request_id.take(at), self.key[idx], self.model.take(at), self.version.take(at),
-                     self.ts[idx], sub(self.probs), sub(self.logp), sub(self.label), sub(self.latency), sub(self.audit),
-                     None if self.segment is None else self.segment.take(at), {k: v[idx] for k, v in self.features.items()})
+        return self._map(lambda a: a.take(at), lambda a: a[idx])
 
     def slice(self, begin: int, end: int) -> Block:
         """Rows ``begin:end`` as views."""
-
-        def sub(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[begin:end]
-
         size = max(end - begin, 0)
-        return Block(self.kind, self.request_id.slice(begin, size), self.key[begin:end], self.model.slice(begin, size),
-                     self.version.slice(begin, size), self.ts[begin:end], sub(self.probs), sub(self.logp),
-                     sub(self.label), sub(self.latency), sub(self.audit),
-                     None if self.segment is None else self.segment.slice(begin, size),
-                     {k: v[begin:end] for k, v in self.features.items()})
+        return self._map(lambda a: a.slice(begin, size), lambda a: a[begin:end])
 
     def rows_of(self, model: str) -> np.ndarray:
         same = pc.equal(self.model, model)
@@ -300,14 +310,13 @@ def concat(blocks: list[Block]) -> Block:
     blocks = [b for b in blocks if b.n] or blocks[:1]
     if len(blocks) == 1:
         return blocks[0]
-    first = blocks[0]
 
     def cat(name: str) -> Any:
         parts = [getattr(b, name) for b in blocks]
         if name == "logp" and any(p is not None for p in parts):  # blocks without logits: NaN rows
             parts = [np.full((b.n, b.probs.shape[1]), np.nan) if p is None else p  # type: ignore[union-attr]
                      for p, b in zip(parts, blocks, strict=True)]
-        if parts[0] is None:
+        if any(p is None for p in parts):
             return None
         if isinstance(parts[0], pa.Array):
             return pa.concat_arrays(parts)
@@ -328,8 +337,8 @@ def concat(blocks: list[Block]) -> Block:
                 kind = next(x.features[name].dtype for x in blocks if name in x.features)
                 parts.append(np.full(b.n, np.nan if kind.kind == "f" else None, dtype=kind))
         features[name] = np.concatenate(parts)
-    return Block(first.kind, cat("request_id"), cat("key"), cat("model"), cat("version"), cat("ts"), cat("probs"),
-                 cat("logp"), cat("label"), cat("latency"), cat("audit"), cat("segment"), features)
+    changes = {f.name: cat(f.name) for f in fields(Block) if f.name not in ("kind", "features")}
+    return replace(blocks[0], features=features, **changes)
 
 
 class Rejections:
@@ -505,10 +514,18 @@ def _features(batch: pa.RecordBatch, rej: Rejections) -> dict[str, np.ndarray]:
     return out
 
 
-def validate(batch: pa.RecordBatch, kind: str, keys: bool = True) -> tuple[Block | None, dict[str, int], dict[WindowKey, int]]:
-    """(valid rows, rejected count per reason, rejected predictions per window they name).
+# A rejected prediction that names its window: model, student_version, ts, merge key, row number.
+Hint = tuple[str, str, int, int, int]
 
-    ``keys=False`` leaves the join keys out (an empty array): a reference is never joined.
+
+def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
+             key0: int = -1) -> tuple[Block | None, dict[str, int], list[Hint], int]:
+    """(valid rows, rejected count per reason, rejected predictions naming a window, merge key after the batch).
+
+    ``keys=False`` leaves the join keys out (zeros): a reference is never joined. ``row0`` is the
+    batch's first row number in its file and ``key0`` the merge key before it: the merge of the
+    inputs orders rows by their file's running maximum of ``ts`` (an unreadable ``ts`` counts as -1),
+    which is exactly the order in which the record path's heap merge reads them.
 
     The window hint mirrors collector.ingest: a rejected prediction whose model, student_version and
     ts are readable is counted in that window's ``n_rejected``. The caller knows the window size, so
@@ -560,26 +577,44 @@ def validate(batch: pa.RecordBatch, kind: str, keys: bool = True) -> tuple[Block
         segment = seg[0]
     ok = rej.ok
     reasons = rej.counts()
-    hints: dict[WindowKey, int] = {}
+    mkey = np.maximum(np.maximum.accumulate(np.where(ts_missing, -1, ts)), key0) if n else np.zeros(0, np.int64)
+    rowno = row0 + np.arange(n, dtype=np.int64)
+    end_key = int(mkey[-1]) if n else key0
+    hints: list[Hint] = []
     if kind == "prediction" and not ok.all():
         assert version is not None
         readable = ~ok & ts_ok
         for f in (model, version):
             readable &= ~f[1] & (f[2] > 0) & (f[2] <= MAX_STRING_CHARS)
         at = pa.array(np.flatnonzero(readable), type=pa.int64())
-        for m, ver, t in zip(model[0].take(at).to_pylist(), version[0].take(at).to_pylist(), ts[readable].tolist(), strict=True):
-            key = WindowKey(m, ver, t)
-            hints[key] = hints.get(key, 0) + 1
+        hints = list(zip(model[0].take(at).to_pylist(), version[0].take(at).to_pylist(), ts[readable].tolist(),
+                         mkey[readable].tolist(), rowno[readable].tolist(), strict=True))
     if not ok.any():
-        return None, dict(reasons), hints
+        return None, dict(reasons), hints, end_key
     block = Block(
-        kind, request_id[0], string_keys(request_id[0]) if keys else np.zeros(n, dtype=np.uint64), model[0],
+        kind, request_id[0], np.zeros(n, dtype=np.uint64), model[0],
         version[0] if version is not None else pa.nulls(n, pa.string()), ts, probs, logp,
-        np.where(label_missing, -1, label), latency, audit, segment, features)
-    return (block if ok.all() else block.take(np.flatnonzero(ok))), dict(reasons), hints
+        np.where(label_missing, -1, label), latency, audit, segment, features, mkey=mkey, rowno=rowno)
+    if not ok.all():
+        block = block.take(np.flatnonzero(ok))
+    if keys:
+        block.key = string_keys(block.request_id)
+    return block, dict(reasons), hints, end_key
 
 
-def read_blocks(path: Path, kind: str) -> Iterator[tuple[Block | None, dict[str, int], dict[WindowKey, int]]]:
+@dataclass
+class Batch:
+    """One validated batch of a file, and where it ends in the merge of the inputs."""
+
+    block: Block | None
+    reasons: dict[str, int]
+    hints: list[Hint]
+    end_key: int  # merge key after its last row
+    last_row: int  # row number of its last row
+    final: bool  # the file's last batch
+
+
+def read_blocks(path: Path, kind: str) -> Iterator[Batch]:
     """Validated batches of a Parquet file of ``kind`` events (the schema is checked first).
 
     Files are opened with ``pre_buffer=False``: with pre-buffering, ``iter_batches`` keeps every
@@ -591,9 +626,12 @@ def read_blocks(path: Path, kind: str) -> Iterator[tuple[Block | None, dict[str,
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{path.name}: not a readable Parquet file: {exc}") from None
     check_schema(file.schema_arrow, kind, path)
+    total = file.metadata.num_rows
+    row0, key = 0, -1
     for batch in file.iter_batches(batch_size=BATCH_ROWS):
-        block, reasons, hints = validate(batch, kind)
-        yield block, reasons, hints
+        block, reasons, hints, key = validate(batch, kind, row0=row0, key0=key)
+        row0 += batch.num_rows
+        yield Batch(block, reasons, hints, key, row0 - 1, row0 == total)
 
 
 # ---- references ----
@@ -610,11 +648,11 @@ def load_reference_parquet(path: Path) -> dict[str, Reference]:
     file = pq.ParquetFile(path, pre_buffer=False)
     check_schema(file.schema_arrow, "prediction", path)
     for batch in file.iter_batches(batch_size=BATCH_ROWS):
-        block, reasons, _hints = validate(batch, "prediction", keys=False)
+        block, reasons, _hints, _end = validate(batch, "prediction", keys=False)
         if reasons:
             # Re-validate to find the first bad row (rare: a reference is expected to be clean).
             for i in range(batch.num_rows):
-                _one, bad, _h = validate(batch.slice(i, 1), "prediction", keys=False)
+                _one, bad, _h, _e = validate(batch.slice(i, 1), "prediction", keys=False)
                 if bad:
                     reason = next(iter(bad))
                     raise ContractError(reason, f"row {row0 + i + 1}: {reason}")
@@ -808,7 +846,10 @@ def _duplicate(block: Block) -> str | None:
     keys = np.sort(block.key)
     if not (keys[1:] == keys[:-1]).any():
         return None
-    return _first_duplicate(block.request_id) or "(two request_ids sharing a 64-bit join key)"
+    duplicate = _first_duplicate(block.request_id)
+    if duplicate is None:
+        raise Fallback("two request_ids share a 64-bit join key")
+    return duplicate
 
 
 References = dict[str, Reference]
@@ -832,6 +873,8 @@ class ColumnarAnalyzer:
         self.windows: dict[WindowKey, WindowState] = {}  # final states
         self.counters: Counter[tuple[str, str]] = Counter()
         self.k: dict[str, int] = {}  # class count per model
+        self.merged = 0  # rows of the merge stepped so far
+        self.step_watermark = NEVER
 
     @cached_property
     def references(self) -> References:
@@ -850,33 +893,85 @@ class ColumnarAnalyzer:
     def _starts(self, ts: np.ndarray) -> np.ndarray:
         return ts - ts % self.window_ms
 
-    def add_rejections(self, kind: str, reasons: dict[str, int], hints: dict[WindowKey, int]) -> None:
-        for reason, count in reasons.items():
-            self.counters[(kind, reason)] += count
-        for (m, ver, ts), count in hints.items():
+    def step(self, blocks: dict[str, Block | None], hints: list[Hint], ends: dict[str, tuple[int, int]]) -> None:
+        """Add one stretch of the merge: each input's rows in file order, and rejected predictions naming a window.
+
+        ``ends`` holds, for each input whose file has ended, (merge key, row number) of its last row.
+        """
+        present = {kind: b for kind, b in blocks.items() if b is not None and b.n}
+        for kind, block in present.items():
+            self.counters[(kind, "valid")] += block.n
+        hint_wm = self._arrivals(present, hints, ends)
+        for (m, ver, ts, _mkey, _row), wm in zip(hints, hint_wm.tolist(), strict=True):
             start = ts - ts % self.window_ms
-            if not self._closed(start):
+            if start + self.window_ms + self.grace_ms > wm:  # its window was open: it counts there
                 key = WindowKey(m, ver, start)
-                self.rejected[key] = self.rejected.get(key, 0) + count
-
-    def _observe(self, kind: str, ts: np.ndarray) -> None:
-        if ts.size:
-            newest = int(ts.max())
-            if newest > self.observed.get(kind, -1):
-                self.observed[kind] = newest
-
-    def step(self, preds: Block | None, teacher: Block | None, labels: Block | None) -> None:
-        """Add one step's valid rows (each in arrival order)."""
-        for kind, block in (("prediction", preds), ("teacher", teacher), ("label", labels)):
-            if block is not None and block.n:
-                self.counters[(kind, "valid")] += block.n
+                self.rejected[key] = self.rejected.get(key, 0) + 1
         models: set[str] = set()
-        for block in (preds, teacher, labels):
-            if block is not None and block.n:
-                models.update(_distinct(block.model))
+        for block in present.values():
+            models.update(_distinct(block.model))
         for model in sorted(models):
-            self._step_model(model, *(None if b is None or not b.n else trim(b if len(models) == 1 else b.take(b.rows_of(model)))
-                                      for b in (preds, teacher, labels)))
+            parts = [present.get(kind) for kind in INPUTS]
+            self._step_model(model, *(None if b is None else trim(b if len(models) == 1 else b.take(b.rows_of(model)))
+                                      for b in parts))
+
+    def _arrivals(self, blocks: dict[str, Block], hints: list[Hint], ends: dict[str, tuple[int, int]]) -> np.ndarray:
+        """Each row's position in the merge and the watermark when it arrived (``position``, ``arrival_wm``).
+
+        The watermark moves after every record, as in the record path offline: the least, over the
+        inputs whose file has not ended yet, of the newest event time seen (collector.join's rule),
+        never moving back. Returns the watermark at each hint's row; the step's last watermark is
+        kept for advance().
+        """
+        kinds = [k for k in INPUTS if k in blocks]
+        keys: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        for k in kinds:
+            assert blocks[k].mkey is not None and blocks[k].rowno is not None
+            keys.append(blocks[k].mkey)  # type: ignore[arg-type]
+            rows.append(blocks[k].rowno)  # type: ignore[arg-type]
+        mkey = np.concatenate([*keys, np.array([h[3] for h in hints], dtype=np.int64)])
+        rowno = np.concatenate([*rows, np.array([h[4] for h in hints], dtype=np.int64)])
+        order = np.concatenate([np.full(blocks[k].n, ORDER[k]) for k in kinds] + [np.zeros(len(hints), dtype=np.int64)])
+        # Rejected rows see nothing: their event time is not observed.
+        seen = np.concatenate([blocks[k].ts for k in kinds] + [np.full(len(hints), NEVER, dtype=np.int64)])
+        source = np.concatenate([np.full(blocks[k].n, ORDER[k]) for k in kinds] + [np.full(len(hints), -1)])
+        perm = np.lexsort((rowno, order, mkey))
+        mkey, rowno, order, seen, source = mkey[perm], rowno[perm], order[perm], seen[perm], source[perm]
+        observed = {k: np.maximum(np.maximum.accumulate(np.where(source == ORDER[k], seen, NEVER)),
+                                  self.observed.get(k, NEVER)) for k in INPUTS}
+        newest = np.maximum.reduce([observed[k] for k in INPUTS])
+        candidate = np.full(perm.size, np.iinfo(np.int64).max)
+        unknown = newest == NEVER  # nothing seen at all yet
+        for k in INPUTS:
+            end = ends.get(k)
+            if end is None:
+                done = np.zeros(perm.size, dtype=bool)
+            else:  # at and after the file's last row in the merge
+                at_end = (mkey == end[0]) & ((order > ORDER[k]) | ((order == ORDER[k]) & (rowno >= end[1])))
+                done = (mkey > end[0]) | at_end
+            candidate = np.minimum(candidate, np.where(done, newest, observed[k]))
+            unknown |= ~done & (observed[k] == NEVER)
+        candidate = np.where(unknown, NEVER, candidate)
+        start = NEVER if self.watermark is None else self.watermark
+        after = np.maximum.accumulate(np.maximum(candidate, start)) if perm.size else np.zeros(0, dtype=np.int64)
+        before = np.concatenate([[start], after[:-1]]) if perm.size else after
+        self.step_watermark = int(after[-1]) if perm.size else start
+        at = np.empty(perm.size, dtype=np.int64)
+        at[perm] = np.arange(perm.size)
+        offset = 0
+        for k in kinds:
+            n = blocks[k].n
+            here = at[offset:offset + n]
+            blocks[k].position = self.merged + here
+            blocks[k].arrival_wm = before[here]
+            offset += n
+        self.merged += perm.size
+        for k in kinds:
+            newest_k = int(blocks[k].ts.max())
+            if newest_k > self.observed.get(k, NEVER):
+                self.observed[k] = newest_k
+        return before[at[offset:]]
 
     def _step_model(self, model: str, preds: Block | None, teacher: Block | None, labels: Block | None) -> None:
         buf = self.buffers.setdefault(model, _Buffer())
@@ -886,8 +981,9 @@ class ColumnarAnalyzer:
                 if self.k.setdefault(model, k) != k:
                     raise Fallback(f"model {model!r} has events with {self.k[model]} and with {k} classes")
         if preds is not None and preds.n:
+            assert preds.arrival_wm is not None
             starts = self._starts(preds.ts)
-            late = self._closed(starts)
+            late = starts + self.window_ms + self.grace_ms <= preds.arrival_wm
             if late.any():
                 self.counters[("prediction", "late")] += int(late.sum())
                 late_versions = preds.version.take(pa.array(np.flatnonzero(late), type=pa.int64())).to_pylist()
@@ -898,10 +994,8 @@ class ColumnarAnalyzer:
             if preds.n:
                 self._add_predictions(model, buf, preds, starts)
         if teacher is not None and teacher.n:
-            self._observe("teacher", teacher.ts)
             self._add_partners(model, buf, teacher, "teacher")
         if labels is not None and labels.n:
-            self._observe("label", labels.ts)
             self._add_partners(model, buf, labels, "label")
 
     def _add_predictions(self, model: str, buf: _Buffer, preds: Block, starts: np.ndarray) -> None:
@@ -913,15 +1007,16 @@ class ColumnarAnalyzer:
                 break
         if dup is not None:
             raise Fallback(f"prediction request_id {dup[:80]!r} of model {model!r} appears twice")
-        self._observe("prediction", preds.ts)
+        assert preds.arrival_wm is not None
         chunk = _Open.new(preds, starts, self.k[model])
-        # Replays and labels that came first join now.
+        # Replays and labels of earlier steps join now, if their own window was still open.
         for kind in ("teacher", "label"):
             early = buf.early_teacher if kind == "teacher" else buf.early_label
             if early is None or not early.n:
                 continue
             at = _lookup(early, preds)
             matched = at >= 0
+            matched[matched] &= self._starts(early.ts[matched]) + self.window_ms + self.grace_ms > preds.arrival_wm[at[matched]]
             if not matched.any():
                 continue
             rows = at[matched]
@@ -960,17 +1055,34 @@ class ColumnarAnalyzer:
                 dup = str(block.request_id[int(np.argmax(hits >= 0))].as_py())
         if dup is not None:
             raise Fallback(f"{kind} request_id {dup[:80]!r} of model {model!r} appears twice")
-        rest = block
+        assert block.arrival_wm is not None and block.position is not None
+        span = self.window_ms + self.grace_ms
+        # Open at its own arrival: else it is late, whatever else it would have joined.
+        own_open = self._starts(block.ts) + span > block.arrival_wm
+        pending = np.arange(block.n)  # rows not yet found among the open predictions
         for chunk in buf.chunks:
-            if not rest.n:
+            if not pending.size:
                 break
+            rest = block.take(pending)
             at = chunk.find(rest)
-            matched = at >= 0
-            if not matched.any():
+            found = at >= 0
+            if not found.any():
                 continue
-            rows = at[matched]
-            partners = rest.take(np.flatnonzero(matched))
-            self._check_partner(model, chunk.preds, rows, partners, kind)
+            rows, who = at[found], pending[found]
+            p = chunk.preds
+            assert p.arrival_wm is not None and p.position is not None
+            # The prediction came first: it joins while the prediction's window is open. The replay or
+            # label came first: it waited (if its own window was open) and joins when the prediction comes.
+            first = p.position[rows] < block.position[who]
+            joins = np.where(first, chunk.starts[rows] + span > block.arrival_wm[who],
+                             own_open[who] & (self._starts(block.ts[who]) + span > p.arrival_wm[rows]))
+            pending = np.concatenate([pending[~found], who[~joins]])  # found but closed: as if absent
+            pending.sort()
+            if not joins.any():
+                continue
+            rows, who = rows[joins], who[joins]
+            partners = block.take(who)
+            self._check_partner(model, p, rows, partners, kind)
             if kind == "teacher":
                 if chunk.has_teacher[rows].any():
                     raise Fallback(f"a second teacher replay for a request of model {model!r}")
@@ -980,24 +1092,23 @@ class ColumnarAnalyzer:
                     raise Fallback(f"a second label for a request of model {model!r}")
                 assert partners.label is not None
                 chunk.label_joined[rows] = partners.label
-            rest = rest.take(np.flatnonzero(~matched))
-        if rest.n:
-            late = self._closed(self._starts(rest.ts))
+        if pending.size:
+            late = ~own_open[pending]
             if late.any():
                 self.counters[(kind, "late")] += int(late.sum())
-                rest = rest.take(np.flatnonzero(~late))
-            if rest.n:
+            waiting = pending[~late]
+            if waiting.size:
+                rest = block.take(waiting)
                 merged = rest if early is None or not early.n else concat([early, rest])
                 if kind == "teacher":
                     buf.early_teacher = merged
                 else:
                     buf.early_label = merged
 
-    def advance(self, caught_up: dict[str, bool], close_all: bool = False) -> None:
-        """Move the watermark (the stream joiner's rule) and compute every window it closes."""
-        candidate = watermark_candidate(self.observed, caught_up)
-        if candidate is not None and (self.watermark is None or candidate > self.watermark):
-            self.watermark = candidate
+    def advance(self, close_all: bool = False) -> None:
+        """Move the watermark to where the last step left it and compute every window it closes."""
+        if self.step_watermark != NEVER and (self.watermark is None or self.step_watermark > self.watermark):
+            self.watermark = self.step_watermark
         for model, buf in self.buffers.items():
             self._close(model, buf, close_all)
         for key in sorted(self.rejected):
@@ -1143,67 +1254,60 @@ def analyze_parquet(
     grace_ms: int = 600_000,
     references: References | Callable[[], References] | None = None,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
-    """Final window states and per-(kind, reason) counters; raises Fallback when the data needs the joiner."""
+    """Final window states and per-(kind, reason) counters; raises Fallback when the data needs the joiner.
+
+    The inputs are read as the record path merges them (collector.offline.merged_events: by event
+    time, ties by input and row; a file out of order is merged as a heap merge would, which is the
+    order of the file's running maximum of ``ts``), in stretches: each step takes every row before
+    the least merge key read so far among the files still open, reading the file that is furthest
+    behind. Memory: about one batch per input plus the open windows.
+    """
     analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)
-    readers = {"prediction": read_blocks(predictions, "prediction")}
-    if teacher is not None:
-        readers["teacher"] = read_blocks(teacher, "teacher")
-    if labels is not None:
-        readers["label"] = read_blocks(labels, "label")
-    carry: dict[str, list[Block]] = {"teacher": [], "label": []}
-    exhausted = {"prediction": False, "teacher": teacher is None, "label": labels is None}
+    paths = {"prediction": predictions, "teacher": teacher, "label": labels}
+    readers = {kind: read_blocks(path, kind) for kind, path in paths.items() if path is not None}
+    carry: dict[str, list[Block]] = {kind: [] for kind in INPUTS}
+    hints: list[Hint] = []
+    read_to = dict.fromkeys(INPUTS, NEVER)  # merge key after the last row read
+    ends = {kind: (NEVER, -1) for kind in INPUTS if paths[kind] is None}  # (merge key, row) of a file's last row
 
-    def pull(kind: str) -> bool:
-        """Read the next batch of ``kind`` into the carry; False at the end of the file."""
-        try:
-            block, reasons, hints = next(readers[kind])
-        except StopIteration:
-            exhausted[kind] = True
-            return False
-        analyzer.add_rejections(kind, reasons, hints)
-        if block is not None and block.n:
-            carry.setdefault(kind, []).append(block)
-        return True
+    def pull(kind: str) -> None:
+        batch = next(readers[kind], None)
+        if batch is None:  # an empty file
+            ends[kind] = (NEVER, -1)
+            return
+        for reason, count in batch.reasons.items():
+            analyzer.counters[(kind, reason)] += count
+        if batch.block is not None and batch.block.n:
+            carry[kind].append(batch.block)
+        hints.extend(batch.hints)
+        read_to[kind] = batch.end_key
+        if batch.final:
+            ends[kind] = (batch.end_key, batch.last_row)
 
-    def take_until(kind: str, horizon: float) -> Block | None:
-        """The carried rows of ``kind`` up to the first one later than ``horizon``, reading on as needed."""
-        while not exhausted[kind] and (not carry[kind] or carry[kind][-1].ts.max() <= horizon):
-            pull(kind)
-        if not carry[kind]:
-            return None
-        rows = concat(carry[kind])
-        beyond = rows.ts > horizon
-        cut = int(np.argmax(beyond)) if beyond.any() else rows.n
-        carry[kind] = [rows.take(np.arange(cut, rows.n))] if cut < rows.n else []
-        return rows.take(np.arange(cut)) if cut else None
-
-    while not all(exhausted.values()) or any(carry.values()):
-        preds: Block | None = None
-        horizon = math.inf
-        if not exhausted["prediction"]:
-            carry["prediction"] = []
-            if pull("prediction") and carry["prediction"]:
-                preds = carry["prediction"][0]
-                horizon = float(preds.ts.max())
-            carry["prediction"] = []
-            if not exhausted["prediction"] and preds is None:
+    def step(horizon: float) -> None:
+        """Step through every row read whose merge key is below ``horizon``."""
+        blocks: dict[str, Block | None] = {}
+        for kind in INPUTS:
+            if not carry[kind]:
                 continue
-        if exhausted["prediction"] and preds is None:
-            horizon = math.inf
-        if horizon == math.inf:
-            # Predictions are done: read the rest a batch at a time so memory stays bounded.
-            parts = {}
-            for kind in ("teacher", "label"):
-                if not exhausted[kind] and not carry[kind]:
-                    pull(kind)
-                parts[kind] = concat(carry[kind]) if carry[kind] else None
-                carry[kind] = []
-            analyzer.step(None, parts["teacher"], parts["label"])
-        else:
-            analyzer.step(preds, take_until("teacher", horizon), take_until("label", horizon))
-        caught_up = {kind: exhausted[kind] and not carry.get(kind) for kind in INPUTS}
-        analyzer.advance(caught_up)
-    analyzer.advance({kind: True for kind in INPUTS}, close_all=True)
+            rows = concat(carry[kind])
+            assert rows.mkey is not None
+            cut = int(np.searchsorted(rows.mkey, horizon, side="left"))  # merge keys never decrease in a file
+            blocks[kind] = rows.slice(0, cut) if cut else None
+            carry[kind] = [rows.slice(cut, rows.n)] if cut < rows.n else []
+        now = [h for h in hints if h[3] < horizon]
+        hints[:] = [h for h in hints if h[3] >= horizon]
+        if now or any(b is not None and b.n for b in blocks.values()):
+            analyzer.step(blocks, now, ends)
+            analyzer.advance()
+
+    while len(ends) < len(INPUTS):
+        behind = min((kind for kind in INPUTS if kind not in ends), key=lambda kind: (read_to[kind], ORDER[kind]))
+        pull(behind)
+        still = [read_to[kind] for kind in INPUTS if kind not in ends]
+        step(min(still) if still else math.inf)
+    step(math.inf)
+    analyzer.advance(close_all=True)
     return analyzer.windows, dict(analyzer.counters)
 
 

@@ -433,6 +433,14 @@ class PartitionJoiner:
         if ts_ms > self.observed.get(kind, -1):
             self.observed[kind] = ts_ms
 
+    def advance_watermark(self, caught_up: dict[str, bool]) -> None:
+        """Move the watermark now, without closing windows (end_batch closes them).
+
+        Entries of windows it closes behave as gone at once (see ``_live``), so calling this after
+        every record makes the outcome independent of where end_batch falls: the offline path does.
+        """
+        self._advance_watermark(caught_up)
+
     def _advance_watermark(self, caught_up: dict[str, bool]) -> None:
         """Move the watermark to the least event time of the inputs that still have records to read."""
         candidate = watermark_candidate(self.observed, caught_up)

@@ -195,6 +195,9 @@ def analyze_files(
             ingest(joiner, kind, raw, parsed=obj)
         if exhausted is not None:
             caught_up[exhausted] = True
+        # The watermark moves after every record, windows close every BATCH records: the result does not
+        # depend on BATCH (the columnar path follows the same rule).
+        joiner.advance_watermark(caught_up)
         if i % BATCH == 0:
             collect(joiner.end_batch(caught_up))
     collect(joiner.end_batch(caught_up, close_all=True))

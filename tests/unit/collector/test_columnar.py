@@ -136,6 +136,99 @@ def test_late_and_unmatched_records_count_the_same(tmp_path: Path, monkeypatch: 
     assert counters[("teacher", "unmatched")] == 1
 
 
+def test_many_small_chunks_and_rows_out_of_order_give_the_same_windows(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches of 40 rows: predictions stay open across many chunks (more than MAX_CHUNKS: they are
+    # joined), replays find them in older chunks, and windows close part of a chunk at a time.
+    # Rows shuffled within blocks of 30: windows are not contiguous within a chunk.
+    monkeypatch.setattr(columnar, "BATCH_ROWS", 40)
+    spec = TrafficSpec(seed=11, events_per_second=10.0, teacher_rate=0.5, label_rate=0.3, audit_rate=0.02)
+    paths = write_jsonl(tmp_path, spec, 2_500)
+    rng = np.random.default_rng(11)
+    for path in paths.values():
+        lines = path.read_bytes().splitlines(keepends=True)
+        blocks = [lines[i:i + 30] for i in range(0, len(lines), 30)]
+        path.write_bytes(b"".join(b"".join(rng.permutation(np.array(block, dtype=object)).tolist()) for block in blocks))
+    r, counters = compare(paths, to_parquet(paths), None, window_ms=10_000, grace_ms=60_000)
+    assert sum(w["n"] for w in r.values()) + counters.get(("prediction", "late"), 0) == 2_500
+    assert sum(w["n_joined"] for w in r.values()) > 1_000
+
+
+def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Labels come up to ~100 s after their prediction with 10 s windows and 60 s grace: some join,
+    # some are unmatched. The watermark moves after every record on both offline paths, so neither
+    # the record path's end_batch cadence nor the columnar path's batch size changes which.
+    from collector import offline
+
+    spec = TrafficSpec(seed=11, events_per_second=10.0, teacher_rate=0.5, label_rate=0.3)
+    paths = write_jsonl(tmp_path, spec, 2_500)
+    parquet = to_parquet(paths)
+    runs = []
+    for records, rows in ((5_000, 65_536), (7, 40), (333, 1_000)):
+        monkeypatch.setattr(offline, "BATCH", records)
+        monkeypatch.setattr(columnar, "BATCH_ROWS", rows)
+        for source in (paths, parquet):
+            windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"],
+                                              window_ms=10_000, grace_ms=60_000)
+            runs.append((counters, results(windows, {}, 10_000)))
+    assert 0 < runs[0][0][("label", "unmatched")] < runs[0][0][("label", "valid")]
+    for counters, r in runs[1:]:
+        assert counters == runs[0][0]
+        assert_same(r, runs[0][1])
+
+
+def test_the_merge_of_files_out_of_order_is_the_heap_merge(tmp_path: Path) -> None:
+    # collector.offline.merged_events merges the files with a heap; the columnar path orders rows by
+    # their file's running maximum of ts (then input, then row): the same order, also when a file is
+    # not sorted by ts.
+    from collector.offline import merged_events
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        stamps = {kind: (START + rng.integers(0, 40, rng.integers(0, 12)) * 1000).tolist()
+                  for kind in ("prediction", "teacher", "label")}
+        paths = {}
+        for kind, values in stamps.items():
+            paths[kind] = tmp_path / f"{trial}-{kind}.jsonl"
+            paths[kind].write_bytes(b"".join(orjson.dumps({"request_id": f"{kind}-{i}", "ts": ts}) + b"\n"
+                                             for i, ts in enumerate(values)))
+        heap = [orjson.loads(raw)["request_id"] for _kind, raw, _obj, _end in merged_events(**{
+            "predictions": paths["prediction"], "teacher": paths["teacher"], "labels": paths["label"]}) if raw]
+        rows = [(int(np.maximum.accumulate(values)[i]), order, i, f"{kind}-{i}")
+                for order, (kind, values) in enumerate(stamps.items()) for i in range(len(values))]
+        assert heap == [name for *_key, name in sorted(rows)]
+
+
+def test_join_keys_depend_on_the_string_alone() -> None:
+    ids = ["a", "", "fraud-distil-0-17", "x" * 8, "x" * 9, "é" * 11, "fraud-distil-0-5", "y" * 40]
+    alone = {s: int(columnar.string_keys(pa.array([s]))[0]) for s in ids}
+    together = columnar.string_keys(pa.array(ids))
+    assert [alone[s] for s in ids] == together.tolist()
+    # Slices (an offset into shared buffers), large strings and nulls among them change nothing.
+    assert columnar.string_keys(pa.array(["zz", *ids]).slice(1)).tolist() == together.tolist()
+    assert columnar.string_keys(pa.array(ids, type=pa.large_string())).tolist() == together.tolist()
+    with_null = columnar.string_keys(pa.array([None, *ids]))
+    assert with_null[1:].tolist() == together.tolist() and with_null[0] == alone[""]
+    assert len(set(together.tolist())) == len(ids)
+    many = columnar.string_keys(pa.array([f"req-{i}" for i in range(200_000)]))
+    assert np.unique(many).size == 200_000
+
+
+def test_a_join_key_shared_by_two_request_ids_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = TrafficSpec(seed=8, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3)
+    paths = write_jsonl(tmp_path, spec, 2_000)
+    parquet = to_parquet(paths)
+    # A key of 12 bits: many different request_ids share one.
+    monkeypatch.setattr(columnar, "string_keys",
+                        lambda values: np.array([hash(v) & 0xFFF for v in values.to_pylist()], dtype=np.uint64))
+    reasons: list[str] = []
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"])
+    w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], on_fallback=reasons.append)
+    assert reasons == ["two request_ids share a 64-bit join key"]
+    assert c1 == c2
+    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+
+
 BAD_PREDICTIONS: list[tuple[str, dict[str, Any]]] = [
     ("empty_string", {"request_id": ""}),
     ("string_too_long", {"model": "m" * 300}),
