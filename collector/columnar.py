@@ -637,16 +637,36 @@ def read_blocks(path: Path, kind: str) -> Iterator[Batch]:
 # ---- references ----
 
 
+class _Filling:
+    """A float array filled batch by batch (NaN left out), without a final concatenation."""
+
+    def __init__(self, capacity: int) -> None:
+        self._array = np.empty(capacity)
+        self.size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        nan = np.isnan(values)
+        if nan.any():
+            values = values[~nan]
+        self._array[self.size:self.size + values.size] = values
+        self.size += values.size
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._array[: self.size]
+
+
 def load_reference_parquet(path: Path) -> dict[str, Reference]:
     """Per-model references from a Parquet file of baseline predictions (audit rows skipped).
 
     An invalid row fails the load naming its row number and reason, like the JSONL reference.
     """
-    numbers: dict[str, dict[str, list[np.ndarray]]] = {}
     strings: dict[str, dict[str, Counter[str]]] = {}
     row0 = 0
     file = pq.ParquetFile(path, pre_buffer=False)
     check_schema(file.schema_arrow, "prediction", path)
+    numbers: dict[str, dict[str, _Filling]] = {}
+    capacity = file.metadata.num_rows  # each model's numbers fill arrays of this size (pages touched as written)
     for batch in file.iter_batches(batch_size=BATCH_ROWS):
         block, reasons, _hints, _end = validate(batch, "prediction", keys=False)
         if reasons:
@@ -673,21 +693,20 @@ def load_reference_parquet(path: Path) -> dict[str, Reference]:
                 probs = probs[:, : int(_class_counts(probs).max())]
                 probs = np.where(np.isnan(probs), -np.inf, probs)
             predicted = np.argmax(probs, axis=1)
-            nums.setdefault(CONFIDENCE, []).append(np.take_along_axis(probs, predicted[:, None], axis=1)[:, 0])
+            nums.setdefault(CONFIDENCE, _Filling(capacity)).add(np.take_along_axis(probs, predicted[:, None], axis=1)[:, 0])
             classes = np.bincount(predicted, minlength=probs.shape[1])
             strs.setdefault(PREDICTED_CLASS, Counter()).update({str(k): int(c) for k, c in enumerate(classes) if c})
             for name, col in part.features.items():
                 if col.dtype.kind == "f":
-                    nums.setdefault(name, []).append(col[~np.isnan(col)])
+                    nums.setdefault(name, _Filling(capacity)).add(col)
                 else:
                     strs.setdefault(name, Counter()).update(v for v in col.tolist() if v is not None)
     references: dict[str, Reference] = {}
     for m in numbers:
         builder = ReferenceBuilder()
-        for name, parts in numbers[m].items():
-            joined = np.concatenate(parts)
-            if joined.size:
-                builder.numbers[name] = joined  # type: ignore[assignment]
+        for name, filling in numbers[m].items():
+            if filling.size:
+                builder.numbers[name] = filling.values  # type: ignore[assignment]
         builder.strings = {name: c for name, c in strings[m].items() if c}
         references[m] = builder.build()
     return references
