@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -67,6 +67,7 @@ from collector.join import INPUTS, NO_SEGMENT, WindowKey
 from kdwatch.errors import ContractError, SchemaError
 
 BATCH_ROWS = 65_536
+T = TypeVar("T")
 ORDER = {kind: i for i, kind in enumerate(INPUTS)}  # the merge's order among equal keys: collector.offline's
 NEVER = -(2**62)  # a merge key or watermark before every event
 FIELDS = {"prediction": PREDICTION_FIELDS, "teacher": TEACHER_FIELDS, "label": LABEL_FIELDS}
@@ -1264,6 +1265,47 @@ class ColumnarAnalyzer:
         return state
 
 
+def _prefetch(batches: Iterator[T]) -> Iterator[T]:
+    """The batches, each read and validated on a worker thread while the previous one is stepped.
+
+    One batch waits at most (memory: one more batch per input); the reader's error is raised here;
+    a caller that stops early stops the worker.
+    """
+    import queue
+    import threading
+
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        box.put(("batch", batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the reader, raised there
+            box.put(("error", exc))
+
+    thread = threading.Thread(target=work, name="kdwatch-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            what, value = box.get()
+            if what == "end":
+                return
+            if what == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
 def analyze_parquet(
     predictions: Path,
     teacher: Path | None = None,
@@ -1283,7 +1325,7 @@ def analyze_parquet(
     """
     analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)
     paths = {"prediction": predictions, "teacher": teacher, "label": labels}
-    readers = {kind: read_blocks(path, kind) for kind, path in paths.items() if path is not None}
+    readers = {kind: _prefetch(read_blocks(path, kind)) for kind, path in paths.items() if path is not None}
     carry: dict[str, list[Block]] = {kind: [] for kind in INPUTS}
     hints: list[Hint] = []
     read_to = dict.fromkeys(INPUTS, NEVER)  # merge key after the last row read

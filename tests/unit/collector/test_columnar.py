@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,28 @@ def test_the_merge_of_files_out_of_order_is_the_heap_merge(tmp_path: Path) -> No
         rows = [(int(np.maximum.accumulate(values)[i]), order, i, f"{kind}-{i}")
                 for order, (kind, values) in enumerate(stamps.items()) for i in range(len(values))]
         assert heap == [name for *_key, name in sorted(rows)]
+
+
+def test_batches_read_ahead_keep_their_order_errors_and_stop_with_the_reader() -> None:
+    import threading
+    import time
+
+    def batches() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise SchemaError("p.parquet: column 'colour' is not a field")
+
+    ahead = columnar._prefetch(batches())
+    assert [next(ahead), next(ahead)] == [1, 2]
+    with pytest.raises(SchemaError, match="colour"):
+        next(ahead)
+    abandoned = columnar._prefetch(iter(range(1_000_000)))
+    assert next(abandoned) == 0
+    abandoned.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "kdwatch-read" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "kdwatch-read" for t in threading.enumerate())
 
 
 def test_join_keys_depend_on_the_string_alone() -> None:
