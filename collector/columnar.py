@@ -247,6 +247,11 @@ def string_keys(values: pa.Array) -> np.ndarray:
     return _mix(h)
 
 
+def _is_range(idx: np.ndarray) -> bool:
+    """Whether non-empty row indices are consecutive and increasing (a slice gives them without a copy)."""
+    return bool(idx[-1] - idx[0] + 1 == idx.size and (idx.size < 2 or (np.diff(idx) == 1).all()))
+
+
 @dataclass
 class Block:
     """Validated rows of one kind, as columns (probabilities as an (n, K) matrix)."""
@@ -291,7 +296,7 @@ class Block:
         """The rows at ``idx`` (a contiguous range is sliced without copying)."""
         if not idx.size:
             return self.slice(0, 0)
-        if idx[-1] - idx[0] + 1 == idx.size and (idx.size < 2 or bool((np.diff(idx) == 1).all())):
+        if _is_range(idx):
             return self.slice(int(idx[0]), int(idx[-1]) + 1)
         at = pa.array(idx, type=pa.int64())
         return self._map(lambda a: a.take(at), lambda a: a[idx])
@@ -784,7 +789,7 @@ class _Open:
 
     def take(self, idx: np.ndarray) -> _Open:
         """The rows at ``idx`` (views when they are a contiguous range)."""
-        if idx.size and idx[-1] - idx[0] + 1 == idx.size and bool((np.diff(idx) == 1).all()):
+        if idx.size and _is_range(idx):
             return self.slice(int(idx[0]), int(idx[-1]) + 1)
         return _Open(self.preds.take(idx), self.starts[idx], self.teacher_probs[idx],
                      None if self.teacher_logp is None else self.teacher_logp[idx], self.teacher_version[idx],
@@ -834,10 +839,7 @@ def _lookup(values: Block, universe: Block) -> np.ndarray:
     Keys are matched by a hash lookup on 64-bit integers and every match is confirmed on the
     strings; a key shared by two different request_ids raises Fallback.
     """
-    if not values.n or not universe.n:
-        return np.full(values.n, -1, dtype=np.int64)
-    found = pc.index_in(pa.array(values.key), value_set=pa.array(universe.key))
-    at = np.where(_missing(found), -1, _np(found)).astype(np.int64)
+    at = _KeyIndex.of(universe.key).find(values.key, 0, universe.n)
     _confirm(values, universe, at)
     return at
 
@@ -955,10 +957,9 @@ class ColumnarAnalyzer:
         order = np.concatenate([np.full(blocks[k].n, ORDER[k]) for k in kinds] + [np.zeros(len(hints), dtype=np.int64)])
         # Rejected rows see nothing: their event time is not observed.
         seen = np.concatenate([blocks[k].ts for k in kinds] + [np.full(len(hints), NEVER, dtype=np.int64)])
-        source = np.concatenate([np.full(blocks[k].n, ORDER[k]) for k in kinds] + [np.full(len(hints), -1)])
         perm = np.lexsort((rowno, order, mkey))
-        mkey, rowno, order, seen, source = mkey[perm], rowno[perm], order[perm], seen[perm], source[perm]
-        observed = {k: np.maximum(np.maximum.accumulate(np.where(source == ORDER[k], seen, NEVER)),
+        mkey, rowno, order, seen = mkey[perm], rowno[perm], order[perm], seen[perm]
+        observed = {k: np.maximum(np.maximum.accumulate(np.where(order == ORDER[k], seen, NEVER)),
                                   self.observed.get(k, NEVER)) for k in INPUTS}
         newest = np.maximum.reduce([observed[k] for k in INPUTS])
         candidate = np.full(perm.size, np.iinfo(np.int64).max)
@@ -988,9 +989,7 @@ class ColumnarAnalyzer:
             offset += n
         self.merged += perm.size
         for k in kinds:
-            newest_k = int(blocks[k].ts.max())
-            if newest_k > self.observed.get(k, NEVER):
-                self.observed[k] = newest_k
+            self.observed[k] = int(observed[k][-1])
         return before[at[offset:]]
 
     def _step_model(self, model: str, preds: Block | None, teacher: Block | None, labels: Block | None) -> None:
