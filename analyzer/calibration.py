@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzer.exact import fixed_sum, fixed_to_float
+from kdwatch.analyzer.exact import fixed_sum, fixed_to_float
 
 N_BINS = 15
 

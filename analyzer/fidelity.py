@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from analyzer.exact import fixed_sum, fixed_to_float
-from analyzer.sketch import QuantileSketch
+from kdwatch.analyzer.exact import fixed_sum, fixed_to_float
+from kdwatch.analyzer.sketch import QuantileSketch
 
 # 1e-12 floor: a student probability of 0 would make KL infinite for one bad event.
 STUDENT_PROB_FLOOR = 1e-12

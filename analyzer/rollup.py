@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from analyzer.window import WindowState
+from kdwatch.analyzer.window import WindowState
 
 
 @dataclass

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from analyzer.calibration import CalibrationState
-from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, DriftState, Reference
-from analyzer.fidelity import FidelityState, student_log_probs, teacher_log_probs
-from analyzer.membership import MembershipState, attack_scores
-from analyzer.sketch import QuantileSketch
+from kdwatch.analyzer.calibration import CalibrationState
+from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, DriftState, Reference
+from kdwatch.analyzer.fidelity import FidelityState, student_log_probs, teacher_log_probs
+from kdwatch.analyzer.membership import MembershipState, attack_scores
+from kdwatch.analyzer.sketch import QuantileSketch
 
 
 def _group_by_classes(indices_dists: Sequence[tuple[int, Any]]) -> dict[int, list[int]]:

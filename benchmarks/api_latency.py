@@ -25,11 +25,11 @@ from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from collector.join import Changes, WindowKey
-from collector.offline import analyze_files, load_reference
+from kdwatch.collector.join import Changes, WindowKey
+from kdwatch.collector.offline import analyze_files, load_reference
 from kdwatch.devkafka import free_port
 from kdwatch.generator import TrafficSpec, generate
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 DAY_MS = 86_400_000
 

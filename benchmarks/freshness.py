@@ -24,10 +24,10 @@ import orjson
 import uvicorn
 from kafka import KafkaProducer
 
-from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
 from kdwatch.api import ApiSettings, create_app
+from kdwatch.collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
 from kdwatch.devkafka import DevKafka
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 MIN = 60_000
 

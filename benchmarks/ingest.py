@@ -25,12 +25,12 @@ from pathlib import Path
 from common import ROOT, median
 from kafka import KafkaConsumer, TopicPartition
 
-from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
+from kdwatch.collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
 from kdwatch.devkafka import BrokerInfo, DevKafka
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from kdwatch.runtime import tune_gc
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 
 def new_topics(bootstrap: str) -> Topics:

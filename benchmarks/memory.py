@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
-from storage.schema import window_state
-from storage.sql import SqlStore
+from kdwatch.storage.schema import window_state
+from kdwatch.storage.sql import SqlStore
 
 
 def status_kb(pid: int, field: str) -> int:

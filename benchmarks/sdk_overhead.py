@@ -20,7 +20,7 @@ import orjson
 from common import median
 from kafka import KafkaProducer
 
-from collector.consumer import ensure_topics
+from kdwatch.collector.consumer import ensure_topics
 from kdwatch.devkafka import DevKafka
 from kdwatch.producer import PredictionLogger
 

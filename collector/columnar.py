@@ -46,11 +46,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference, ReferenceBuilder
-from analyzer.fidelity import STUDENT_PROB_FLOOR
-from analyzer.membership import attack_scores
-from analyzer.window import MAX_SEGMENTS, WindowState
-from collector.contract import (
+from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference, ReferenceBuilder
+from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
+from kdwatch.analyzer.membership import attack_scores
+from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
+from kdwatch.collector.contract import (
     AUDIT_VALUES,
     LABEL_FIELDS,
     MAX_CLASSES,
@@ -63,7 +63,7 @@ from collector.contract import (
     PROB_SUM_TOLERANCE,
     TEACHER_FIELDS,
 )
-from collector.join import INPUTS, NO_SEGMENT, WindowKey
+from kdwatch.collector.join import INPUTS, NO_SEGMENT, WindowKey
 from kdwatch.errors import ContractError, SchemaError
 
 BATCH_ROWS = 65_536
@@ -1424,7 +1424,7 @@ def convert_jsonl(source: Path, target: Path, kind: str, rejected: Path | None =
     Values are written as sent (probabilities not renormalised, ts as epoch milliseconds), so
     `kdwatch analyze` gives the same windows on either file. Returns (rows written, rejects by reason).
     """
-    from collector.contract import DECODERS, parse_ts
+    from kdwatch.collector.contract import DECODERS, parse_ts
 
     decode = DECODERS[kind]
     feature_types: dict[str, str] = {}

@@ -25,11 +25,11 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from sqlalchemy.exc import OperationalError
 
-from analyzer.drift import Reference
-from collector.ingest import ingest
-from collector.join import Changes, PartitionJoiner, Source
+from kdwatch.analyzer.drift import Reference
+from kdwatch.collector.ingest import ingest
+from kdwatch.collector.join import Changes, PartitionJoiner, Source
 from kdwatch.errors import ConfigError, StoreConflict
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import orjson
 
-from collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
-from collector.join import PartitionJoiner, Source, WindowKey, window_start_of
+from kdwatch.collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
+from kdwatch.collector.join import PartitionJoiner, Source, WindowKey, window_start_of
 from kdwatch.errors import ContractError
 
 KINDS = ("prediction", "teacher", "label")

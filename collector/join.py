@@ -31,9 +31,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from analyzer.drift import Reference
-from analyzer.window import WindowState
-from collector.contract import Distribution, Label, Prediction, TeacherReplay
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.contract import Distribution, Label, Prediction, TeacherReplay
 
 PREDICTION, TEACHER, LABEL = "p", "t", "l"
 INPUTS = ("prediction", "teacher", "label")

@@ -29,8 +29,8 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from collector.contract import decode_prediction, decode_teacher
-from collector.teachers import Teacher, TeacherError
+from kdwatch.collector.contract import decode_prediction, decode_teacher
+from kdwatch.collector.teachers import Teacher, TeacherError
 from kdwatch.errors import ContractError
 
 log = logging.getLogger("kdwatch.replayer")

@@ -27,20 +27,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from analyzer.drift import Reference
-from analyzer.rollup import rollup
-from analyzer.window import rfc3339, window_result
-from collector.contract import parse_ts
-from collector.offline import build_references
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.rollup import rollup
+from kdwatch.analyzer.window import rfc3339, window_result
+from kdwatch.collector.contract import parse_ts
+from kdwatch.collector.offline import build_references
 from kdwatch.errors import ConfigError, ContractError
 from kdwatch.httperrors import install_json_errors
 from kdwatch.metrics import KdwatchCollector
-from slo.burn import budget_remaining, burn_rate
-from slo.config import SloFile, parse_slo_file
-from slo.engine import Silence, SloEngine, WindowInput, backtest
-from storage.jobs import JobStore, public_job
-from storage.slo_store import SloSqlStore
-from storage.sql import SqlStore
+from kdwatch.slo.burn import budget_remaining, burn_rate
+from kdwatch.slo.config import SloFile, parse_slo_file
+from kdwatch.slo.engine import Silence, SloEngine, WindowInput, backtest
+from kdwatch.storage.jobs import JobStore, public_job
+from kdwatch.storage.slo_store import SloSqlStore
+from kdwatch.storage.sql import SqlStore
 
 CACHE_ENTRIES = 256
 BUCKET_CACHE_ENTRIES = 200_000

@@ -62,11 +62,11 @@ def analyze(
     Parquet inputs are validated and computed on columns (README: "Parquet input"), with the same
     results. With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
     """
-    from analyzer.window import window_result
-    from collector.offline import analyze_files, reference_loader
+    from kdwatch.analyzer.window import window_result
+    from kdwatch.collector.offline import analyze_files, reference_loader
     from kdwatch.runtime import tune_gc
-    from slo.config import load_slo_file
-    from slo.engine import WindowInput, backtest
+    from kdwatch.slo.config import load_slo_file
+    from kdwatch.slo.engine import WindowInput, backtest
 
     tune_gc()
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
@@ -97,7 +97,7 @@ def convert(
     kind: Annotated[str, typer.Option(help="prediction, teacher or label")] = "prediction",
 ) -> None:
     """Convert contract-v1 JSONL to Parquet for the columnar `analyze`; invalid lines go to TARGET.rejected.jsonl."""
-    from collector.columnar import convert_jsonl
+    from kdwatch.collector.columnar import convert_jsonl
 
     if kind not in ("prediction", "teacher", "label"):
         raise typer.BadParameter("must be prediction, teacher or label", param_hint="--kind")
@@ -150,8 +150,8 @@ def collect(
     idle_exit: Annotated[float | None, typer.Option(help="exit after this many seconds without records")] = None,
 ) -> None:
     """Run a collector (one consumer-group member) until interrupted."""
-    from collector.consumer import Collector, CollectorConfig, Topics
-    from storage.sql import SqlStore
+    from kdwatch.collector.consumer import Collector, CollectorConfig, Topics
+    from kdwatch.storage.sql import SqlStore
 
     settings = _settings(bootstrap_servers=bootstrap_servers, database_url=database_url, group_id=group_id)
     store = SqlStore.from_url(settings.database_url.get_secret_value())
@@ -197,8 +197,8 @@ def windows(
     model: str | None = None,
 ) -> None:
     """Print the stored windows (merged across partitions) as JSON lines, like `analyze`."""
-    from analyzer.window import window_result
-    from storage.sql import SqlStore
+    from kdwatch.analyzer.window import window_result
+    from kdwatch.storage.sql import SqlStore
 
     settings = _settings(database_url=database_url)
     store = SqlStore.from_url(settings.database_url.get_secret_value())
@@ -215,7 +215,7 @@ def topics_create(
     partitions: Annotated[int, typer.Option(min=1)] = 4,
 ) -> None:
     """Create the three co-partitioned topics and their dead-letter topics."""
-    from collector.consumer import DLT_SUFFIX, ensure_topics
+    from kdwatch.collector.consumer import DLT_SUFFIX, ensure_topics
 
     settings = _settings(bootstrap_servers=bootstrap_servers)
     names = [settings.topic_predictions, settings.topic_teacher, settings.topic_labels]
@@ -230,8 +230,8 @@ def reference_set(
     database_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Store (or replace) a model's PSI baseline; collectors started afterwards use it."""
-    from collector.offline import load_reference
-    from storage.sql import SqlStore
+    from kdwatch.collector.offline import load_reference
+    from kdwatch.storage.sql import SqlStore
 
     refs = load_reference(file)
     if model not in refs:
@@ -245,7 +245,7 @@ def reference_set(
 @db_app.command("upgrade")
 def db_upgrade(database_url: Annotated[str | None, typer.Option()] = None) -> None:
     """Apply database migrations."""
-    from storage.sql import SqlStore
+    from kdwatch.storage.sql import SqlStore
 
     SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value()).migrate()
     err.print("database schema is current")
@@ -258,11 +258,11 @@ def _live_engine(settings: Any, slo_file: Path | None) -> Any:
     import httpx
 
     from kdwatch.errors import ConfigError
-    from slo.config import load_slo_file, parse_slo_file
-    from slo.dispatch import Dispatcher, Receiver
-    from slo.live import LiveConfig, LiveEngine, receivers_of
-    from storage.slo_store import SloSqlStore
-    from storage.sql import SqlStore
+    from kdwatch.slo.config import load_slo_file, parse_slo_file
+    from kdwatch.slo.dispatch import Dispatcher, Receiver
+    from kdwatch.slo.live import LiveConfig, LiveEngine, receivers_of
+    from kdwatch.storage.slo_store import SloSqlStore
+    from kdwatch.storage.sql import SqlStore
 
     store = SqlStore.from_url(settings.database_url.get_secret_value())
     store.migrate()
@@ -322,9 +322,9 @@ def silence_add(
     """Mute the alerts whose labels match every matcher, from now for --duration."""
     import uuid
 
-    from slo.engine import Silence
-    from storage.slo_store import SloSqlStore
-    from storage.sql import SqlStore
+    from kdwatch.slo.engine import Silence
+    from kdwatch.storage.slo_store import SloSqlStore
+    from kdwatch.storage.sql import SqlStore
 
     matchers = {}
     for item in matcher:
@@ -345,8 +345,8 @@ def silence_add(
 @silence_app.command("list")
 def silence_list(database_url: Annotated[str | None, typer.Option()] = None) -> None:
     """Print every silence as a JSON line."""
-    from storage.slo_store import SloSqlStore
-    from storage.sql import SqlStore
+    from kdwatch.storage.slo_store import SloSqlStore
+    from kdwatch.storage.sql import SqlStore
 
     store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
     store.migrate()
@@ -358,8 +358,8 @@ def silence_list(database_url: Annotated[str | None, typer.Option()] = None) -> 
 @silence_app.command("expire")
 def silence_expire(silence_id: str, database_url: Annotated[str | None, typer.Option()] = None) -> None:
     """End a silence now."""
-    from storage.slo_store import SloSqlStore
-    from storage.sql import SqlStore
+    from kdwatch.storage.slo_store import SloSqlStore
+    from kdwatch.storage.sql import SqlStore
 
     store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
     store.migrate()
@@ -371,8 +371,8 @@ def silence_expire(silence_id: str, database_url: Annotated[str | None, typer.Op
 @app.command()
 def deliveries(database_url: Annotated[str | None, typer.Option()] = None) -> None:
     """Print the notification outbox with each delivery's outcome and attempts, as JSON lines."""
-    from storage.slo_store import SloSqlStore
-    from storage.sql import SqlStore
+    from kdwatch.storage.slo_store import SloSqlStore
+    from kdwatch.storage.sql import SqlStore
 
     store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
     store.migrate()
@@ -385,8 +385,8 @@ def prometheus_rules(slo: Annotated[Path, typer.Option(exists=True, dir_okay=Fal
     """Print Prometheus recording and burn-rate alerting rules for the SLOs' counter SLIs."""
     import yaml
 
-    from slo.config import load_slo_file
-    from slo.prometheus import rules
+    from kdwatch.slo.config import load_slo_file
+    from kdwatch.slo.prometheus import rules
 
     sys.stdout.write("# Generated by `kdwatch prometheus-rules --slo " + str(slo) + "`: do not edit.\n")
     sys.stdout.write(yaml.safe_dump(rules(load_slo_file(slo)), sort_keys=False, width=200))
@@ -402,7 +402,7 @@ def serve(
     import uvicorn
 
     from kdwatch.api import ApiSettings, create_app
-    from storage.sql import SqlStore
+    from kdwatch.storage.sql import SqlStore
 
     settings = _settings(database_url=database_url)
     store = SqlStore.from_url(settings.database_url.get_secret_value())
@@ -436,13 +436,13 @@ def runner(
     from kdwatch.errors import ConfigError
 
     try:
-        from runner.distill import load_train_config
-        from runner.service import Runner, RunnerConfig, create_runner_app
+        from kdwatch.runner.distill import load_train_config
+        from kdwatch.runner.service import Runner, RunnerConfig, create_runner_app
     except ImportError as exc:
         err.print(f"the runner needs PyTorch ({exc.name} is missing): pip install 'kdwatch[runner]'")
         raise typer.Exit(2) from None
-    from storage.jobs import JobStore
-    from storage.sql import SqlStore
+    from kdwatch.storage.jobs import JobStore
+    from kdwatch.storage.sql import SqlStore
 
     settings = _settings(database_url=database_url, registry_dir=None if registry_dir is None else str(registry_dir))
     if settings.runner_webhook_secret is None:
@@ -473,8 +473,8 @@ def replayer(
     """Replay a deterministic sample of predictions through the teacher and publish teacher replays."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from collector.replayer import Replayer, ReplayerConfig
-    from collector.teachers import HttpTeacher, Teacher, TorchScriptTeacher
+    from kdwatch.collector.replayer import Replayer, ReplayerConfig
+    from kdwatch.collector.teachers import HttpTeacher, Teacher, TorchScriptTeacher
     from kdwatch.errors import ConfigError
 
     if (teacher_torchscript is None) == (teacher_url is None):

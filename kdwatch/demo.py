@@ -32,24 +32,24 @@ from kafka import KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from analyzer.window import WindowState
-from collector.consumer import DLT_SUFFIX, Collector, CollectorConfig, Topics, ensure_topics
-from collector.offline import build_references
-from collector.replayer import Replayer, ReplayerConfig
-from collector.teachers import TorchScriptTeacher
 from kdwatch import digits
+from kdwatch.analyzer.window import WindowState
 from kdwatch.api import ApiSettings, create_app
+from kdwatch.collector.consumer import DLT_SUFFIX, Collector, CollectorConfig, Topics, ensure_topics
+from kdwatch.collector.offline import build_references
+from kdwatch.collector.replayer import Replayer, ReplayerConfig
+from kdwatch.collector.teachers import TorchScriptTeacher
 from kdwatch.devkafka import DevKafka
-from runner.distill import TrainConfig
-from runner.registry import Registry
-from runner.service import Runner, RunnerConfig, create_runner_app
-from slo.config import parse_slo_file
-from slo.dispatch import Dispatcher, Receiver
-from slo.live import LiveConfig, LiveEngine, receivers_of
-from slo.webhooks import new_secret
-from storage.jobs import PROMOTED, JobStore
-from storage.slo_store import SloSqlStore
-from storage.sql import SqlStore
+from kdwatch.runner.distill import TrainConfig
+from kdwatch.runner.registry import Registry
+from kdwatch.runner.service import Runner, RunnerConfig, create_runner_app
+from kdwatch.slo.config import parse_slo_file
+from kdwatch.slo.dispatch import Dispatcher, Receiver
+from kdwatch.slo.live import LiveConfig, LiveEngine, receivers_of
+from kdwatch.slo.webhooks import new_secret
+from kdwatch.storage.jobs import PROMOTED, JobStore
+from kdwatch.storage.slo_store import SloSqlStore
+from kdwatch.storage.sql import SqlStore
 
 MIN = 60_000
 MODEL = "digits-student"

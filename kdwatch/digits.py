@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdwatch.generator import ArrivalQueue
-from runner.distill import StudentMLP, TrainConfig, TransferArrays, distil
+from kdwatch.runner.distill import StudentMLP, TrainConfig, TransferArrays, distil
 
 FEATURES = [f"px{i:02d}" for i in range(64)]
 Predictor = Callable[[np.ndarray], np.ndarray]  # float32 (n, 64) -> log-probabilities (n, 10)

@@ -9,7 +9,7 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 
 class LagSource:

@@ -12,13 +12,13 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from analyzer.window import window_result
+from kdwatch.analyzer.window import window_result
 from kdwatch.durations import format_duration_ms
-from slo.burn import budget_remaining, burn_rate
-from slo.config import parse_slo_file
-from slo.engine import SloEngine
-from storage.slo_store import SloSqlStore
-from storage.sql import SqlStore
+from kdwatch.slo.burn import budget_remaining, burn_rate
+from kdwatch.slo.config import parse_slo_file
+from kdwatch.slo.engine import SloEngine
+from kdwatch.storage.slo_store import SloSqlStore
+from kdwatch.storage.sql import SqlStore
 
 WINDOW_GAUGES = {
     "agreement": "Top-1 agreement of student and teacher over joined events",

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from collector.contract import decode_label, decode_prediction
+from kdwatch.collector.contract import decode_label, decode_prediction
 from kdwatch.errors import ContractError
 
 log = logging.getLogger("kdwatch.producer")

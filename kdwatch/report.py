@@ -18,10 +18,10 @@ import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analyzer.drift import Reference
-from analyzer.membership import roc_points
-from analyzer.rollup import Bucket
-from analyzer.window import WindowState, rfc3339
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.membership import roc_points
+from kdwatch.analyzer.rollup import Bucket
+from kdwatch.analyzer.window import WindowState, rfc3339
 
 PSI_CHART_FEATURES = 20
 

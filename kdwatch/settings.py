@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            from slo.webhooks import _key
+            from kdwatch.slo.webhooks import _key
 
             _key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
         return value

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from runner.distill import StudentMLP
+from kdwatch.runner.distill import StudentMLP
 
 ARTIFACTS = ("model.pt", "model.torchscript")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -30,11 +30,11 @@ from fastapi.responses import JSONResponse
 from rich.progress import Progress
 
 from kdwatch.httperrors import install_json_errors
-from runner.distill import TrainConfig, distil, to_arrays
-from runner.registry import Registry
-from slo.webhooks import WebhookVerificationError, verify
-from storage.jobs import FAILED, PROMOTED, REJECTED, JobStore, public_job
-from storage.sql import SqlStore
+from kdwatch.runner.distill import TrainConfig, distil, to_arrays
+from kdwatch.runner.registry import Registry
+from kdwatch.slo.webhooks import WebhookVerificationError, verify
+from kdwatch.storage.jobs import FAILED, PROMOTED, REJECTED, JobStore, public_job
+from kdwatch.storage.sql import SqlStore
 
 log = logging.getLogger("kdwatch.runner")
 MAX_BODY_BYTES = 1024 * 1024  # a retrain request is a small JSON document

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from slo import webhooks
+from kdwatch.slo import webhooks
 
 log = logging.getLogger(__name__)
 

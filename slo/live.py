@@ -24,12 +24,12 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from analyzer.drift import Reference
-from analyzer.window import WindowState, rfc3339, window_result
-from slo.config import SloFile
-from slo.dispatch import Dispatcher, Receiver
-from slo.engine import Alert, Silence, SloEngine, WindowInput
-from slo.notify import alert_entry, alertmanager_api_alerts, alertmanager_webhook_message, outbox_id, retrain_payload
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.window import WindowState, rfc3339, window_result
+from kdwatch.slo.config import SloFile
+from kdwatch.slo.dispatch import Dispatcher, Receiver
+from kdwatch.slo.engine import Alert, Silence, SloEngine, WindowInput
+from kdwatch.slo.notify import alert_entry, alertmanager_api_alerts, alertmanager_webhook_message, outbox_id, retrain_payload
 
 log = logging.getLogger(__name__)
 

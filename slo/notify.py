@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from analyzer.window import rfc3339
-from slo.engine import Alert
+from kdwatch.analyzer.window import rfc3339
+from kdwatch.slo.engine import Alert
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "no end" marker
 

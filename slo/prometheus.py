@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from kdwatch.durations import format_duration_ms
-from slo.burn import windows_from_config
-from slo.config import SloFile
+from kdwatch.slo.burn import windows_from_config
+from kdwatch.slo.config import SloFile
 
 COUNTER_SLIS = ("agreement", "accuracy")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from analyzer.window import WindowState
-from slo.config import TIMESLICE_METRICS, EventsSli, TimeslicesSli
+from kdwatch.analyzer.window import WindowState
+from kdwatch.slo.config import TIMESLICE_METRICS, EventsSli, TimeslicesSli
 
 # The sample count that decides "no data" for each timeslice metric.
 _SAMPLES = {"ece": "n_labeled", "kl_mean": "n_joined", "agreement": "n_joined", "accuracy_delta": "n_labeled_with_teacher"}

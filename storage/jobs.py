@@ -9,9 +9,9 @@ from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
-from analyzer.window import rfc3339
-from storage.schema import retrain_jobs
-from storage.sql import read_connection
+from kdwatch.analyzer.window import rfc3339
+from kdwatch.storage.schema import retrain_jobs
+from kdwatch.storage.sql import read_connection
 
 QUEUED, RUNNING, PROMOTED, REJECTED, FAILED = "queued", "running", "promoted", "rejected", "failed"
 

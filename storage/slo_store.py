@@ -8,10 +8,10 @@ import orjson
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from slo.dispatch import Delivery
-from slo.engine import Silence
-from storage.schema import delivery_log, disabled_receivers, outbox, silences, slo_config, slo_engine
-from storage.sql import read_connection
+from kdwatch.slo.dispatch import Delivery
+from kdwatch.slo.engine import Silence
+from kdwatch.storage.schema import delivery_log, disabled_receivers, outbox, silences, slo_config, slo_engine
+from kdwatch.storage.sql import read_connection
 
 
 class SloSqlStore:

@@ -22,9 +22,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from analyzer.drift import Reference
-from analyzer.window import WindowState
-from collector.join import (
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.join import (
     Changes,
     Entry,
     TransferRecord,
@@ -35,7 +35,7 @@ from collector.join import (
     transfer_to_dict,
 )
 from kdwatch.errors import StoreConflict
-from storage.schema import (
+from kdwatch.storage.schema import (
     consumer_offsets,
     event_counters,
     join_entries,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kdwatch.devkafka import DevKafka, free_port
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 
 @pytest.fixture(scope="session")

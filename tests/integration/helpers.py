@@ -10,11 +10,11 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from analyzer.drift import Reference
-from analyzer.window import window_result
-from collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
-from collector.offline import analyze_files
-from storage.sql import SqlStore
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.window import window_result
+from kdwatch.collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
+from kdwatch.collector.offline import analyze_files
+from kdwatch.storage.sql import SqlStore
 
 KIND_FILES = {"prediction": "predictions.jsonl", "teacher": "teacher.jsonl", "label": "labels.jsonl"}
 

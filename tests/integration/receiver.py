@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from slo.webhooks import WebhookVerificationError, verify
+from kdwatch.slo.webhooks import WebhookVerificationError, verify
 
 
 @dataclass

@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from analyzer.window import WindowState
-from collector.join import Changes, WindowKey
+from kdwatch.analyzer.window import WindowState
 from kdwatch.api import ApiSettings, create_app
+from kdwatch.collector.join import Changes, WindowKey
 from kdwatch.generator import TrafficSpec, generate
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 
 KEY = "k" * 32
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from prometheus_client import CollectorRegistry
 
 from kdwatch.api import ApiSettings, create_app
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.test_api import seed
 
 KEY = "f" * 32

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collector.consumer import CollectorConfig
-from collector.offline import load_reference
+from kdwatch.collector.consumer import CollectorConfig
+from kdwatch.collector.offline import load_reference
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
     differences,
     explain,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
     collector_process,
     differences,

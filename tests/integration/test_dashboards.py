@@ -16,18 +16,18 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from collector.consumer import CollectorConfig
-from collector.offline import load_reference
 from kdwatch.api import ApiSettings, create_app
+from kdwatch.collector.consumer import CollectorConfig
+from kdwatch.collector.offline import load_reference
 from kdwatch.devkafka import free_port
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.lag import kafka_readiness, lag_source
 from kdwatch.loadgen import produce_records
-from slo.config import load_slo_file
-from slo.dispatch import Dispatcher
-from slo.live import LiveConfig, LiveEngine
-from storage.slo_store import SloSqlStore
-from storage.sql import SqlStore
+from kdwatch.slo.config import load_slo_file
+from kdwatch.slo.dispatch import Dispatcher
+from kdwatch.slo.live import LiveConfig, LiveEngine
+from kdwatch.storage.slo_store import SloSqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import new_topics, run_collector_until, topic_map, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

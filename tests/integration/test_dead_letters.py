@@ -7,10 +7,10 @@ from pathlib import Path
 
 import orjson
 
-from collector.consumer import CollectorConfig
+from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
     differences,
     explain,

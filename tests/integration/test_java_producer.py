@@ -6,9 +6,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from collector.consumer import CollectorConfig
+from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.devkafka import ensure_jars
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import new_topics, run_collector_until
 
 SOURCE = Path(__file__).parent / "java" / "PredictionProducer.java"

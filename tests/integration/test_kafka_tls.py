@@ -9,10 +9,10 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from collector.consumer import CollectorConfig
+from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.producer import PredictionLogger
 from kdwatch.settings import load_settings
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import new_topics, run_collector_until
 
 TS = 1_795_000_030_000

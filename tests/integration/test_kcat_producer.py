@@ -6,10 +6,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from collector.consumer import CollectorConfig
+from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
     differences,
     explain,

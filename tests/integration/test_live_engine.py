@@ -13,16 +13,16 @@ import httpx
 import numpy as np
 import pytest
 
-from analyzer.window import WindowState
-from collector.join import Changes, WindowKey
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.join import Changes, WindowKey
 from kdwatch.devkafka import free_port
-from slo.config import parse_slo_file
-from slo.dispatch import Dispatcher, Receiver
-from slo.engine import Silence
-from slo.live import LiveConfig, LiveEngine, receivers_of
-from slo.webhooks import new_secret
-from storage.slo_store import SloSqlStore
-from storage.sql import SqlStore
+from kdwatch.slo.config import parse_slo_file
+from kdwatch.slo.dispatch import Dispatcher, Receiver
+from kdwatch.slo.engine import Silence
+from kdwatch.slo.live import LiveConfig, LiveEngine, receivers_of
+from kdwatch.slo.webhooks import new_secret
+from kdwatch.storage.slo_store import SloSqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.receiver import webhook_receiver
 
 MIN = 60_000

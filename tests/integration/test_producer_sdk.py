@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collector.contract import decode_label, decode_prediction
+from kdwatch.collector.contract import decode_label, decode_prediction
 from kdwatch.errors import ContractError
 from kdwatch.producer import PredictionLogger
 from tests.integration.helpers import new_topics, read_topic

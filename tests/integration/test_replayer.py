@@ -12,12 +12,12 @@ import numpy as np
 import orjson
 import torch
 
-from collector.consumer import DLT_SUFFIX, ensure_topics
-from collector.replayer import Replayer, ReplayerConfig, sampled
-from collector.teachers import HttpTeacher, TorchScriptTeacher
+from kdwatch.collector.consumer import DLT_SUFFIX, ensure_topics
+from kdwatch.collector.replayer import Replayer, ReplayerConfig, sampled
+from kdwatch.collector.teachers import HttpTeacher, TorchScriptTeacher
 from kdwatch.producer import PredictionLogger
-from runner.distill import StudentMLP
-from runner.registry import Registry
+from kdwatch.runner.distill import StudentMLP
+from kdwatch.runner.registry import Registry
 from tests.integration.helpers import new_topics, read_topic
 
 TS = 1_795_000_030_000

@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 from matplotlib.image import imread
 from prometheus_client import CollectorRegistry
 
-from collector.join import Changes
-from collector.offline import analyze_files, load_reference
 from kdwatch.api import ApiSettings, create_app
+from kdwatch.collector.join import Changes
+from kdwatch.collector.offline import analyze_files, load_reference
 from kdwatch.generator import TrafficSpec, generate
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import write_jsonl
 
 KEY = "r" * 32

@@ -9,13 +9,13 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from collector.join import PartitionJoiner
 from kdwatch.api import ApiSettings, create_app
-from runner.distill import TrainConfig
-from runner.service import Runner, RunnerConfig, create_runner_app
-from slo.webhooks import headers, new_secret
-from storage.jobs import JobStore
-from storage.sql import SqlStore
+from kdwatch.collector.join import PartitionJoiner
+from kdwatch.runner.distill import TrainConfig
+from kdwatch.runner.service import Runner, RunnerConfig, create_runner_app
+from kdwatch.slo.webhooks import headers, new_secret
+from kdwatch.storage.jobs import JobStore
+from kdwatch.storage.sql import SqlStore
 from tests.unit.runner.test_distill import synthetic_transfer
 
 SECRET = new_secret()

@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from kdwatch.api import ApiSettings, create_app
-from slo.dispatch import Dispatcher, Receiver
-from slo.live import LiveConfig, LiveEngine
-from slo.webhooks import new_secret
-from storage.slo_store import SloSqlStore
-from storage.sql import SqlStore
+from kdwatch.slo.dispatch import Dispatcher, Receiver
+from kdwatch.slo.live import LiveConfig, LiveEngine
+from kdwatch.slo.webhooks import new_secret
+from kdwatch.storage.slo_store import SloSqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.integration.test_live_engine import SLOS, T0, Clock, store_minutes
 
 API_KEY = "sekret-api-key-0123456789abcdef"

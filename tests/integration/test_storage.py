@@ -9,12 +9,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from analyzer.window import WindowState
-from collector.contract import Distribution, Prediction
-from collector.join import Changes, PartitionJoiner, WindowKey
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.contract import Distribution, Prediction
+from kdwatch.collector.join import Changes, PartitionJoiner, WindowKey
 from kdwatch.errors import StoreConflict
-from storage.schema import metadata
-from storage.sql import SqlStore
+from kdwatch.storage.schema import metadata
+from kdwatch.storage.sql import SqlStore
 
 T0 = 1_795_000_020_000
 ALL_READ = {"prediction": False, "teacher": False, "label": False}
@@ -59,7 +59,7 @@ def test_readers_merge_the_rows_of_all_partitions(store: SqlStore) -> None:
 
 
 def test_the_transfer_set_round_trips_and_keeps_the_newest_rows_per_model(store: SqlStore) -> None:
-    from collector.join import TransferRecord
+    from kdwatch.collector.join import TransferRecord
 
     def record(model: str, i: int) -> TransferRecord:
         return TransferRecord(model, f"r{i}", T0 + i * 1_000, "s1", {"x": float(i), "c": "a"},
@@ -83,7 +83,7 @@ def test_the_transfer_set_round_trips_and_keeps_the_newest_rows_per_model(store:
 
 
 def test_the_change_signature_moves_with_every_window_write_and_reference(store: SqlStore) -> None:
-    from analyzer.drift import ReferenceBuilder
+    from kdwatch.analyzer.drift import ReferenceBuilder
 
     key = WindowKey("m", "s1", 60_000 * 29_916_667)
     first = store.change_signature("m")
@@ -108,7 +108,7 @@ def test_readers_neither_wait_for_nor_block_a_writer(store: SqlStore) -> None:
     """A reader reads its snapshot while a write transaction is open, and a writer commits while a read is open."""
     from sqlalchemy import text
 
-    from storage.sql import read_connection
+    from kdwatch.storage.sql import read_connection
 
     store.commit_batch("g", 0, 60_000, _one_window_changes(), {})
     with store.engine.begin() as writer:  # holds the write lock (BEGIN IMMEDIATE on SQLite)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from kdwatch.api import ApiSettings, create_app
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
-from storage.sql import SqlStore
+from kdwatch.storage.sql import SqlStore
 from tests.conftest import PostgresCluster
 from tests.integration.helpers import (
     collector_process,

@@ -12,11 +12,11 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score, roc_curve
 from statsmodels.stats.proportion import proportion_confint
 
-from analyzer.calibration import CalibrationState
-from analyzer.drift import Reference, psi
-from analyzer.fidelity import FidelityState, js_divergence, kl_divergence, student_log_probs, teacher_log_probs, wilson_interval
-from analyzer.membership import attack_result, clopper_pearson
-from analyzer.sketch import QuantileSketch
+from kdwatch.analyzer.calibration import CalibrationState
+from kdwatch.analyzer.drift import Reference, psi
+from kdwatch.analyzer.fidelity import FidelityState, js_divergence, kl_divergence, student_log_probs, teacher_log_probs, wilson_interval
+from kdwatch.analyzer.membership import attack_result, clopper_pearson
+from kdwatch.analyzer.sketch import QuantileSketch
 
 seeds = st.integers(0, 2**32 - 1)
 

@@ -9,9 +9,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.drift import Reference
-from analyzer.window import WindowState
-from collector.contract import Distribution, Prediction
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.contract import Distribution, Prediction
 
 
 def events(seed: int, n: int) -> list[dict[str, Any]]:

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analyzer.window import window_result
-from collector import columnar
-from collector.columnar import Fallback, analyze_parquet, convert_jsonl, load_reference_parquet
-from collector.offline import analyze_files, load_reference
+from kdwatch.analyzer.window import window_result
+from kdwatch.collector import columnar
+from kdwatch.collector.columnar import Fallback, analyze_parquet, convert_jsonl, load_reference_parquet
+from kdwatch.collector.offline import analyze_files, load_reference
 from kdwatch.errors import ContractError, SchemaError
 from kdwatch.generator import TrafficSpec, generate
 
@@ -159,7 +159,7 @@ def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytes
     # Labels come up to ~100 s after their prediction with 10 s windows and 60 s grace: some join,
     # some are unmatched. The watermark moves after every record on both offline paths, so neither
     # the record path's end_batch cadence nor the columnar path's batch size changes which.
-    from collector import offline
+    from kdwatch.collector import offline
 
     spec = TrafficSpec(seed=11, events_per_second=10.0, teacher_rate=0.5, label_rate=0.3)
     paths = write_jsonl(tmp_path, spec, 2_500)
@@ -182,7 +182,7 @@ def test_the_merge_of_files_out_of_order_is_the_heap_merge(tmp_path: Path) -> No
     # collector.offline.merged_events merges the files with a heap; the columnar path orders rows by
     # their file's running maximum of ts (then input, then row): the same order, also when a file is
     # not sorted by ts.
-    from collector.offline import merged_events
+    from kdwatch.collector.offline import merged_events
 
     rng = np.random.default_rng(3)
     for trial in range(30):

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
+from kdwatch.collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
 from kdwatch.errors import ContractError
 
 TS = 1_795_000_000_000

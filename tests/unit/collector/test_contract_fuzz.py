@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.contract import DECODERS
+from kdwatch.collector.contract import DECODERS
 from kdwatch.errors import ContractError
 
 json_values = st.recursive(

@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from collector.contract import decode_teacher
-from collector.replayer import Replayer, ReplayerConfig, TokenBucket, sampled
-from collector.teachers import TeacherError, TeacherOutput
+from kdwatch.collector.contract import decode_teacher
+from kdwatch.collector.replayer import Replayer, ReplayerConfig, TokenBucket, sampled
+from kdwatch.collector.teachers import TeacherError, TeacherOutput
 
 
 def test_sampling_is_deterministic_per_request_and_close_to_the_rate() -> None:

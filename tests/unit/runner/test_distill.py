@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from collector.contract import Distribution
-from collector.join import TransferRecord
-from runner.distill import StudentMLP, TrainConfig, distil, distillation_loss, fidelity, to_arrays
-from runner.registry import Registry
+from kdwatch.collector.contract import Distribution
+from kdwatch.collector.join import TransferRecord
+from kdwatch.runner.distill import StudentMLP, TrainConfig, distil, distillation_loss, fidelity, to_arrays
+from kdwatch.runner.registry import Registry
 
 
 def _softmax(z: list[float], t: float = 1.0) -> list[float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slo.burn import (
+from kdwatch.slo.burn import (
     DAY_MS,
     budget_remaining,
     budget_spent_at_detection,

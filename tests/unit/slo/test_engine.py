@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzer.window import WindowState
+from kdwatch.analyzer.window import WindowState
 from kdwatch.errors import ConfigError
-from slo.burn import default_windows, detection_time_ms
-from slo.config import load_slo_file, parse_slo_file
-from slo.engine import WindowInput, backtest, fingerprint
+from kdwatch.slo.burn import default_windows, detection_time_ms
+from kdwatch.slo.config import load_slo_file, parse_slo_file
+from kdwatch.slo.engine import WindowInput, backtest, fingerprint
 
 MIN = 60_000
 T0 = 1_795_000_020_000 - 1_795_000_020_000 % MIN

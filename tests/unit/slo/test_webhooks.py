@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slo.webhooks import WebhookVerificationError, github_signature, headers, new_secret, sign, verify
+from kdwatch.slo.webhooks import WebhookVerificationError, github_signature, headers, new_secret, sign, verify
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MSG_ID, TS, BODY = "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
