@@ -18,9 +18,10 @@ test: setup lint ## lint, then the whole suite, integration tests against real K
 test-unit: setup ## unit tests only (no services)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-lint: setup ## ruff and mypy
+lint: setup ## ruff, mypy and the layer contracts (import-linter)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 soak: setup ## the longest reliability runs: kill -9 five times while 200,000 predictions flow
 	KDWATCH_CRASH_PREDICTIONS=200000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_crash_recovery.py

@@ -19,6 +19,7 @@ from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, DriftState, Refe
 from kdwatch.analyzer.fidelity import FidelityState, student_log_probs, teacher_log_probs
 from kdwatch.analyzer.membership import MembershipState, attack_scores
 from kdwatch.analyzer.sketch import QuantileSketch
+from kdwatch.timestamps import rfc3339
 
 
 def _group_by_classes(indices_dists: Sequence[tuple[int, Any]]) -> dict[int, list[int]]:
@@ -224,17 +225,6 @@ class WindowState:
             teacher_versions=dict(data.get("teacher_versions", {})),
             segments={k: list(v) for k, v in data.get("segments", {}).items()},
         )
-
-
-def rfc3339(ms: int) -> str:
-    """Epoch milliseconds as RFC 3339 UTC text: 2026-11-28T03:00:00Z (milliseconds when not whole)."""
-    from datetime import UTC, datetime
-
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    if ms % 1000:
-        text += f".{ms % 1000:03d}"
-    return text + "Z"
 
 
 def window_result(model: str, student_version: str, window_start_ms: int, window_ms: int,

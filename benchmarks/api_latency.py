@@ -25,8 +25,8 @@ from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from kdwatch.collector.join import Changes, WindowKey
 from kdwatch.collector.offline import analyze_files, load_reference
+from kdwatch.collector.records import Changes, WindowKey
 from kdwatch.devkafka import free_port
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.storage.sql import SqlStore

@@ -55,7 +55,7 @@ def dataset(n: int, seed: int = 0) -> dict[str, Path]:
 
 def parquet_dataset(paths: dict[str, Path]) -> dict[str, Path]:
     """The same events as Parquet (`kdwatch convert`), cached beside the JSONL."""
-    from kdwatch.collector.columnar import convert_jsonl
+    from kdwatch.collector.parquet_io import convert_jsonl
 
     out = {kind: path.with_suffix(".parquet") for kind, path in paths.items()}
     for kind, path in paths.items():

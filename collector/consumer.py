@@ -3,7 +3,7 @@
 Each co-partition ``p`` (partition p of the predictions, teacher and labels topics, which the range
 assignor gives to one member) has a :class:`PartitionJoiner` whose whole state (windows, join
 buffer, watermark) and consumed offsets live in the database. A poll's records of ``p`` become one
-transaction (storage.sql.SqlStore.commit_batch); on (re)assignment the member loads ``p`` from the
+transaction (PartitionStore.commit_batch, kdwatch.storage.sql.SqlStore); on (re)assignment the member loads ``p`` from the
 database and seeks to the stored offsets. So after a crash at any moment the stored aggregates equal
 those of an uninterrupted run. Dead letters are produced and flushed before the commit: the
 dead-letter topic is at-least-once (its headers carry the original coordinates for de-duplication),
@@ -16,24 +16,37 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
-from sqlalchemy.exc import OperationalError
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.collector.ingest import ingest
-from kdwatch.collector.join import Changes, PartitionJoiner, Source
-from kdwatch.errors import ConfigError, StoreConflict
-from kdwatch.storage.sql import SqlStore
+from kdwatch.collector.join import PartitionJoiner
+from kdwatch.collector.records import Changes, PartitionSnapshot, Source
+from kdwatch.errors import ConfigError, StoreConflict, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 DLT_SUFFIX = ".DLT"
+
+
+class PartitionStore(Protocol):
+    """Where a collector keeps each co-partition's state and offsets (kdwatch.storage.sql.SqlStore).
+
+    Both methods raise ``StoreUnavailable`` when the database does not answer and ``commit_batch``
+    raises ``StoreConflict`` when the stored offsets moved under it (another member owns the partition).
+    """
+
+    def load_partition(self, group_id: str, partition: int, topics: Iterable[str]) -> PartitionSnapshot: ...
+
+    def commit_batch(self, group_id: str, partition: int, window_ms: int, changes: Changes,
+                     offsets: dict[str, tuple[int | None, int]], transfer_max: int = 100_000) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, opt
 class Collector:
     """Run with :meth:`run`; stop by setting the ``stop`` event it was given."""
 
-    def __init__(self, config: CollectorConfig, store: SqlStore, references: dict[str, Reference] | None = None) -> None:
+    def __init__(self, config: CollectorConfig, store: PartitionStore, references: dict[str, Reference] | None = None) -> None:
         self.config = config
         self.store = store
         self.references = references or {}
@@ -182,8 +195,8 @@ class Collector:
                         last_data = time.monotonic()  # idle means nothing new *and* nothing left to read
                     backoff = 0.5
                     continue_after = None
-                except OperationalError as exc:
-                    continue_after = f"database unavailable ({exc.orig})"
+                except StoreUnavailable as exc:
+                    continue_after = str(exc)
                 except (KafkaError, OSError) as exc:
                     continue_after = f"Kafka unavailable ({type(exc).__name__}: {exc})"
                 if continue_after is not None:
@@ -242,7 +255,7 @@ class Collector:
                 log.warning("dropping partition %d: %s", p, exc)
                 del self.units[p]
                 continue
-            except OperationalError:
+            except StoreUnavailable:
                 del self.units[p]
                 raise
             for topic, (_old, new) in advanced.items():

@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 
 from kdwatch.collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
-from kdwatch.collector.join import PartitionJoiner, Source, WindowKey, window_start_of
+from kdwatch.collector.join import PartitionJoiner, window_start_of
+from kdwatch.collector.records import Source, WindowKey
 from kdwatch.errors import ContractError
 
 KINDS = ("prediction", "teacher", "label")

@@ -19,7 +19,8 @@ from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference, Refer
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.contract import MAX_VALUE_BYTES, decode_prediction, parse_ts
 from kdwatch.collector.ingest import ingest
-from kdwatch.collector.join import Changes, PartitionJoiner, WindowKey
+from kdwatch.collector.join import PartitionJoiner
+from kdwatch.collector.records import Changes, WindowKey
 from kdwatch.errors import ContractError
 
 # Batch size between end_batch() calls: bounds the un-aggregated contributions held at once.
@@ -66,7 +67,9 @@ Stream = Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]
 
 def _streams(predictions: Path, teacher: Path | None, labels: Path | None) -> dict[str, Stream]:
     """Each input's entries for the merge: JSONL lines, or Parquet rows as the objects they stand for."""
-    from kdwatch.collector.columnar import SchemaError, is_parquet, parquet_lines
+    from kdwatch.collector.columns import is_parquet
+    from kdwatch.collector.parquet_io import parquet_lines
+    from kdwatch.errors import SchemaError
 
     given = {"prediction": predictions, "teacher": teacher, "label": labels}
     paths = {kind: path for kind, path in given.items() if path is not None}
@@ -132,7 +135,8 @@ def build_references(lines: Iterable[bytes]) -> dict[str, tuple[Reference, int]]
 
 def load_reference(path: Path) -> dict[str, Reference]:
     """Per-model references from a JSONL or Parquet file of (valid) baseline predictions."""
-    from kdwatch.collector.columnar import is_parquet, load_reference_parquet
+    from kdwatch.collector.columns import is_parquet
+    from kdwatch.collector.parquet_io import load_reference_parquet
 
     if is_parquet(path):
         return load_reference_parquet(path)
@@ -167,7 +171,8 @@ def analyze_files(
     Parquet inputs take the columnar path (collector.columnar); when the data needs the per-record
     joiner, ``on_fallback`` hears why and the rows go through the same loop as JSONL lines.
     """
-    from kdwatch.collector.columnar import Fallback, analyze_parquet, is_parquet
+    from kdwatch.collector.columnar import analyze_parquet
+    from kdwatch.collector.columns import Fallback, is_parquet
 
     if is_parquet(predictions):
         try:

@@ -97,7 +97,7 @@ def convert(
     kind: Annotated[str, typer.Option(help="prediction, teacher or label")] = "prediction",
 ) -> None:
     """Convert contract-v1 JSONL to Parquet for the columnar `analyze`; invalid lines go to TARGET.rejected.jsonl."""
-    from kdwatch.collector.columnar import convert_jsonl
+    from kdwatch.collector.parquet_io import convert_jsonl
 
     if kind not in ("prediction", "teacher", "label"):
         raise typer.BadParameter("must be prediction, teacher or label", param_hint="--kind")
@@ -150,20 +150,10 @@ def collect(
     idle_exit: Annotated[float | None, typer.Option(help="exit after this many seconds without records")] = None,
 ) -> None:
     """Run a collector (one consumer-group member) until interrupted."""
-    from kdwatch.collector.consumer import Collector, CollectorConfig, Topics
-    from kdwatch.storage.sql import SqlStore
+    from kdwatch.wiring import build_collector, collector_config, open_store
 
     settings = _settings(bootstrap_servers=bootstrap_servers, database_url=database_url, group_id=group_id)
-    store = SqlStore.from_url(settings.database_url.get_secret_value())
-    store.migrate()
-    config = CollectorConfig(
-        bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
-        topics=Topics(settings.topic_predictions, settings.topic_teacher, settings.topic_labels),
-        window_ms=settings.window_ms, grace_ms=settings.grace_ms, max_poll_records=settings.max_poll_records,
-        session_timeout_ms=settings.session_timeout_ms, max_future_ms=parse_duration_ms(settings.max_future),
-        kafka_options=settings.kafka_options(), transfer_per_window=settings.transfer_per_window,
-        transfer_max_records=settings.transfer_max_records)
-    collector = Collector(config, store, store.references())
+    collector = build_collector(collector_config(settings), open_store(settings.database_url))
     stop = threading.Event()
     from kdwatch.runtime import tune_gc
 
@@ -255,41 +245,12 @@ def db_upgrade(database_url: Annotated[str | None, typer.Option()] = None) -> No
 
 
 def _live_engine(settings: Any, slo_file: Path | None) -> Any:
-    import httpx
+    from kdwatch.wiring import build_live_engine, live_config, open_store, store_slos
 
-    from kdwatch.errors import ConfigError
-    from kdwatch.slo.config import load_slo_file, parse_slo_file
-    from kdwatch.slo.dispatch import Dispatcher, Receiver
-    from kdwatch.slo.live import LiveConfig, LiveEngine, receivers_of
-    from kdwatch.storage.slo_store import SloSqlStore
-    from kdwatch.storage.sql import SqlStore
-
-    store = SqlStore.from_url(settings.database_url.get_secret_value())
-    store.migrate()
-    slo_store = SloSqlStore(store.engine)
+    store = open_store(settings.database_url)
     if slo_file is not None:  # the file replaces the stored SLO document; the API may edit it afterwards
-        slo_store.put_slo_document(load_slo_file(slo_file).model_dump(mode="json", exclude_none=True), int(time.time() * 1000))
-    document = slo_store.get_slo_document()
-    if document is None:
-        raise ConfigError("--slo", "no SLOs stored yet: pass an SLO file (or PUT /v1/slos/{name})")
-    slos = parse_slo_file(document)
-
-    def receiver(name: str, url: str | None, secret: Any, group_interval_ms: int | None = None) -> Receiver | None:
-        if url is None:
-            return None
-        return Receiver(name, url, secret.get_secret_value() if secret is not None else None, group_interval_ms=group_interval_ms)
-
-    config = LiveConfig(
-        alert_webhook=receiver("alert-webhook", settings.alert_webhook_url, settings.alert_webhook_secret,
-                               parse_duration_ms(settings.group_interval)),
-        retrain_webhook=receiver("retrain", settings.retrain_webhook_url, settings.retrain_webhook_secret),
-        alertmanager_url=settings.alertmanager_url, group_wait_ms=parse_duration_ms(settings.group_wait),
-        external_url=settings.external_url)
-    client = httpx.Client()
-    dispatcher = Dispatcher(slo_store, receivers_of(config), client)
-    live = LiveEngine(slos, store, slo_store, dispatcher, config, client=client)
-    live.load_slos = lambda: parse_slo_file(slo_store.get_slo_document() or {})
-    return live
+        store_slos(store, slo_file)
+    return build_live_engine(store, live_config(settings))
 
 
 @app.command()
@@ -401,18 +362,10 @@ def serve(
     """Serve the REST API, HTML reports and /metrics."""
     import uvicorn
 
-    from kdwatch.api import ApiSettings, create_app
-    from kdwatch.storage.sql import SqlStore
+    from kdwatch.wiring import build_api, open_store
 
     settings = _settings(database_url=database_url)
-    store = SqlStore.from_url(settings.database_url.get_secret_value())
-    store.migrate()
-    from kdwatch.lag import kafka_readiness, lag_source
-
-    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    app_ = create_app(store, ApiSettings(api_key=api_key, read_token_required=settings.api_read_token_required),
-                      readiness=kafka_readiness(settings.bootstrap_servers, settings.kafka_options()),
-                      lag=lag_source(settings.bootstrap_servers, store, settings.kafka_options()))
+    app_ = build_api(open_store(settings.database_url), settings)
     from kdwatch.runtime import tune_gc
 
     tune_gc()
@@ -433,28 +386,21 @@ def runner(
 
     import uvicorn
 
-    from kdwatch.errors import ConfigError
-
     try:
         from kdwatch.runner.distill import load_train_config
-        from kdwatch.runner.service import Runner, RunnerConfig, create_runner_app
+        from kdwatch.wiring import build_runner, open_store, runner_app, runner_secret
     except ImportError as exc:
         err.print(f"the runner needs PyTorch ({exc.name} is missing): pip install 'kdwatch[runner]'")
         raise typer.Exit(2) from None
-    from kdwatch.storage.jobs import JobStore
-    from kdwatch.storage.sql import SqlStore
 
     settings = _settings(database_url=database_url, registry_dir=None if registry_dir is None else str(registry_dir))
-    if settings.runner_webhook_secret is None:
-        raise ConfigError("KDWATCH_RUNNER_WEBHOOK_SECRET", "the runner verifies every retrain webhook: set the shared secret")
+    secret = runner_secret(settings)
     train = load_train_config(config)
-    store = SqlStore.from_url(settings.database_url.get_secret_value())
-    store.migrate()
+    store = open_store(settings.database_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    worker = Runner(store, JobStore(store.engine), RunnerConfig(settings.runner_webhook_secret.get_secret_value(),
-                                                                Path(settings.registry_dir), train, show_progress=True))
+    worker = build_runner(store, secret, Path(settings.registry_dir), train, show_progress=True)
     err.print(f"runner on http://{host}:{port}/webhooks/retrain, registry {settings.registry_dir}")
-    uvicorn.run(create_runner_app(worker), host=host, port=port, log_level="warning")
+    uvicorn.run(runner_app(worker), host=host, port=port, log_level="warning")
 
 
 @app.command()

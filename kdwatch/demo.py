@@ -34,7 +34,6 @@ from rich.table import Table
 
 from kdwatch import digits
 from kdwatch.analyzer.window import WindowState
-from kdwatch.api import ApiSettings, create_app
 from kdwatch.collector.consumer import DLT_SUFFIX, Collector, CollectorConfig, Topics, ensure_topics
 from kdwatch.collector.offline import build_references
 from kdwatch.collector.replayer import Replayer, ReplayerConfig
@@ -42,14 +41,12 @@ from kdwatch.collector.teachers import TorchScriptTeacher
 from kdwatch.devkafka import DevKafka
 from kdwatch.runner.distill import TrainConfig
 from kdwatch.runner.registry import Registry
-from kdwatch.runner.service import Runner, RunnerConfig, create_runner_app
-from kdwatch.slo.config import parse_slo_file
-from kdwatch.slo.dispatch import Dispatcher, Receiver
-from kdwatch.slo.live import LiveConfig, LiveEngine, receivers_of
-from kdwatch.slo.webhooks import new_secret
+from kdwatch.secrets import new_webhook_secret as new_secret
+from kdwatch.slo.dispatch import Receiver
+from kdwatch.slo.live import LiveConfig, LiveEngine
 from kdwatch.storage.jobs import PROMOTED, JobStore
-from kdwatch.storage.slo_store import SloSqlStore
 from kdwatch.storage.sql import SqlStore
+from kdwatch.wiring import build_api, build_collector, build_live_engine, build_runner, open_store, runner_app, store_slos
 
 MIN = 60_000
 MODEL = "digits-student"
@@ -130,12 +127,71 @@ def run_demo(home: Path, options: DemoOptions | None = None, console: Console | 
             console.print("broker stopped")
 
 
+@dataclass
+class _Models:
+    """Phase 1's output: the data, the teacher, the first student and where they are registered."""
+
+    data: Any
+    teacher: Any  # features -> probabilities
+    student: Any
+    registry: Registry
+    teacher_file: Path  # the teacher's TorchScript export, as the replayer runs it
+
+
+@dataclass
+class _Stack:
+    """Phase 2's output: every part of kdwatch the demo runs, built by kdwatch.wiring as the CLI builds them."""
+
+    topics: Topics
+    store: SqlStore
+    references: dict[str, Any]
+    collector: Collector
+    replayer: Replayer
+    engine: LiveEngine
+    jobs: JobStore
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
 def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Console) -> DemoOutcome:
+    """The whole story: train, start the parts, replay clean then shifted traffic, report."""
     began = time.monotonic()
     run = f"demo-{int(time.time())}"
     workdir = home / run
     workdir.mkdir(parents=True)
+    models = _train_models(workdir, options, console, began)
+    outcome = DemoOutcome()
+    db_url = f"sqlite:///{workdir / 'kdwatch.db'}"
+    store = open_store(db_url)
+    secret = new_secret()
+    with _Server(build_api(open_store(db_url))) as api, \
+            _Server(runner_app(build_runner(open_store(db_url), secret, workdir / "registry", options.student,
+                                            poll_interval_s=0.2))) as runner_server:
+        stack = _build_stack(run, bootstrap, store, models, options, retrain_url=runner_server.url + "/webhooks/retrain",
+                             secret=secret)
+        start_ms = int(time.time() * 1000) - 4 * 3_600_000
+        start_ms -= start_ms % MIN
+        _start(stack, console, start_ms)
+        console.print(f"collector, teacher replayer (TorchScript, {options.teacher_rate:.0%} sampled), SLO engine, "
+                      f"API ({api.url}) and runner ({runner_server.url}) running; "
+                      f"replaying {options.total_minutes} minutes of traffic, {options.per_minute} predictions a minute")
+        try:
+            phase_starts = _replay_traffic(stack, models, bootstrap, options, console, start_ms)
+            time.sleep(1.0)  # a last engine cycle over the final windows
+        finally:
+            _stop(stack)
+        outcome.notifications = stack.engine.notifications
+        outcome.jobs = stack.jobs.list(MODEL)
+        outcome.report = _write_report(api.url, start_ms, options, workdir / "report.html")
+    outcome.phases = _phases(store, phase_starts, start_ms, options, stack.references[MODEL], outcome.notifications, outcome.jobs)
+    outcome.seconds = time.monotonic() - began
+    _print_summary(console, outcome, stack.collector.processed, workdir)
+    store.close()
+    return outcome
 
+
+def _train_models(workdir: Path, options: DemoOptions, console: Console, began: float) -> _Models:
+    """Phase 1: a teacher on scikit-learn's digits, a first student distilled from it, both registered."""
     with console.status("training a teacher on scikit-learn's digits and distilling a student from it..."):
         data = digits.load()
         teacher_module = digits.train_teacher(data)
@@ -152,111 +208,107 @@ def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Conso
     t_out, s_out = teacher(data.x[outsiders]).argmax(1), student(data.x[outsiders]).argmax(1)
     console.print(f"teacher accuracy on held-out digits {np.mean(t_out == data.y[outsiders]):.3f}; student s1 agrees with it "
                   f"on {np.mean(t_out == s_out):.3f} ({time.monotonic() - began:.1f}s)")
+    return _Models(data, teacher, student, registry, teacher_file)
 
+
+def _build_stack(run: str, bootstrap: str, store: SqlStore, models: _Models, options: DemoOptions, retrain_url: str,
+                 secret: str) -> _Stack:
+    """Phase 2: topics, the PSI reference, the SLOs, the collector, the replayer and the live SLO engine."""
     topics = Topics(f"{run}.predictions", f"{run}.teacher", f"{run}.labels")
     names = [topics.predictions, topics.teacher, topics.labels]
     ensure_topics(bootstrap, names + [t + DLT_SUFFIX for t in names], partitions=4)
-    db_url = f"sqlite:///{workdir / 'kdwatch.db'}"
-    store = SqlStore.from_url(db_url)
-    store.migrate()
-    references = {m: ref for m, (ref, _n) in build_references(digits.baseline(data, MODEL, "s1", student)).items()}
+    baseline = digits.baseline(models.data, MODEL, "s1", models.student)
+    references = {m: ref for m, (ref, _n) in build_references(baseline).items()}
     store.put_reference(MODEL, references[MODEL])
-
-    secret = new_secret()
-    document = {
+    store_slos(store, {
         "slos": [{"name": "agreement", "model": MODEL, "objective": options.objective,
                   "sli": {"events": {"metric": "agreement"}}, "alerting": {"min_events": 1000}}],
         "retrain": [{"model": MODEL, "when": [{"slo": "agreement", "severity": "page"}]}],
-    }
-    slos = parse_slo_file(document)
-    SloSqlStore(store.engine).put_slo_document(document, int(time.time() * 1000))  # the API's SLO views and report use it
-    collector = Collector(CollectorConfig(bootstrap, group_id=f"{run}-collector", topics=topics, grace_ms=3 * MIN,
-                                          transfer_per_window=50), store, references)
-    jobs = JobStore(store.engine)
-    runner = Runner(SqlStore.from_url(db_url), JobStore(store.engine),
-                    RunnerConfig(secret, workdir / "registry", options.student, poll_interval_s=0.2))
-    outcome = DemoOutcome()
-    stop = threading.Event()
-    with _Server(create_app(SqlStore.from_url(db_url), ApiSettings())) as api, \
-            _Server(create_runner_app(runner)) as runner_server:
-        live = LiveConfig(retrain_webhook=Receiver("retrain", runner_server.url + "/webhooks/retrain", secret))
-        client = httpx.Client()
-        engine = LiveEngine(slos, store, SloSqlStore(store.engine), Dispatcher(SloSqlStore(store.engine), receivers_of(live), client),
-                            live, client=client)
-        now_ms = int(time.time() * 1000)
-        start_ms = now_ms - 4 * 3_600_000
-        start_ms -= start_ms % MIN
+    })
+    collector = build_collector(CollectorConfig(bootstrap, group_id=f"{run}-collector", topics=topics, grace_ms=3 * MIN,
+                                                transfer_per_window=50), store, references)
+    replayer = Replayer(ReplayerConfig(bootstrap, topics.predictions, topics.teacher, group_id=f"{run}-replayer",
+                                       teacher_version="t1", sample_rate=options.teacher_rate),
+                        TorchScriptTeacher(models.teacher_file))
+    engine = build_live_engine(store, LiveConfig(retrain_webhook=Receiver("retrain", retrain_url, secret)))
+    return _Stack(topics, store, references, collector, replayer, engine, JobStore(store.engine))
 
-        def engine_loop() -> None:
-            while not stop.is_set():
-                for note in engine.run_once():
-                    _print_note(console, note, start_ms)
-                stop.wait(0.3)
 
-        replayer = Replayer(ReplayerConfig(bootstrap, topics.predictions, topics.teacher, group_id=f"{run}-replayer",
-                                           teacher_version="t1", sample_rate=options.teacher_rate),
-                            TorchScriptTeacher(teacher_file))
-        threads = [threading.Thread(target=collector.run, kwargs={"stop": stop}, daemon=True),
-                   threading.Thread(target=replayer.run, kwargs={"stop": stop}, daemon=True),
-                   threading.Thread(target=engine_loop, daemon=True)]
-        for thread in threads:
-            thread.start()
-        console.print(f"collector, teacher replayer (TorchScript, {options.teacher_rate:.0%} sampled), SLO engine, "
-                      f"API ({api.url}) and runner ({runner_server.url}) running; "
-                      f"replaying {options.total_minutes} minutes of traffic, {options.per_minute} predictions a minute")
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024,
-                                 compression_type="lz4")
-        kinds = {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
-        sent = predictions = 0
-        version, phase_starts = "s1", [("clean", "s1", 0)]
-        try:
-            for minute in range(0, options.total_minutes, options.chunk_minutes):
-                if minute == options.clean_minutes:
-                    phase_starts.append(("shift", version, minute))
-                    console.print(f"[bold]event minute {minute}: the input distribution shifts (pixel noise {options.noise})[/]")
-                done = [j for j in jobs.list(MODEL) if j["status"] == PROMOTED and j["student_version"] != version]
-                if done:
-                    version = done[0]["student_version"]
-                    student = digits.predictor(registry.load_torchscript(MODEL, version))
-                    phase_starts.append(("retrained", version, minute))
-                    console.print(f"[bold green]event minute {minute}: traffic switches to student {version}[/] "
-                                  f"(TorchScript from the registry)")
-                phase = digits.Phase(MODEL, version, start_ms + minute * MIN, options.chunk_minutes * options.per_minute,
-                                     interval_ms=MIN // options.per_minute,
-                                     noise=options.noise if minute >= options.clean_minutes else 0.0,
-                                     audits=options.audits if minute == 0 else 0, seed=minute + 1)
-                for kind, request_id, value in digits.traffic(data, phase, student, teacher=None):  # replays: the replayer's
-                    producer.send(kinds[kind], key=request_id.encode(), value=value)
-                    sent += 1
-                    predictions += kind == "prediction"
-                producer.flush(timeout=60)
-                _wait(lambda target=predictions: replayer.processed >= target, 60, "the replayer to read the chunk")
-                _wait(lambda target=sent: collector.processed >= target + replayer.published, 60,
-                      "the collector to consume the chunk")
-                if any(j["status"] in ("queued", "running") for j in jobs.list(MODEL)):
-                    # A retrain is under way: give it the time a real runner would have (event time is accelerated).
-                    _wait(lambda: not any(j["status"] in ("queued", "running") for j in jobs.list(MODEL)),
-                          options.job_timeout_s, "the retrain job")
-            time.sleep(1.0)  # a last engine cycle over the final windows
-        finally:
-            producer.close(timeout=10)
-            stop.set()
-            for thread in threads:
-                thread.join(30)
-            engine.close()
-        outcome.notifications = engine.notifications
-        outcome.jobs = jobs.list(MODEL)
-        report = workdir / "report.html"
-        response = httpx.get(f"{api.url}/v1/models/{MODEL}/report",
-                             params={"from": str(start_ms), "to": str(start_ms + options.total_minutes * MIN)}, timeout=120)
-        response.raise_for_status()
-        report.write_text(response.text)
-        outcome.report = report
-    outcome.phases = _phases(store, phase_starts, start_ms, options, references[MODEL], engine.notifications, outcome.jobs)
-    outcome.seconds = time.monotonic() - began
-    _print_summary(console, outcome, collector.processed, workdir)
-    store.close()
-    return outcome
+def _start(stack: _Stack, console: Console, start_ms: int) -> None:
+    def engine_loop() -> None:
+        while not stack.stop.is_set():
+            for note in stack.engine.run_once():
+                _print_note(console, note, start_ms)
+            stack.stop.wait(0.3)
+
+    stack.threads = [threading.Thread(target=stack.collector.run, kwargs={"stop": stack.stop}, daemon=True),
+                     threading.Thread(target=stack.replayer.run, kwargs={"stop": stack.stop}, daemon=True),
+                     threading.Thread(target=engine_loop, daemon=True)]
+    for thread in stack.threads:
+        thread.start()
+
+
+def _stop(stack: _Stack) -> None:
+    stack.stop.set()
+    for thread in stack.threads:
+        thread.join(30)
+    stack.engine.close()
+
+
+def _replay_traffic(stack: _Stack, models: _Models, bootstrap: str, options: DemoOptions, console: Console,
+                    start_ms: int) -> list[tuple[str, str, int]]:
+    """Phase 3: clean traffic, then the shift; switches to a retrained student once the runner promotes one.
+
+    Returns the phases as (name, student version, first event minute).
+    """
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024,
+                             compression_type="lz4")
+    topics = stack.topics
+    kinds = {"prediction": topics.predictions, "teacher": topics.teacher, "label": topics.labels}
+    sent = predictions = 0
+    student, version, phase_starts = models.student, "s1", [("clean", "s1", 0)]
+    try:
+        for minute in range(0, options.total_minutes, options.chunk_minutes):
+            if minute == options.clean_minutes:
+                phase_starts.append(("shift", version, minute))
+                console.print(f"[bold]event minute {minute}: the input distribution shifts (pixel noise {options.noise})[/]")
+            done = [j for j in stack.jobs.list(MODEL) if j["status"] == PROMOTED and j["student_version"] != version]
+            if done:
+                version = done[0]["student_version"]
+                student = digits.predictor(models.registry.load_torchscript(MODEL, version))
+                phase_starts.append(("retrained", version, minute))
+                console.print(f"[bold green]event minute {minute}: traffic switches to student {version}[/] "
+                              f"(TorchScript from the registry)")
+            phase = digits.Phase(MODEL, version, start_ms + minute * MIN, options.chunk_minutes * options.per_minute,
+                                 interval_ms=MIN // options.per_minute,
+                                 noise=options.noise if minute >= options.clean_minutes else 0.0,
+                                 audits=options.audits if minute == 0 else 0, seed=minute + 1)
+            for kind, request_id, value in digits.traffic(models.data, phase, student, teacher=None):  # replays: the replayer's
+                producer.send(kinds[kind], key=request_id.encode(), value=value)
+                sent += 1
+                predictions += kind == "prediction"
+            producer.flush(timeout=60)
+            _wait_for_chunk(stack, sent, predictions, options)
+    finally:
+        producer.close(timeout=10)
+    return phase_starts
+
+
+def _wait_for_chunk(stack: _Stack, sent: int, predictions: int, options: DemoOptions) -> None:
+    """Each chunk is consumed before the next is sent; a retrain under way gets the time a real runner would have."""
+    _wait(lambda: stack.replayer.processed >= predictions, 60, "the replayer to read the chunk")
+    _wait(lambda: stack.collector.processed >= sent + stack.replayer.published, 60, "the collector to consume the chunk")
+    if any(j["status"] in ("queued", "running") for j in stack.jobs.list(MODEL)):
+        _wait(lambda: not any(j["status"] in ("queued", "running") for j in stack.jobs.list(MODEL)),
+              options.job_timeout_s, "the retrain job")
+
+
+def _write_report(api_url: str, start_ms: int, options: DemoOptions, report: Path) -> Path:
+    response = httpx.get(f"{api_url}/v1/models/{MODEL}/report",
+                         params={"from": str(start_ms), "to": str(start_ms + options.total_minutes * MIN)}, timeout=120)
+    response.raise_for_status()
+    report.write_text(response.text)
+    return report
 
 
 def _wait(condition: Any, timeout_s: float, what: str) -> None:

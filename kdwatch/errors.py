@@ -51,5 +51,9 @@ class StoreConflict(KdwatchError):
     """The stored offsets moved under us: another consumer owns the partition now."""
 
 
+class StoreUnavailable(KdwatchError):
+    """The database did not answer (down, restarting, unreachable); the caller may retry later."""
+
+
 class DevKafkaError(KdwatchError):
     """The local development broker could not be fetched, formatted or started."""

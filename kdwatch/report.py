@@ -21,7 +21,8 @@ import numpy as np
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.membership import roc_points
 from kdwatch.analyzer.rollup import Bucket
-from kdwatch.analyzer.window import WindowState, rfc3339
+from kdwatch.analyzer.window import WindowState
+from kdwatch.timestamps import rfc3339
 
 PSI_CHART_FEATURES = 20
 

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kdwatch.durations import parse_duration_ms
 from kdwatch.errors import ConfigError
+from kdwatch.secrets import webhook_secret_key
 
 DEFAULT_DATABASE_URL = "sqlite:///kdwatch.db"
 
@@ -65,9 +66,7 @@ class Settings(BaseSettings):
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            from kdwatch.slo.webhooks import _key
-
-            _key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
+            webhook_secret_key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
         return value
 
     @field_validator("window", "grace", "session_timeout", "max_future", "group_wait", "group_interval", "engine_interval")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from kdwatch.analyzer.fidelity import agreement_mask, kl_divergence, student_log_probs
-from kdwatch.collector.join import TransferRecord, transfer_rank
+from kdwatch.collector.records import TransferRecord, transfer_rank
 from kdwatch.errors import ConfigError
 
 # ln(1e-12): the floor for a teacher probability of 0 sent without logits (its term in KL is 0 anyway).

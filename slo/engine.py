@@ -22,11 +22,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdwatch.analyzer.window import WindowState, rfc3339
+from kdwatch.analyzer.window import WindowState
 from kdwatch.durations import parse_duration_ms
 from kdwatch.slo.burn import BurnWindow, burn_rate, windows_from_config
 from kdwatch.slo.config import RetrainPolicy, Slo, SloFile
 from kdwatch.slo.sli import events_good_total, timeslice_verdict
+from kdwatch.timestamps import rfc3339
 
 NO_DATA_TIER = "no-data"
 RETRAIN_NAMESPACE = uuid.UUID("6f1d6a52-6c1f-4c83-9b9e-1f3c2f1a7d10")

@@ -25,11 +25,12 @@ import httpx
 import orjson
 
 from kdwatch.analyzer.drift import Reference
-from kdwatch.analyzer.window import WindowState, rfc3339, window_result
+from kdwatch.analyzer.window import WindowState, window_result
 from kdwatch.slo.config import SloFile
 from kdwatch.slo.dispatch import Dispatcher, Receiver
 from kdwatch.slo.engine import Alert, Silence, SloEngine, WindowInput
 from kdwatch.slo.notify import alert_entry, alertmanager_api_alerts, alertmanager_webhook_message, outbox_id, retrain_payload
+from kdwatch.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class LiveConfig:
 
 class LiveEngine:
     def __init__(self, slos: SloFile, windows: WindowSource, store: EngineStore, dispatcher: Dispatcher,
-                 config: LiveConfig, clock: Callable[[], float] = time.time, client: httpx.Client | None = None) -> None:
+                 config: LiveConfig, clock: Callable[[], float] = time.time, client: httpx.Client | None = None,
+                 load_slos: Callable[[], SloFile] | None = None) -> None:
         self.slos = slos
         self.windows = windows
         self.store = store
@@ -75,7 +77,7 @@ class LiveEngine:
         self.client = client or httpx.Client()
         self.notifications: list[dict[str, Any]] = []  # of this process, for the demo's summary
         # When set, SLOs are re-read every cycle (the API edits them in the database).
-        self.load_slos: Callable[[], SloFile] | None = None
+        self.load_slos = load_slos
 
     def close(self) -> None:
         self.client.close()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from kdwatch.analyzer.window import rfc3339
 from kdwatch.slo.engine import Alert
+from kdwatch.timestamps import rfc3339
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "no end" marker
 

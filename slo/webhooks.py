@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import secrets
 import time
 from collections.abc import Mapping
 
 from kdwatch.errors import KdwatchError
+from kdwatch.secrets import SECRET_PREFIX, new_webhook_secret, webhook_secret_key
 
-SECRET_PREFIX = "whsec_"
+__all__ = ["SECRET_PREFIX", "TOLERANCE_S", "WebhookVerificationError", "headers", "new_secret", "sign", "verify"]
+
 TOLERANCE_S = 300
 
 
@@ -24,22 +25,12 @@ class WebhookVerificationError(KdwatchError):
     """A delivery's signature or timestamp does not verify."""
 
 
-def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def _key(secret: str) -> bytes:
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError("webhook secrets start with whsec_")
-    key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
-    if not 24 <= len(key) <= 64:
-        raise ValueError("webhook secrets hold 24 to 64 bytes")
-    return key
+new_secret = new_webhook_secret
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` header value for one delivery."""
-    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    mac = hmac.new(webhook_secret_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
 
 

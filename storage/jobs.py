@@ -9,9 +9,9 @@ from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
-from kdwatch.analyzer.window import rfc3339
 from kdwatch.storage.schema import retrain_jobs
 from kdwatch.storage.sql import read_connection
+from kdwatch.timestamps import rfc3339
 
 QUEUED, RUNNING, PROMOTED, REJECTED, FAILED = "queued", "running", "promoted", "rejected", "failed"
 

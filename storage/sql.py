@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,13 @@ from alembic.config import Config
 from sqlalchemy import Engine, Select, and_, bindparam, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.join import (
+from kdwatch.collector.records import (
     Changes,
-    Entry,
+    PartitionSnapshot,
     TransferRecord,
     WindowKey,
     entry_from_dict,
@@ -34,7 +33,7 @@ from kdwatch.collector.join import (
     transfer_from_row,
     transfer_to_dict,
 )
-from kdwatch.errors import StoreConflict
+from kdwatch.errors import StoreConflict, StoreUnavailable
 from kdwatch.storage.schema import (
     consumer_offsets,
     event_counters,
@@ -50,16 +49,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass
-class PartitionSnapshot:
-    """What a collector needs to resume a co-partition exactly where the last commit left it."""
-
-    offsets: dict[str, int]
-    watermark: int | None
-    windows: dict[WindowKey, WindowState]
-    entries: list[Entry]
 
 
 def create_db_engine(url: str) -> Engine:
@@ -140,6 +129,12 @@ class SqlStore:
     # ---- the collector's side ----
 
     def load_partition(self, group_id: str, partition: int, topics: Iterable[str]) -> PartitionSnapshot:
+        try:
+            return self._load_partition(group_id, partition, topics)
+        except OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable ({exc.orig})") from exc
+
+    def _load_partition(self, group_id: str, partition: int, topics: Iterable[str]) -> PartitionSnapshot:
         with read_connection(self.engine) as conn:
             rows = conn.execute(
                 select(consumer_offsets.c.topic, consumer_offsets.c.next_offset).where(
@@ -189,6 +184,8 @@ class SqlStore:
                         index_elements=["group_id", "partition"], set_={"watermark": changes.watermark}))
         except IntegrityError as exc:
             raise StoreConflict(f"partition {partition}: offsets were created by another consumer") from exc
+        except OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable ({exc.orig})") from exc
 
     def _advance_offsets(self, conn: Connection, group_id: str, partition: int,
                          offsets: dict[str, tuple[int | None, int]]) -> None:

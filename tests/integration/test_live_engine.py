@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.join import Changes, WindowKey
+from kdwatch.collector.records import Changes, WindowKey
 from kdwatch.devkafka import free_port
 from kdwatch.slo.config import parse_slo_file
 from kdwatch.slo.dispatch import Dispatcher, Receiver

@@ -8,6 +8,7 @@ of the checkout can leak onto the import path.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -27,7 +28,11 @@ def _run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(virtualenv, wheel): the wheel built from this checkout, installed in a fresh virtualenv."""
     base = tmp_path_factory.mktemp("wheel")
-    built = _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", base / "dist", ROOT, cwd=base)
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources. Symlinks stay links.
+    source = base / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".kdwatch", ".data", "*.db*", ".*_cache", ".hypothesis"))
+    built = _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", base / "dist", source, cwd=base)
     assert built.returncode == 0, built.stderr
     (wheel,) = (base / "dist").glob("kdwatch-*.whl")
     env = base / "venv"

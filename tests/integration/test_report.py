@@ -13,8 +13,8 @@ from matplotlib.image import imread
 from prometheus_client import CollectorRegistry
 
 from kdwatch.api import ApiSettings, create_app
-from kdwatch.collector.join import Changes
 from kdwatch.collector.offline import analyze_files, load_reference
+from kdwatch.collector.records import Changes
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import write_jsonl

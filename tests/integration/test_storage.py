@@ -11,7 +11,8 @@ from alembic.migration import MigrationContext
 
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.contract import Distribution, Prediction
-from kdwatch.collector.join import Changes, PartitionJoiner, WindowKey
+from kdwatch.collector.join import PartitionJoiner
+from kdwatch.collector.records import Changes, WindowKey
 from kdwatch.errors import StoreConflict
 from kdwatch.storage.schema import metadata
 from kdwatch.storage.sql import SqlStore
@@ -59,7 +60,7 @@ def test_readers_merge_the_rows_of_all_partitions(store: SqlStore) -> None:
 
 
 def test_the_transfer_set_round_trips_and_keeps_the_newest_rows_per_model(store: SqlStore) -> None:
-    from kdwatch.collector.join import TransferRecord
+    from kdwatch.collector.records import TransferRecord
 
     def record(model: str, i: int) -> TransferRecord:
         return TransferRecord(model, f"r{i}", T0 + i * 1_000, "s1", {"x": float(i), "c": "a"},

@@ -14,13 +14,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdwatch.analyzer.window import window_result
-from kdwatch.collector import columnar
-from kdwatch.collector.columnar import Fallback, analyze_parquet, convert_jsonl, load_reference_parquet
+from kdwatch.collector import column_rules, columns, parquet_io
+from kdwatch.collector.columnar import analyze_parquet
+from kdwatch.collector.columns import Fallback
 from kdwatch.collector.offline import analyze_files, load_reference
+from kdwatch.collector.parquet_io import convert_jsonl, load_reference_parquet
 from kdwatch.errors import ContractError, SchemaError
 from kdwatch.generator import TrafficSpec, generate
 
 START = 1_795_000_000_000
+
+
+def _batch_rows(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Every Parquet reader of the columnar path reads batches of ``rows``."""
+    for module in (columns, column_rules, parquet_io):
+        monkeypatch.setattr(module, "BATCH_ROWS", rows)
 
 
 def write_jsonl(directory: Path, spec: TrafficSpec, n: int, extra: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Path]:
@@ -119,7 +127,7 @@ def test_two_models_interleaved_give_the_same_windows(tmp_path: Path) -> None:
 
 def test_late_and_unmatched_records_count_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches so both paths close windows as they go; 10 s windows, 20 s grace.
-    monkeypatch.setattr(columnar, "BATCH_ROWS", 500)
+    _batch_rows(monkeypatch, 500)
     spec = TrafficSpec(seed=5, events_per_second=20.0, teacher_rate=0.5, label_rate=0.0)
     old = START + 1_000
     extra = {
@@ -142,7 +150,7 @@ def test_many_small_chunks_and_rows_out_of_order_give_the_same_windows(tmp_path:
     # Batches of 40 rows: predictions stay open across many chunks (more than MAX_CHUNKS: they are
     # joined), replays find them in older chunks, and windows close part of a chunk at a time.
     # Rows shuffled within blocks of 30: windows are not contiguous within a chunk.
-    monkeypatch.setattr(columnar, "BATCH_ROWS", 40)
+    _batch_rows(monkeypatch, 40)
     spec = TrafficSpec(seed=11, events_per_second=10.0, teacher_rate=0.5, label_rate=0.3, audit_rate=0.02)
     paths = write_jsonl(tmp_path, spec, 2_500)
     rng = np.random.default_rng(11)
@@ -167,7 +175,7 @@ def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytes
     runs = []
     for records, rows in ((5_000, 65_536), (7, 40), (333, 1_000)):
         monkeypatch.setattr(offline, "BATCH", records)
-        monkeypatch.setattr(columnar, "BATCH_ROWS", rows)
+        _batch_rows(monkeypatch, rows)
         for source in (paths, parquet):
             windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"],
                                               window_ms=10_000, grace_ms=60_000)
@@ -209,11 +217,11 @@ def test_batches_read_ahead_keep_their_order_errors_and_stop_with_the_reader() -
         yield 2
         raise SchemaError("p.parquet: column 'colour' is not a field")
 
-    ahead = columnar._prefetch(batches())
+    ahead = parquet_io.prefetch(batches())
     assert [next(ahead), next(ahead)] == [1, 2]
     with pytest.raises(SchemaError, match="colour"):
         next(ahead)
-    abandoned = columnar._prefetch(iter(range(1_000_000)))
+    abandoned = parquet_io.prefetch(iter(range(1_000_000)))
     assert next(abandoned) == 0
     abandoned.close()
     deadline = time.monotonic() + 5
@@ -224,16 +232,16 @@ def test_batches_read_ahead_keep_their_order_errors_and_stop_with_the_reader() -
 
 def test_join_keys_depend_on_the_string_alone() -> None:
     ids = ["a", "", "fraud-distil-0-17", "x" * 8, "x" * 9, "é" * 11, "fraud-distil-0-5", "y" * 40]
-    alone = {s: int(columnar.string_keys(pa.array([s]))[0]) for s in ids}
-    together = columnar.string_keys(pa.array(ids))
+    alone = {s: int(columns.string_keys(pa.array([s]))[0]) for s in ids}
+    together = columns.string_keys(pa.array(ids))
     assert [alone[s] for s in ids] == together.tolist()
     # Slices (an offset into shared buffers), large strings and nulls among them change nothing.
-    assert columnar.string_keys(pa.array(["zz", *ids]).slice(1)).tolist() == together.tolist()
-    assert columnar.string_keys(pa.array(ids, type=pa.large_string())).tolist() == together.tolist()
-    with_null = columnar.string_keys(pa.array([None, *ids]))
+    assert columns.string_keys(pa.array(["zz", *ids]).slice(1)).tolist() == together.tolist()
+    assert columns.string_keys(pa.array(ids, type=pa.large_string())).tolist() == together.tolist()
+    with_null = columns.string_keys(pa.array([None, *ids]))
     assert with_null[1:].tolist() == together.tolist() and with_null[0] == alone[""]
     assert len(set(together.tolist())) == len(ids)
-    many = columnar.string_keys(pa.array([f"req-{i}" for i in range(200_000)]))
+    many = columns.string_keys(pa.array([f"req-{i}" for i in range(200_000)]))
     assert np.unique(many).size == 200_000
 
 
@@ -242,7 +250,7 @@ def test_a_join_key_shared_by_two_request_ids_falls_back(tmp_path: Path, monkeyp
     paths = write_jsonl(tmp_path, spec, 2_000)
     parquet = to_parquet(paths)
     # A key of 12 bits: many different request_ids share one.
-    monkeypatch.setattr(columnar, "string_keys",
+    monkeypatch.setattr(column_rules, "string_keys",
                         lambda values: np.array([hash(v) & 0xFFF for v in values.to_pylist()], dtype=np.uint64))
     reasons: list[str] = []
     w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from kdwatch.collector.contract import Distribution, Label, Prediction, TeacherReplay
-from kdwatch.collector.join import PartitionJoiner, Source, WindowKey, entry_from_dict, entry_to_dict, window_start_of
+from kdwatch.collector.join import PartitionJoiner, window_start_of
+from kdwatch.collector.records import Source, WindowKey, entry_from_dict, entry_to_dict
 
 MIN = 60_000
 T0 = 1_795_000_020_000  # inside the window starting at 1_794_999_960_000
@@ -198,7 +199,7 @@ def test_an_event_time_far_ahead_of_the_clock_is_rejected_not_trusted() -> None:
 
 
 def test_the_transfer_set_keeps_the_lowest_ranked_joined_predictions_of_each_window() -> None:
-    from kdwatch.collector.join import transfer_rank
+    from kdwatch.collector.records import transfer_rank
 
     j = PartitionJoiner(MIN, 10 * MIN, transfer_per_window=3)
     ids = [f"r{i}" for i in range(10)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdwatch.collector.contract import Distribution
-from kdwatch.collector.join import TransferRecord
+from kdwatch.collector.records import TransferRecord
 from kdwatch.runner.distill import StudentMLP, TrainConfig, distil, distillation_loss, fidelity, to_arrays
 from kdwatch.runner.registry import Registry
 

@@ -1,0 +1,162 @@
+"""The columnar join buffer: open predictions kept in the chunks they came in, looked up by 64-bit key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kdwatch.collector.columns import Block, Fallback, concat, is_range
+
+
+@dataclass(frozen=True)
+class KeyIndex:
+    """A hash table of join keys, built once per chunk, so later steps' replays and labels find their rows.
+
+    pandas' Index keeps its hash table once built (the lookups of 65,536 keys: ~1 ms; pyarrow's
+    index_in rebuilds its table on every call, numpy's searchsorted misses the cache).
+    """
+
+    index: pd.Index
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> KeyIndex:
+        return cls(pd.Index(keys))  # unique: a chunk's keys were checked for duplicates
+
+    def find(self, keys: np.ndarray, offset: int, n: int) -> np.ndarray:
+        """Row (minus ``offset``) of each key among rows ``offset .. offset + n`` of the indexed ones; -1: absent."""
+        if not keys.size:
+            return np.full(0, -1, dtype=np.int64)
+        rows = self.index.get_indexer(keys).astype(np.int64)
+        local = rows - offset
+        return np.where((rows >= 0) & (local >= 0) & (local < n), local, -1)
+
+
+@dataclass
+class OpenRows:
+    """Predictions of one model not yet closed, with what has joined them, row for row."""
+
+    preds: Block
+    starts: np.ndarray  # each row's window start
+    teacher_probs: np.ndarray  # (n, K); NaN rows: no replay yet
+    teacher_logp: np.ndarray | None  # (n, K) log-softmax of replays sent as logits (NaN rows otherwise); None: none were
+    teacher_version: np.ndarray  # object; None: no replay
+    has_teacher: np.ndarray
+    label_joined: np.ndarray  # a label that came as its own record (-1: none)
+    # The key index of the rows this chunk was sliced from, and where it starts in them (built when first used).
+    index: KeyIndex | None = None
+    index_offset: int = 0
+
+    def find(self, values: Block) -> np.ndarray:
+        """This chunk's row of each request_id of ``values`` (-1: none); matches confirmed on the strings."""
+        if self.index is None:
+            self.index, self.index_offset = KeyIndex.of(self.preds.key), 0
+        at = self.index.find(values.key, self.index_offset, self.n)
+        confirm(values, self.preds, at)
+        return at
+
+    @classmethod
+    def new(cls, preds: Block, starts: np.ndarray, k: int) -> OpenRows:
+        n = preds.n
+        return cls(preds, starts, np.full((n, k), np.nan), None, np.full(n, None, dtype=object),
+                   np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64))
+
+    @property
+    def n(self) -> int:
+        return self.preds.n
+
+    def set_teacher(self, rows: np.ndarray, teacher: Block) -> None:
+        assert teacher.probs is not None
+        self.teacher_probs[rows] = teacher.probs
+        if teacher.logp is not None:
+            if self.teacher_logp is None:
+                self.teacher_logp = np.full(self.teacher_probs.shape, np.nan)
+            self.teacher_logp[rows] = teacher.logp
+        self.teacher_version[rows] = np.array(teacher.version.to_pylist(), dtype=object)
+        self.has_teacher[rows] = True
+
+    def take(self, idx: np.ndarray) -> OpenRows:
+        """The rows at ``idx`` (views when they are a contiguous range)."""
+        if idx.size and is_range(idx):
+            return self.slice(int(idx[0]), int(idx[-1]) + 1)
+        return OpenRows(self.preds.take(idx), self.starts[idx], self.teacher_probs[idx],
+                     None if self.teacher_logp is None else self.teacher_logp[idx], self.teacher_version[idx],
+                     self.has_teacher[idx], self.label_joined[idx])
+
+    def slice(self, begin: int, end: int) -> OpenRows:
+        return OpenRows(self.preds.slice(begin, end), self.starts[begin:end], self.teacher_probs[begin:end],
+                     None if self.teacher_logp is None else self.teacher_logp[begin:end],
+                     self.teacher_version[begin:end], self.has_teacher[begin:end], self.label_joined[begin:end],
+                     self.index, self.index_offset + begin)
+
+
+def concat_open(parts: list[OpenRows]) -> OpenRows:
+    if len(parts) == 1:
+        return parts[0]
+    logp = None
+    if any(p.teacher_logp is not None for p in parts):
+        logp = np.concatenate([np.full(p.teacher_probs.shape, np.nan) if p.teacher_logp is None else p.teacher_logp
+                               for p in parts])
+    return OpenRows(concat([p.preds for p in parts]), np.concatenate([p.starts for p in parts]),
+                 np.concatenate([p.teacher_probs for p in parts]), logp,
+                 np.concatenate([p.teacher_version for p in parts]), np.concatenate([p.has_teacher for p in parts]),
+                 np.concatenate([p.label_joined for p in parts]))
+
+
+# Open predictions are kept as the chunks they arrived in (closing a window slices them instead of
+# copying the rest); past this many chunks of one model they are joined into one.
+MAX_CHUNKS = 8
+
+
+@dataclass
+class JoinBuffer:
+    """Rows of one model still open: predictions with what joined them, early replays and labels."""
+
+    chunks: list[OpenRows] = field(default_factory=list)
+    early_teacher: Block | None = None
+    early_label: Block | None = None
+
+
+
+def lookup(values: Block, universe: Block) -> np.ndarray:
+    """The row of ``universe`` with each request_id of ``values`` (-1: none).
+
+    Keys are matched by a hash lookup on 64-bit integers and every match is confirmed on the
+    strings; a key shared by two different request_ids raises Fallback.
+    """
+    at = KeyIndex.of(universe.key).find(values.key, 0, universe.n)
+    confirm(values, universe, at)
+    return at
+
+
+def confirm(values: Block, universe: Block, at: np.ndarray) -> None:
+    """Raise Fallback unless each key match (``at`` >= 0) is the same request_id string."""
+    hit = np.flatnonzero(at >= 0)
+    if hit.size:
+        same = pc.equal(values.request_id.take(pa.array(hit)), universe.request_id.take(pa.array(at[hit])))
+        if not pc.all(same).as_py():
+            raise Fallback("two request_ids share a 64-bit join key")
+
+
+def first_duplicate(values: pa.Array) -> str | None:
+    if len(values) < 2:
+        return None
+    counts = pc.value_counts(values)
+    many = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    return None if len(many) == 0 else str(many.field("values")[0])
+
+
+def duplicate(block: Block) -> str | None:
+    """A request_id the block holds twice, if any."""
+    if block.n < 2:
+        return None
+    keys = np.sort(block.key)
+    if not (keys[1:] == keys[:-1]).any():
+        return None
+    duplicate = first_duplicate(block.request_id)
+    if duplicate is None:
+        raise Fallback("two request_ids share a 64-bit join key")
+    return duplicate

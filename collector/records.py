@@ -1,0 +1,163 @@
+"""What the join produces and keeps, and how it is stored: buffer entries, window keys, transfer records.
+
+Plain data and their JSON codecs, shared by the join (``kdwatch.collector.join``), the store
+(``kdwatch.storage.sql``) and the training runner, so none of those imports another's logic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.contract import Distribution
+
+PREDICTION, TEACHER, LABEL = "p", "t", "l"
+INPUTS = ("prediction", "teacher", "label")
+NO_SEGMENT = "_none"
+
+
+class Source(NamedTuple):
+    """Where a record came from: enough to dead-letter it later."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+
+
+class WindowKey(NamedTuple):
+    model: str
+    student_version: str
+    window_start: int
+
+
+@dataclass(slots=True)
+class Entry:
+    """One join-buffer entry: a prediction of an open window, or an early replay / label."""
+
+    kind: str
+    model: str
+    request_id: str
+    window_start: int
+    version: str = ""
+    dist: Distribution | None = None  # the student's (p) or the teacher's (t)
+    label: int | None = None
+    teacher: Distribution | None = None  # p: the joined replay, kept for a label that comes later
+    has_teacher: bool = False
+    has_label: bool = False
+    audit: bool = False
+    source: Source | None = None  # t, l: for the dead-letter topic when they expire unmatched
+    segment: str | None = None  # p: the prediction's segment, for the per-segment counts of later joins
+    features: dict[str, Any] | None = None  # p: kept only when the transfer set is on
+    ts_ms: int = 0  # p: the event time (for the transfer set)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    source: Source
+    reason: str
+    message: str
+
+
+@dataclass(slots=True)
+class TransferRecord:
+    """One joined prediction kept for distillation: what the runner trains the next student on."""
+
+    model: str
+    request_id: str
+    ts_ms: int
+    student_version: str
+    features: dict[str, Any]
+    teacher: Distribution
+    student: Distribution
+    label: int | None
+
+
+def transfer_rank(model: str, request_id: str) -> int:
+    """A deterministic pseudo-random rank: a window keeps its lowest-ranked joined predictions.
+
+    Hashing (not a random draw) makes the sample reproducible: a collector that re-reads after a
+    crash, or the offline path, keeps exactly the same records.
+    """
+    return int.from_bytes(hashlib.blake2b(f"{model}\x00{request_id}".encode(), digest_size=8).digest(), "big")
+
+
+@dataclass
+class PartitionSnapshot:
+    """What a collector needs to resume a co-partition exactly where the last commit left it."""
+
+    offsets: dict[str, int]
+    watermark: int | None
+    windows: dict[WindowKey, WindowState]
+    entries: list[Entry]
+
+
+@dataclass
+class Changes:
+    """What one batch changed, to be made durable in one transaction."""
+
+    upserted: dict[tuple[str, str, str], Entry] = field(default_factory=dict)
+    deleted: set[tuple[str, str, str]] = field(default_factory=set)
+    # Window starts closed now: every buffer entry of these windows goes (one range delete, not one per entry).
+    closed_starts: set[int] = field(default_factory=set)
+    windows: dict[WindowKey, WindowState] = field(default_factory=dict)  # open windows touched
+    closed: dict[WindowKey, WindowState] = field(default_factory=dict)  # windows closed now (final)
+    late: dict[WindowKey, int] = field(default_factory=lambda: defaultdict(int))
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    counters: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    watermark: int | None = None
+    transfer: list[TransferRecord] = field(default_factory=list)  # sampled from the windows closed now
+
+
+def dist_to_list(d: Distribution | None) -> list[Any] | None:
+    """A JSON-able form of a distribution: [probs, log_probs or None]."""
+    if d is None:
+        return None
+    return [d.probs.tolist(), d.log_probs.tolist() if d.log_probs is not None else None]
+
+
+def dist_from_list(d: list[Any] | None) -> Distribution | None:
+    if d is None:
+        return None
+    return Distribution(np.asarray(d[0], dtype=np.float64), None if d[1] is None else np.asarray(d[1], dtype=np.float64))
+
+
+def transfer_to_dict(record: TransferRecord) -> dict[str, Any]:
+    """The stored payload of a transfer record (the key columns hold model, request_id, ts and version)."""
+    return {"features": record.features, "teacher": dist_to_list(record.teacher), "student": dist_to_list(record.student),
+            "label": record.label}
+
+
+def transfer_from_row(model: str, request_id: str, ts_ms: int, student_version: str, payload: dict[str, Any]) -> TransferRecord:
+    teacher, student = dist_from_list(payload["teacher"]), dist_from_list(payload["student"])
+    assert teacher is not None and student is not None
+    return TransferRecord(model, request_id, ts_ms, student_version, payload["features"], teacher, student, payload["label"])
+
+
+def entry_to_dict(entry: Entry) -> dict[str, Any]:
+    """A JSON-able form of a buffer entry (for storage)."""
+    dist = dist_to_list
+    src = entry.source
+    return {
+        "w": entry.window_start, "v": entry.version, "d": dist(entry.dist), "y": entry.label,
+        "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit, "g": entry.segment,
+        "f": entry.features, "ts": entry.ts_ms,
+        "s": None if src is None else [src.topic, src.partition, src.offset, src.timestamp_ms,
+                                       src.key.decode("utf-8", "replace") if src.key is not None else None,
+                                       src.value.decode("utf-8")],
+    }
+
+
+def entry_from_dict(kind: str, model: str, request_id: str, data: dict[str, Any]) -> Entry:
+    dist = dist_from_list
+    s = data["s"]
+    source = None if s is None else Source(s[0], s[1], s[2], s[3], None if s[4] is None else s[4].encode(), s[5].encode())
+    return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], dist(data["t"]),
+                 data["ht"], data["hl"], data["a"], source, data.get("g"), data.get("f"), data.get("ts", 0))
