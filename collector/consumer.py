@@ -24,10 +24,12 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 from kdwatch.analyzer.drift import Reference
-from kdwatch.collector.ingest import ingest
+from kdwatch.collector.ingest import ingest, merge_key
 from kdwatch.collector.join import PartitionJoiner
+from kdwatch.collector.merge import EventTimeMerge
 from kdwatch.collector.records import Changes, PartitionSnapshot, Source
 from kdwatch.errors import ConfigError, StoreConflict, StoreUnavailable
 
@@ -74,15 +76,31 @@ class CollectorConfig:
     kafka_options: dict[str, Any] = field(default_factory=dict)  # security settings and the like
     transfer_per_window: int = 50  # joined predictions sampled per closed window into the transfer set (0: off)
     transfer_max_records: int = 100_000  # per model; the oldest go first
+    # An input partition with nothing queued and nothing more to fetch stops holding the merge (and the
+    # watermark) back after this long (collector.merge); until then the others wait for it.
+    idle_timeout_ms: int = 30_000
+    max_queued: int = 20_000  # records queued per input partition before it is paused (memory bound)
 
 
 @dataclass
 class _Unit:
-    """One owned co-partition: its joiner and the offsets as last committed."""
+    """One owned co-partition: its merge, its joiner and its offsets.
+
+    ``fetched``: per topic, the next offset to queue; ``expected``: the next offset to process (what a
+    commit stores); ``committed``: as last committed.
+    """
 
     joiner: PartitionJoiner
     committed: dict[str, int | None]
     expected: dict[str, int]
+    fetched: dict[str, int]
+    merge: EventTimeMerge[tuple[Source, Any]]  # each record with its value as parsed for the merge key
+    paused: set[str] = field(default_factory=set)
+
+
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as the Java client) gives ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, options: dict[str, Any] | None = None) -> None:
@@ -164,10 +182,12 @@ class Collector:
             if tp in consumer.assignment():
                 consumer.seek(tp, start)
         joiner = PartitionJoiner(self.config.window_ms, self.config.grace_ms, self.references,
-                                 watermark=snapshot.watermark, windows=snapshot.windows, entries=snapshot.entries,
-                                 max_future_ms=self.config.max_future_ms,
+                                 watermark=snapshot.watermark, observed=snapshot.observed, windows=snapshot.windows,
+                                 entries=snapshot.entries, max_future_ms=self.config.max_future_ms,
                                  transfer_per_window=self.config.transfer_per_window)
-        self.units[p] = _Unit(joiner, {t: snapshot.offsets.get(t) for t in self.kinds}, expected)
+        merge: EventTimeMerge[tuple[Source, Any]] = EventTimeMerge(self.config.idle_timeout_ms / 1000)
+        consumer.resume(*[tp for tp in tps if tp in consumer.assignment()])  # a reload starts with empty queues
+        self.units[p] = _Unit(joiner, {t: snapshot.offsets.get(t) for t in self.kinds}, expected, dict(expected), merge)
         log.info("partition %d loaded: offsets %s, %d open windows, %d buffered", p, expected,
                  len(snapshot.windows), len(snapshot.entries))
 
@@ -216,11 +236,16 @@ class Collector:
     def _caught_up(self, consumer: KafkaConsumer) -> bool:
         """No owned partition is known to have records beyond what was processed.
 
-        A broker that restarts answers no fetches for a while: without this, that silence would
-        look like the end of the input to ``idle_exit_s``. An unknown high watermark counts as caught
-        up, so an input that never answered cannot keep the collector running forever.
+        A broker that restarts answers no fetches for a while, and a member that joins owns nothing
+        until the group has rebalanced: without this, that silence would look like the end of the
+        input to ``idle_exit_s``. Records queued in a merge are not processed yet. An unknown high
+        watermark counts as caught up, so an input that never answered cannot keep the collector
+        running forever.
         """
-        for tp in consumer.assignment():
+        assignment = consumer.assignment()
+        if not assignment:
+            return False  # joining the group, or a rebalance under way: partitions may still come
+        for tp in assignment:
             unit = self.units.get(tp.partition)
             highwater = consumer.highwater(tp)
             if unit is None:
@@ -237,12 +262,10 @@ class Collector:
         # can move its watermark and close windows.
         for p in sorted(self.units):
             unit = self.units[p]
-            advanced = self._ingest_unit(consumer, p, unit, by_unit.get(p, {}))
-            caught_up = {}
-            for topic, kind in self.kinds.items():
-                highwater = consumer.highwater(TopicPartition(topic, p))
-                caught_up[kind] = highwater is not None and unit.expected[topic] >= highwater
-            changes = unit.joiner.end_batch(caught_up)
+            self._queue(consumer, p, unit, by_unit.get(p, {}))
+            advanced = self._merge_unit(unit)
+            self._flow_control(consumer, p, unit)
+            changes = unit.joiner.end_batch(unit.merge.idle())
             if not advanced and changes.watermark is None:
                 continue
             # Offsets not advanced are still compare-and-set (old == new): the fence holds for every write.
@@ -264,27 +287,50 @@ class Collector:
                 # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
                 consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
 
-    def _ingest_unit(self, consumer: KafkaConsumer, p: int, unit: _Unit,
-                     topics: dict[str, list[Any]]) -> dict[str, tuple[int | None, int]]:
-        """Feed a unit's new records to its joiner; topic -> (committed, new) for topics that moved."""
-        advanced: dict[str, tuple[int | None, int]] = {}
-        for topic, kind in self.kinds.items():  # predictions, then replays, then labels
-            start = unit.expected[topic]
+    def _queue(self, consumer: KafkaConsumer, p: int, unit: _Unit, topics: dict[str, list[Any]]) -> None:
+        """Queue a unit's newly fetched records in its merge, and tell the merge which inputs are at their end."""
+        for topic, kind in self.kinds.items():
             for record in topics.get(topic, ()):
-                if record.offset < unit.expected[topic]:
-                    continue  # fetched before our seek: already applied
-                if record.offset > unit.expected[topic] and not self._gap_is_gone(consumer, topic, p, unit.expected[topic]):
+                if record.offset < unit.fetched[topic]:
+                    continue  # fetched before our seek: already queued or processed
+                if record.offset > unit.fetched[topic] and not self._gap_is_gone(consumer, topic, p, unit.fetched[topic]):
                     # Records fetched from a position we have since rewound from (after a reload):
                     # read again from the stored offset rather than skip what lies between.
-                    consumer.seek(TopicPartition(topic, p), unit.expected[topic])
+                    consumer.seek(TopicPartition(topic, p), unit.fetched[topic])
                     break
                 value = record.value or b""
-                ingest(unit.joiner, kind, value, Source(topic, p, record.offset, record.timestamp, record.key, value))
-                unit.expected[topic] = record.offset + 1
-                self.processed += 1
-            if unit.expected[topic] != start:
-                advanced[topic] = (unit.committed[topic], unit.expected[topic])
-        return advanced
+                key, parsed = merge_key(value)
+                unit.merge.push(kind, key, (Source(topic, p, record.offset, record.timestamp, record.key, value), parsed))
+                unit.fetched[topic] = record.offset + 1
+            highwater = consumer.highwater(TopicPartition(topic, p))
+            unit.merge.set_at_end(kind, highwater is not None and unit.fetched[topic] >= highwater)
+
+    def _merge_unit(self, unit: _Unit) -> dict[str, tuple[int | None, int]]:
+        """Process the unit's records in merge order, as far as the merge allows; topic -> (committed, new) that moved."""
+        start = dict(unit.expected)
+        joiner = unit.joiner
+        # The watermark moves before and after every record, with the inputs idle at that moment, exactly
+        # as the offline path moves it: so which records join or are late follows from the merge order alone.
+        joiner.advance_watermark(unit.merge.idle())
+        while (item := unit.merge.next()) is not None:
+            kind, (source, parsed) = item
+            ingest(joiner, kind, source.value, source, parsed=parsed)
+            unit.expected[source.topic] = source.offset + 1
+            self.processed += 1
+            joiner.advance_watermark(unit.merge.idle())
+        return {t: (unit.committed[t], unit.expected[t]) for t in self.kinds if unit.expected[t] != start[t]}
+
+    def _flow_control(self, consumer: KafkaConsumer, p: int, unit: _Unit) -> None:
+        """Pause an input partition whose queue is full (the merge waits on another), resume it when it drains."""
+        for topic, kind in self.kinds.items():
+            queued = unit.merge.queued(kind)
+            tp = TopicPartition(topic, p)
+            if topic not in unit.paused and queued >= self.config.max_queued:
+                consumer.pause(tp)
+                unit.paused.add(topic)
+            elif topic in unit.paused and queued < self.config.max_queued // 2:
+                consumer.resume(tp)
+                unit.paused.discard(topic)
 
     @staticmethod
     def _gap_is_gone(consumer: KafkaConsumer, topic: str, partition: int, expected: int) -> bool:

@@ -6,12 +6,38 @@ from typing import Any
 
 import orjson
 
-from kdwatch.collector.contract import decode_label, decode_prediction, decode_teacher, parse_ts
+from kdwatch.collector.contract import MAX_VALUE_BYTES, decode_label, decode_prediction, decode_teacher, parse_ts
 from kdwatch.collector.join import PartitionJoiner, window_start_of
+from kdwatch.collector.merge import UNREADABLE
 from kdwatch.collector.records import Source, WindowKey
 from kdwatch.errors import ContractError
 
 KINDS = ("prediction", "teacher", "label")
+
+
+def merge_key(raw: bytes) -> tuple[int, dict[str, Any] | None]:
+    """(merge key, parsed object) of a raw value: its event time, or UNREADABLE (-1) when it has none.
+
+    The object is handed on to the decoder so each value is parsed once; an oversized value is left
+    unparsed for the decoder to reject with its reason.
+    """
+    if len(raw) > MAX_VALUE_BYTES:
+        return UNREADABLE, None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return UNREADABLE, None
+    if not isinstance(obj, dict):
+        return UNREADABLE, None
+    ts = obj.get("ts")
+    if type(ts) is int:
+        return ts, obj
+    if isinstance(ts, str):
+        try:
+            return parse_ts(ts), obj
+        except ContractError:
+            return UNREADABLE, obj
+    return UNREADABLE, obj
 
 
 def _window_hint(raw: bytes, window_ms: int) -> WindowKey | None:

@@ -108,6 +108,7 @@ class PartitionJoiner:
         references: dict[str, Reference] | None = None,
         *,
         watermark: int | None = None,
+        observed: dict[str, int] | None = None,
         windows: dict[WindowKey, WindowState] | None = None,
         entries: list[Entry] | None = None,
         max_future_ms: int | None = None,
@@ -126,10 +127,11 @@ class PartitionJoiner:
         self.grace_ms = grace_ms
         self.references = references or {}
         self.watermark = watermark
-        self.observed: dict[str, int] = {}  # input kind -> highest event time seen
+        self.observed: dict[str, int] = dict(observed or {})  # input kind -> highest event time processed
         self.windows: dict[WindowKey, WindowState] = dict(windows or {})
         self.entries: dict[tuple[str, str, str], Entry] = {}
         self._by_window: dict[int, set[tuple[str, str, str]]] = defaultdict(set)
+        self._stale: dict[int, list[Entry]] = defaultdict(list)  # closed entries replaced by a newer one (see _put)
         for entry in entries or []:
             self._put(entry)
         self._changes = Changes()
@@ -142,6 +144,10 @@ class PartitionJoiner:
         old = self.entries.get(key)
         if old is not None and old.window_start != entry.window_start:
             self._by_window[old.window_start].discard(key)
+            if self._is_closed(old.window_start):
+                # Its window closed with this record (it closes for good at the end of the batch): it is
+                # still counted (unmatched, or sampled into the transfer set) when that happens.
+                self._stale[old.window_start].append(old)
         self.entries[key] = entry
         self._by_window[entry.window_start].add(key)
 
@@ -185,6 +191,8 @@ class PartitionJoiner:
         return True
 
     def add_prediction(self, event: Prediction, source: Source | None = None) -> None:
+        # Every valid record moves its input's newest event time, late and duplicate ones too (as replays and labels do).
+        self._observe("prediction", event.ts_ms)
         start = window_start_of(event.ts_ms, self.window_ms)
         wkey = WindowKey(event.model, event.student_version, start)
         if self._is_closed(start):
@@ -205,7 +213,6 @@ class PartitionJoiner:
                       ts_ms=event.ts_ms)
         self._put(entry)
         self._touch(entry)
-        self._observe("prediction", event.ts_ms)
         if entry.audit:
             assert event.label is not None  # the contract requires a label on audit records
             pending.audit_ids.append(event.request_id)
@@ -353,6 +360,7 @@ class PartitionJoiner:
     def _observe(self, kind: str, ts_ms: int) -> None:
         if ts_ms > self.observed.get(kind, -1):
             self.observed[kind] = ts_ms
+            self._changes.observed = self.observed
 
     def advance_watermark(self, caught_up: dict[str, bool]) -> None:
         """Move the watermark now, without closing windows (end_batch closes them).
@@ -398,24 +406,34 @@ class PartitionJoiner:
         for start in sorted(self._by_window):
             if not (everything or self._is_closed(start)):
                 continue
-            candidates: list[Entry] = []
+            closing: list[Entry] = []
             for key in sorted(self._by_window.pop(start)):
                 entry = self.entries.get(key)
                 if entry is None or entry.window_start != start:
                     continue
-                if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None:
-                    candidates.append(entry)
-                if entry.kind != PREDICTION:
-                    topic = "teacher" if entry.kind == TEACHER else "label"
-                    self._changes.counters[(topic, "unmatched")] += 1
-                    if entry.source is not None:
-                        self._changes.dead_letters.append(
-                            DeadLetter(entry.source, "unmatched", f"no prediction for request_id {entry.request_id!r} within the grace"))
+                closing.append(entry)
                 self.entries.pop(key)
                 self._changes.upserted.pop(key, None)
                 self._changes.deleted.discard(key)
+            closing.extend(self._stale.pop(start, ()))
+            self._retire(closing)
             self._changes.closed_starts.add(start)
-            self._sample_transfer(candidates)
+        for start in [s for s in self._stale if everything or self._is_closed(s)]:
+            self._retire(self._stale.pop(start))
+
+    def _retire(self, closing: list[Entry]) -> None:
+        """Entries of a window that closed: unmatched replays and labels are counted, joined predictions sampled."""
+        candidates: list[Entry] = []
+        for entry in closing:
+            if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None:
+                candidates.append(entry)
+            if entry.kind != PREDICTION:
+                topic = "teacher" if entry.kind == TEACHER else "label"
+                self._changes.counters[(topic, "unmatched")] += 1
+                if entry.source is not None:
+                    self._changes.dead_letters.append(
+                        DeadLetter(entry.source, "unmatched", f"no prediction for request_id {entry.request_id!r} within the grace"))
+        self._sample_transfer(candidates)
 
     def _sample_transfer(self, candidates: list[Entry]) -> None:
         """Keep the ``transfer_per_window`` lowest-ranked joined predictions of each (model, version) window."""
@@ -441,4 +459,6 @@ class PartitionJoiner:
         self._advance_watermark(caught_up or {})
         self._close_windows(close_all)
         changes, self._changes = self._changes, Changes()
+        if changes.observed is not None:
+            changes.observed = dict(changes.observed)  # a copy: the joiner goes on moving its own
         return changes

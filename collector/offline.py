@@ -7,49 +7,22 @@ the grace, the result equals the Kafka path's stored windows (tests/integration/
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference, ReferenceBuilder
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.contract import MAX_VALUE_BYTES, decode_prediction, parse_ts
-from kdwatch.collector.ingest import ingest
+from kdwatch.collector.contract import decode_prediction
+from kdwatch.collector.ingest import ingest, merge_key
 from kdwatch.collector.join import PartitionJoiner
-from kdwatch.collector.records import Changes, WindowKey
+from kdwatch.collector.merge import EventTimeMerge
+from kdwatch.collector.records import INPUTS, Changes, WindowKey
 from kdwatch.errors import ContractError
 
 # Batch size between end_batch() calls: bounds the un-aggregated contributions held at once.
 BATCH = 5_000
-
-
-def _parse(raw: bytes) -> tuple[int, dict[str, Any] | None]:
-    """(event time for the merge, parsed object); -1 (emit at once) and None when unreadable.
-
-    The object is handed to the decoder so each line is parsed once; an oversized line is left
-    unparsed for the decoder to reject with its reason.
-    """
-    if len(raw) > MAX_VALUE_BYTES:
-        return -1, None
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return -1, None
-    if not isinstance(obj, dict):
-        return -1, None
-    ts = obj.get("ts")
-    if type(ts) is int:
-        return ts, obj
-    if isinstance(ts, str):
-        try:
-            return parse_ts(ts), obj
-        except ContractError:
-            return -1, obj
-    return -1, obj
 
 
 def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]:
@@ -58,7 +31,7 @@ def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, s
         for lineno, line in enumerate(handle):
             line = line.rstrip(b"\r\n")
             if line.strip():
-                ts, obj = _parse(line)
+                ts, obj = merge_key(line)
                 yield (ts, order, lineno, kind, line, obj)
 
 
@@ -81,31 +54,34 @@ def _streams(predictions: Path, teacher: Path | None, labels: Path | None) -> di
 
 
 def merged_events(
-    predictions: Path, teacher: Path | None = None, labels: Path | None = None
-) -> Iterator[tuple[str, bytes, dict[str, Any] | None, str | None]]:
-    """(kind, raw, parsed, exhausted) in event-time order across the files; ties keep file order, predictions first.
+    predictions: Path, teacher: Path | None = None, labels: Path | None = None,
+    partition: Callable[[dict[str, Any] | None], bool] | None = None,
+) -> Iterator[tuple[str, bytes, dict[str, Any] | None, dict[str, bool]]]:
+    """(kind, raw, parsed, idle) in the merge order of collector.merge, the Kafka path's order.
 
-    ``exhausted`` names the input whose file just ended (after that record), so the watermark no
-    longer waits for it.
+    ``idle`` tells, after the record, which inputs have nothing more to read (a file at its end, or
+    no file): they no longer hold the watermark back. ``partition`` keeps only the records it
+    accepts (one Kafka partition's share of the files).
     """
     streams = _streams(predictions, teacher, labels)
-    # Heap entries: (ts, order, lineno, ...) are unique in their first three, so the dict is never compared.
-    heads: list[tuple[int, int, int, str, bytes, dict[str, Any] | None]] = []
-    for kind, stream in list(streams.items()):
-        head = next(stream, None)
-        if head is None:
-            del streams[kind]
-            yield kind, b"", None, kind
-        else:
-            heapq.heappush(heads, head)
-    while heads:
-        _ts, _order, _lineno, kind, raw, obj = heapq.heappop(heads)
-        following = next(streams[kind], None)
-        if following is None:
-            yield kind, raw, obj, kind
-        else:
-            heapq.heappush(heads, following)
-            yield kind, raw, obj, None
+    # Files are never late: a file at its end has nothing more to come, so an input idles at once.
+    merge: EventTimeMerge[tuple[bytes, dict[str, Any] | None]] = EventTimeMerge(0.0)
+
+    def refill(kind: str) -> None:
+        stream = streams.get(kind)
+        for key, _order, _lineno, _kind, raw, obj in stream or ():
+            if partition is None or partition(obj):
+                merge.push(kind, key, (raw, obj))
+                return
+        merge.set_at_end(kind, True)
+
+    for kind in INPUTS:
+        refill(kind)
+    while (item := merge.next()) is not None:
+        kind, (raw, obj) = item
+        if not merge.queued(kind):
+            refill(kind)
+        yield kind, raw, obj, merge.idle()
 
 
 def build_references(lines: Iterable[bytes]) -> dict[str, tuple[Reference, int]]:
@@ -156,6 +132,9 @@ def reference_loader(path: Path) -> Callable[[], dict[str, Reference]]:
     return future.result
 
 
+Partitioner = Callable[[bytes, int], int]  # (key, partition count) -> partition, as the producers' client computes it
+
+
 def analyze_files(
     predictions: Path,
     teacher: Path | None = None,
@@ -165,23 +144,32 @@ def analyze_files(
     grace_ms: int = 600_000,
     references: dict[str, Reference] | Callable[[], dict[str, Reference]] | None = None,
     on_fallback: Callable[[str], None] | None = None,
+    partitions: int = 1,
+    partitioner: Partitioner | None = None,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
     """Final window states and per-(kind, reason) counters of the files.
 
     Parquet inputs take the columnar path (collector.columnar); when the data needs the per-record
     joiner, ``on_fallback`` hears why and the rows go through the same loop as JSONL lines.
+
+    ``partitions`` > 1 reproduces a topic's layout: each record goes to the partition ``partitioner``
+    gives its ``request_id`` (the Kafka key), each partition is merged and joined on its own, as a
+    collector does, and the windows are merged. A record without a readable ``request_id`` changes
+    only counters and goes to partition 0.
     """
     from kdwatch.collector.columnar import analyze_parquet
     from kdwatch.collector.columns import Fallback, is_parquet
 
-    if is_parquet(predictions):
+    if partitions < 1 or (partitions > 1 and partitioner is None):
+        raise ValueError("partitions must be >= 1, and a partitioner is needed for more than one")
+    if is_parquet(predictions) and partitions == 1:
         try:
             return analyze_parquet(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms,
                                    references=references)
         except Fallback as exc:
             if on_fallback is not None:
                 on_fallback(str(exc))
-    joiner = PartitionJoiner(window_ms, grace_ms, references() if callable(references) else references)
+    refs = references() if callable(references) else references
     windows: dict[WindowKey, WindowState] = {}
     counters: dict[tuple[str, str], int] = {}
 
@@ -193,17 +181,29 @@ def analyze_files(
         for key, count in changes.counters.items():
             counters[key] = counters.get(key, 0) + count
 
-    # Inputs without a file have nothing to read: they never hold the watermark back.
-    caught_up = {"prediction": False, "teacher": teacher is None, "label": labels is None}
-    for i, (kind, raw, obj, exhausted) in enumerate(merged_events(predictions, teacher, labels), start=1):
-        if raw:
-            ingest(joiner, kind, raw, parsed=obj)
-        if exhausted is not None:
-            caught_up[exhausted] = True
-        # The watermark moves after every record, windows close every BATCH records: the result does not
-        # depend on BATCH (the columnar path follows the same rule).
-        joiner.advance_watermark(caught_up)
-        if i % BATCH == 0:
-            collect(joiner.end_batch(caught_up))
-    collect(joiner.end_batch(caught_up, close_all=True))
+    for p in range(partitions):
+        accept = None if partitions == 1 else _partition_filter(p, partitions, partitioner)
+        joiner = PartitionJoiner(window_ms, grace_ms, refs)
+        idle = dict.fromkeys(INPUTS, True)
+        for i, (kind, raw, obj, idle) in enumerate(merged_events(predictions, teacher, labels, accept), start=1):
+            if raw:
+                ingest(joiner, kind, raw, parsed=obj)
+            # The watermark moves after every record, windows close every BATCH records: the result does not
+            # depend on BATCH (the columnar path follows the same rule).
+            joiner.advance_watermark(idle)
+            if i % BATCH == 0:
+                collect(joiner.end_batch(idle))
+        collect(joiner.end_batch(idle, close_all=True))
     return windows, counters
+
+
+def _partition_filter(p: int, partitions: int, partitioner: Partitioner | None) -> Callable[[dict[str, Any] | None], bool]:
+    assert partitioner is not None
+
+    def accept(obj: dict[str, Any] | None) -> bool:
+        request_id = obj.get("request_id") if obj is not None else None
+        if not isinstance(request_id, str):
+            return p == 0
+        return partitioner(request_id.encode(), partitions) == p
+
+    return accept

@@ -97,6 +97,7 @@ class PartitionSnapshot:
     watermark: int | None
     windows: dict[WindowKey, WindowState]
     entries: list[Entry]
+    observed: dict[str, int] = field(default_factory=dict)  # input kind -> highest event time processed
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Changes:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counters: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     watermark: int | None = None
+    observed: dict[str, int] | None = None  # set when an input's highest event time moved
     transfer: list[TransferRecord] = field(default_factory=list)  # sampled from the windows closed now
 
 

@@ -56,6 +56,7 @@ def analyze(
     grace: Annotated[str, typer.Option(help="join grace after a window closes")] = "10m",
     reference: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="PSI baseline (.jsonl or .parquet)")] = None,
     slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML: backtest it on these windows")] = None,
+    partitions: Annotated[int, typer.Option(min=1, help="reproduce a topic's layout: join per Kafka partition of request_id")] = 1,
 ) -> None:
     """Analyse JSONL or Parquet files with no broker and no database; one JSON object per window on stdout.
 
@@ -73,8 +74,11 @@ def analyze(
     slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
     # The reference loads on a second thread while the inputs are read; the first window to close waits for it.
     references = reference_loader(reference) if reference is not None else dict
+    from kdwatch.collector.consumer import kafka_partition
+
     windows, counters = analyze_files(
         predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=references,
+        partitions=partitions, partitioner=kafka_partition,
         on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
     refs = references()
     inputs = []

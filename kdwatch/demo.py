@@ -225,8 +225,10 @@ def _build_stack(run: str, bootstrap: str, store: SqlStore, models: _Models, opt
                   "sli": {"events": {"metric": "agreement"}}, "alerting": {"min_events": 1000}}],
         "retrain": [{"model": MODEL, "when": [{"slo": "agreement", "severity": "page"}]}],
     })
+    # Idle timeout 1 s: each chunk ends with every topic quiet, and the demo waits for the collector to finish
+    # it before sending the next; the replayer keeps up well within that (the default, 30 s, is for production).
     collector = build_collector(CollectorConfig(bootstrap, group_id=f"{run}-collector", topics=topics, grace_ms=3 * MIN,
-                                                transfer_per_window=50), store, references)
+                                                transfer_per_window=50, idle_timeout_ms=1_000), store, references)
     replayer = Replayer(ReplayerConfig(bootstrap, topics.predictions, topics.teacher, group_id=f"{run}-replayer",
                                        teacher_version="t1", sample_rate=options.teacher_rate),
                         TorchScriptTeacher(models.teacher_file))

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     grace: str = "10m"
     max_poll_records: int = Field(5_000, ge=1, le=100_000)
     session_timeout: str = "10s"
+    # An input partition that has nothing queued and nothing more to fetch stops holding the others back
+    # after this long (README "Join and windows"); until then the collector waits for it.
+    idle_timeout: str = "30s"
     max_future: str = "1h"
     transfer_per_window: int = Field(50, ge=0, le=10_000)
     transfer_max_records: int = Field(100_000, ge=1)
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
             webhook_secret_key(value.get_secret_value())  # whsec_ + base64 of 24-64 bytes, or a ValueError
         return value
 
-    @field_validator("window", "grace", "session_timeout", "max_future", "group_wait", "group_interval", "engine_interval")
+    @field_validator("window", "grace", "session_timeout", "idle_timeout", "max_future", "group_wait", "group_interval", "engine_interval")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration_ms(value)
@@ -82,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def grace_ms(self) -> int:
         return parse_duration_ms(self.grace)
+
+    @property
+    def idle_timeout_ms(self) -> int:
+        return parse_duration_ms(self.idle_timeout)
 
     @property
     def session_timeout_ms(self) -> int:

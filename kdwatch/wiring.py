@@ -49,7 +49,8 @@ def collector_config(settings: Settings, **overrides: Any) -> CollectorConfig:
         "bootstrap_servers": settings.bootstrap_servers, "group_id": settings.group_id,
         "topics": Topics(settings.topic_predictions, settings.topic_teacher, settings.topic_labels),
         "window_ms": settings.window_ms, "grace_ms": settings.grace_ms, "max_poll_records": settings.max_poll_records,
-        "session_timeout_ms": settings.session_timeout_ms, "max_future_ms": parse_duration_ms(settings.max_future),
+        "session_timeout_ms": settings.session_timeout_ms, "idle_timeout_ms": settings.idle_timeout_ms,
+        "max_future_ms": parse_duration_ms(settings.max_future),
         "kafka_options": settings.kafka_options(), "transfer_per_window": settings.transfer_per_window,
         "transfer_max_records": settings.transfer_max_records,
     }

@@ -52,6 +52,9 @@ partition_watermarks = Table(
     Column("group_id", String(256), primary_key=True),
     Column("partition", Integer, primary_key=True),
     Column("watermark", BigInteger, nullable=True),
+    # JSON: input kind -> highest event time processed, so a restarted collector moves the watermark
+    # exactly as an uninterrupted one would (migration 0006).
+    Column("observed", Text, nullable=True),
 )
 
 # Rejections, duplicates, late and unmatched records per kind, partition and reason.

@@ -142,10 +142,12 @@ class SqlStore:
                     consumer_offsets.c.topic.in_(list(topics)))
             ).all()
             offsets = {topic: offset for topic, offset in rows}
-            watermark = conn.execute(
-                select(partition_watermarks.c.watermark).where(
+            row = conn.execute(
+                select(partition_watermarks.c.watermark, partition_watermarks.c.observed).where(
                     partition_watermarks.c.group_id == group_id, partition_watermarks.c.partition == partition)
-            ).scalar()
+            ).first()
+            watermark = row.watermark if row is not None else None
+            observed = orjson.loads(row.observed) if row is not None and row.observed is not None else {}
             windows = {
                 WindowKey(r.model, r.student_version, r.window_start): WindowState.from_dict(orjson.loads(r.state))
                 for r in conn.execute(
@@ -155,7 +157,7 @@ class SqlStore:
                 entry_from_dict(r.kind, r.model, r.request_id, orjson.loads(r.payload))
                 for r in conn.execute(select(join_entries).where(join_entries.c.partition == partition))
             ]
-        return PartitionSnapshot(offsets, watermark, windows, entries)
+        return PartitionSnapshot(offsets, watermark, windows, entries, observed)
 
     def commit_batch(
         self,
@@ -177,15 +179,21 @@ class SqlStore:
                 self._write_entries(conn, partition, changes)
                 self._add_counters(conn, partition, changes.counters.items())
                 self._write_transfer(conn, changes.transfer, transfer_max)
-                if changes.watermark is not None:
-                    stmt = self._insert(partition_watermarks).values(
-                        group_id=group_id, partition=partition, watermark=changes.watermark)
-                    conn.execute(stmt.on_conflict_do_update(
-                        index_elements=["group_id", "partition"], set_={"watermark": changes.watermark}))
+                self._write_watermark(conn, group_id, partition, changes)
         except IntegrityError as exc:
             raise StoreConflict(f"partition {partition}: offsets were created by another consumer") from exc
         except OperationalError as exc:
             raise StoreUnavailable(f"database unavailable ({exc.orig})") from exc
+
+    def _write_watermark(self, conn: Connection, group_id: str, partition: int, changes: Changes) -> None:
+        values: dict[str, Any] = {}
+        if changes.watermark is not None:
+            values["watermark"] = changes.watermark
+        if changes.observed is not None:
+            values["observed"] = orjson.dumps(changes.observed).decode()
+        if values:
+            stmt = self._insert(partition_watermarks).values(group_id=group_id, partition=partition, **values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["group_id", "partition"], set_=values))
 
     def _advance_offsets(self, conn: Connection, group_id: str, partition: int,
                          offsets: dict[str, tuple[int | None, int]]) -> None:

@@ -11,10 +11,15 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from kdwatch.analyzer.drift import Reference
-from kdwatch.analyzer.window import window_result
+from kdwatch.analyzer.window import WindowState, window_result
 from kdwatch.collector.consumer import Collector, CollectorConfig, Topics, ensure_topics
 from kdwatch.collector.offline import analyze_files
+from kdwatch.collector.records import WindowKey
 from kdwatch.storage.sql import SqlStore
+
+# Tests that produce everything before or while a collector runs, with no pause between the topics, let
+# an input at its end idle after half a second (the default, 30 s, would only slow the tail down).
+TEST_IDLE_MS = 500
 
 KIND_FILES = {"prediction": "predictions.jsonl", "teacher": "teacher.jsonl", "label": "labels.jsonl"}
 
@@ -57,6 +62,12 @@ def offline_results(paths: dict[str, Path], references: dict[str, Reference] | N
                     window_ms: int = 60_000, grace_ms: int = 600_000) -> dict[tuple[str, str, int], dict[str, Any]]:
     windows, _counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
                                        window_ms=window_ms, grace_ms=grace_ms, references=references)
+    return window_results(windows, window_ms, references)
+
+
+def window_results(windows: dict[WindowKey, WindowState], window_ms: int,
+                   references: dict[str, Reference] | None = None) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Each window's public record, keyed (model, student_version, window_start)."""
     return {(k.model, k.student_version, k.window_start): window_result(k.model, k.student_version, k.window_start, window_ms,
                                                                          s, (references or {}).get(k.model))
             for k, s in windows.items()}
@@ -116,7 +127,8 @@ def explain(diffs: list[tuple[Any, str, Any, Any]]) -> str:
 
 
 def collector_process(kafka: str, database_url: str, topics: Topics, group: str, log: Path,
-                      idle_exit: float | None = None, max_poll_records: int = 500) -> Any:
+                      idle_exit: float | None = None, max_poll_records: int = 500, idle_timeout_ms: int = TEST_IDLE_MS,
+                      extra_env: dict[str, str] | None = None) -> Any:
     """`kdwatch collect` as its own process (so it can be killed), logging to ``log``."""
     import os
     import subprocess
@@ -132,6 +144,8 @@ def collector_process(kafka: str, database_url: str, topics: Topics, group: str,
         "KDWATCH_TOPIC_LABELS": topics.labels,
         "KDWATCH_SESSION_TIMEOUT": "3s",
         "KDWATCH_MAX_POLL_RECORDS": str(max_poll_records),
+        "KDWATCH_IDLE_TIMEOUT": f"{idle_timeout_ms}ms",
+        **(extra_env or {}),
     }
     args = [sys.executable, "-m", "kdwatch.cli", "collect"]
     if idle_exit is not None:

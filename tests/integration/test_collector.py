@@ -10,6 +10,7 @@ from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
+    TEST_IDLE_MS,
     differences,
     explain,
     new_topics,
@@ -29,7 +30,8 @@ def test_windows_stored_from_kafka_equal_the_offline_analysis(kafka: str, store:
     topics = new_topics(kafka, partitions=3)
     produce_records(kafka, topic_map(topics), records)
 
-    run_collector_until(CollectorConfig(kafka, group_id="g-" + topics.predictions, topics=topics), store, len(records),
+    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
+                                        group_id="g-" + topics.predictions, topics=topics), store, len(records),
                         references=refs)
 
     stored = stored_results(store, refs)

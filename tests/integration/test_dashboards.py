@@ -28,7 +28,7 @@ from kdwatch.slo.dispatch import Dispatcher
 from kdwatch.slo.live import LiveConfig, LiveEngine
 from kdwatch.storage.slo_store import SloSqlStore
 from kdwatch.storage.sql import SqlStore
-from tests.integration.helpers import new_topics, run_collector_until, topic_map, write_jsonl
+from tests.integration.helpers import TEST_IDLE_MS, new_topics, run_collector_until, topic_map, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,8 @@ def api_url(kafka: str, tmp_path: Path) -> Iterator[str]:
     slo_store.put_slo_document(load_slo_file(ROOT / "examples" / "slo.yaml").model_dump(mode="json", exclude_none=True), 0)
     topics = new_topics(kafka, partitions=2)
     produce_records(kafka, topic_map(topics), records)
-    run_collector_until(CollectorConfig(kafka, group_id="g-" + topics.predictions, topics=topics), store, len(records),
+    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
+                                        group_id="g-" + topics.predictions, topics=topics), store, len(records),
                         references=store.references())
     client = httpx.Client()
     engine = LiveEngine(load_slo_file(ROOT / "examples" / "slo.yaml"), store, slo_store, Dispatcher(slo_store, {}, client),

@@ -12,6 +12,7 @@ from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
+    TEST_IDLE_MS,
     differences,
     explain,
     new_topics,
@@ -83,7 +84,8 @@ def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_p
 
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
     store.migrate()
-    run_collector_until(CollectorConfig(kafka, group_id="g-" + topics.predictions, topics=topics), store, len(mixed))
+    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
+                                        group_id="g-" + topics.predictions, topics=topics), store, len(mixed))
 
     received = []
     for topic in (topics.predictions, topics.teacher, topics.labels):

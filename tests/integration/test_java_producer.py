@@ -9,7 +9,7 @@ from pathlib import Path
 from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.devkafka import ensure_jars
 from kdwatch.storage.sql import SqlStore
-from tests.integration.helpers import new_topics, run_collector_until
+from tests.integration.helpers import TEST_IDLE_MS, new_topics, run_collector_until
 
 SOURCE = Path(__file__).parent / "java" / "PredictionProducer.java"
 TS0 = 1_795_000_020_000
@@ -30,7 +30,8 @@ def test_a_java_producer_s_predictions_are_consumed_and_counted(kafka: str, tmp_
 
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'kdwatch.db'}")
     store.migrate()
-    run_collector_until(CollectorConfig(kafka, group_id="java-" + topics.predictions, topics=topics), store, n)
+    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
+                                        group_id="java-" + topics.predictions, topics=topics), store, n)
     windows = store.windows(model="java-svc")
     assert sum(state.n for state, _final, _w in windows.values()) == n
     assert {k.student_version for k in windows} == {"j1"}

@@ -13,7 +13,7 @@ from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.producer import PredictionLogger
 from kdwatch.settings import load_settings
 from kdwatch.storage.sql import SqlStore
-from tests.integration.helpers import new_topics, run_collector_until
+from tests.integration.helpers import TEST_IDLE_MS, new_topics, run_collector_until
 
 TS = 1_795_000_030_000
 
@@ -36,7 +36,7 @@ def test_the_sdk_and_the_collector_work_over_tls(kafka: str, kafka_tls: tuple[st
 
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
     store.migrate()
-    run_collector_until(CollectorConfig(bootstrap, group_id="tls-" + topics.predictions, topics=topics,
+    run_collector_until(CollectorConfig(bootstrap, idle_timeout_ms=TEST_IDLE_MS, group_id="tls-" + topics.predictions, topics=topics,
                                         kafka_options=options), store, 300)
     assert sum(state.n for state, _f, _w in store.windows().values()) == 300
     store.close()

@@ -11,6 +11,7 @@ from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
+    TEST_IDLE_MS,
     differences,
     explain,
     new_topics,
@@ -39,7 +40,8 @@ def test_kcat_predictions_join_kafka_python_replays_and_labels(kafka: str, tmp_p
 
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
     store.migrate()
-    run_collector_until(CollectorConfig(kafka, group_id="g-" + topics.predictions, topics=topics), store, len(records))
+    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
+                                        group_id="g-" + topics.predictions, topics=topics), store, len(records))
     stored = stored_results(store)
     store.close()
 

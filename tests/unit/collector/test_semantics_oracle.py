@@ -1,0 +1,132 @@
+"""JSONL, Parquet and an independent model of the README's rules agree on random streams.
+
+Streams mix two models with different class counts, duplicate request ids (predictions, replays and
+labels), out-of-order event times, replays and labels from before their prediction to far past the
+grace (late and unmatched), orphans, predictions carrying their label and audit records. The Kafka
+path is held to `kdwatch analyze` by tests/integration/test_live_equivalence.py; this holds
+`analyze` to the rules themselves (tests/oracle.py shares no code with the engine).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.offline import analyze_files
+from kdwatch.collector.parquet_io import convert_jsonl
+from kdwatch.collector.records import WindowKey
+from tests.oracle import INPUTS, Oracle
+
+WINDOW_MS, GRACE_MS = 10_000, 20_000
+T0 = 1_795_000_000_000
+CLASSES = {"m1": 3, "m2": 5}
+COMPARED = ("n", "n_joined", "n_labeled", "n_late", "n_duplicate", "n_audit", "agreement", "accuracy_student")
+
+
+def _probs(rng: random.Random, k: int) -> list[float]:
+    weights = [rng.random() + 1e-3 for _ in range(k)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _jumbled(events: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Roughly in event-time order, with neighbours swapped and a few stragglers: files and partitions are rarely sorted."""
+    out = sorted(events, key=lambda e: e["ts"])
+    for i in range(len(out) - 1):
+        if rng.random() < 0.2:
+            out[i], out[i + 1] = out[i + 1], out[i]
+    for i in range(len(out)):
+        if rng.random() < 0.04:  # a straggler: written far later than its event time (late, if past the grace)
+            out.insert(min(len(out), i + rng.randint(50, 400)), out.pop(i))
+    return out
+
+
+def random_stream(seed: int, n: int) -> dict[str, list[dict[str, Any]]]:
+    rng = random.Random(seed)
+    ids = [f"r{i}" for i in range(int(n * 0.85))]  # fewer ids than predictions: some repeat
+    predictions, teacher, labels = [], [], []
+    for i in range(n):
+        model = rng.choice(list(CLASSES))
+        k = CLASSES[model]
+        rid = rng.choice(ids)
+        ts = T0 + i * 150 + rng.randint(-3_000, 3_000)
+        p: dict[str, Any] = {"request_id": rid, "model": model, "student_version": rng.choice(["s1", "s2"]), "ts": ts,
+                             "probs": _probs(rng, k)}
+        if rng.random() < 0.05:
+            p["request_id"] = f"audit-{rid}"
+            p["audit"] = rng.choice(["member", "nonmember"])
+            p["label"] = rng.randrange(k)
+        elif rng.random() < 0.1:
+            p["label"] = rng.randrange(k)
+        predictions.append(p)
+        if "audit" in p:
+            continue
+        for _ in range(2 if rng.random() < 0.05 else 1):  # sometimes a second replay or label
+            if rng.random() < 0.5:
+                teacher.append({"request_id": rid, "model": model, "teacher_version": "t1",
+                                "ts": ts + rng.randint(-2_000, 40_000), "probs": _probs(rng, k)})
+            if rng.random() < 0.3:
+                labels.append({"request_id": rid, "model": model, "label": rng.randrange(k), "ts": ts + rng.randint(0, 60_000)})
+    for _ in range(n // 20):  # orphans: no prediction ever comes
+        model = rng.choice(list(CLASSES))
+        ts = T0 + rng.randint(0, n * 150)
+        teacher.append({"request_id": f"orphan-{rng.random()}", "model": model, "teacher_version": "t1", "ts": ts,
+                        "probs": _probs(rng, CLASSES[model])})
+        labels.append({"request_id": f"orphan-{rng.random()}", "model": model, "label": 0, "ts": ts})
+    return {"prediction": _jumbled(predictions, rng), "teacher": _jumbled(teacher, rng), "label": _jumbled(labels, rng)}
+
+
+def _write(stream: dict[str, list[dict[str, Any]]], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind in INPUTS:
+        paths[kind] = directory / f"{kind}.jsonl"
+        paths[kind].write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in stream[kind]))
+    return paths
+
+
+def _fields(windows: dict[WindowKey, WindowState]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    out = {}
+    for key, state in windows.items():
+        result = state.result(None)
+        out[tuple(key)] = {name: result[name] for name in COMPARED}
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), n=st.integers(20, 400))
+def test_jsonl_parquet_and_the_oracle_agree_on_random_streams(tmp_path: Path, seed: int, n: int) -> None:
+    stream = random_stream(seed, n)
+    paths = _write(stream, tmp_path / f"s{seed}-{n}")
+    jsonl_windows, jsonl_counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
+                                                  window_ms=WINDOW_MS, grace_ms=GRACE_MS)
+    parquet = {kind: path.with_suffix(".parquet") for kind, path in paths.items()}
+    for kind in INPUTS:
+        convert_jsonl(paths[kind], parquet[kind], kind)
+    parquet_windows, parquet_counters = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"],
+                                                      window_ms=WINDOW_MS, grace_ms=GRACE_MS)
+    oracle = Oracle(WINDOW_MS, GRACE_MS)
+    oracle.run(stream)
+    expected = {key: w.fields() for key, w in oracle.windows.items()}
+
+    assert _fields(jsonl_windows) == expected
+    assert _fields(parquet_windows) == expected
+    counted = {k: v for k, v in oracle.counters.items() if v}
+    assert {k: v for k, v in jsonl_counters.items() if v} == counted
+    assert {k: v for k, v in parquet_counters.items() if v} == counted
+
+
+def test_the_random_streams_reach_every_outcome() -> None:
+    """The generator is worth its salt: late, duplicate and unmatched records, joins and audits all occur."""
+    oracle = Oracle(WINDOW_MS, GRACE_MS)
+    oracle.run(random_stream(1, 400))
+    reasons = {reason for (_kind, reason), count in oracle.counters.items() if count}
+    assert {"valid", "late", "duplicate", "unmatched"} <= reasons
+    totals = {name: sum(w.fields()[name] for w in oracle.windows.values()) for name in ("n_joined", "n_labeled", "n_audit", "n_late")}
+    assert all(totals.values()), totals
