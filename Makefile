@@ -38,6 +38,7 @@ bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own vir
 	cd benchmarks && ../$(PY) sdk_overhead.py
 	cd benchmarks && ../$(PY) ingest.py
 	cd benchmarks && ../$(PY) detection.py
+	cd benchmarks && ../$(PY) alert_quality.py
 	cd benchmarks && ../$(PY) freshness.py
 	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
 	cd benchmarks && ../$(PY) profile_collector.py

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdwatch.durations import parse_duration_ms
 from kdwatch.errors import ConfigError
+from kdwatch.slo.burn import DEFAULT_CONFIDENCE
 
 Duration = Annotated[str, Field(pattern=r"^\s*\d+\s*(ms|s|m|h|d|w)\s*$")]
 EVENT_METRICS = ("agreement", "accuracy", "latency", "kl")
@@ -66,6 +67,12 @@ class WindowPair(_Frozen):
 class Alerting(_Frozen):
     windows: tuple[WindowPair, ...] | None = None  # default: the SRE workbook's, scaled to the period
     min_events: int = Field(0, ge=0, description="suppress alerts when the long window has fewer events (slices)")
+    confidence: float = Field(DEFAULT_CONFIDENCE, ge=0, lt=1, description=(
+        "a pair fires only when the long window's bad fraction is above its threshold at this one-sided "
+        "confidence (Wilson lower bound); 0: the plain SRE workbook rule"))
+    resolve_hold: Duration | None = Field(None, description=(
+        "a firing pair resolves once its short window has stayed at or below the rate this long "
+        "(default: the short window's length), or its long window stops burning"))
     repeat_interval: Duration = "4h"
     no_data: Duration | None = Field(None, description="a ticket when the SLI has had no data this long")
 
@@ -88,7 +95,7 @@ class Slo(_Frozen):
     objective: float = Field(gt=0, lt=1)
     period: Duration = "30d"
     sli: Sli
-    alerting: Alerting = Field(default_factory=lambda: Alerting(min_events=0, no_data=None))
+    alerting: Alerting = Field(default_factory=lambda: Alerting.model_validate({}))
 
     @property
     def period_ms(self) -> int:
@@ -101,6 +108,9 @@ class RetrainCondition(_Frozen):
     psi_feature: str | None = None
     psi_above: float | None = None
     consecutive_windows: int = Field(3, ge=1)
+    psi_over_expected: bool = Field(True, description=(
+        "compare PSI minus its expectation when nothing drifted ((bins - 1)(1/n + 1/m), the window's "
+        "psi_expected) with psi_above, so small windows' sampling noise does not trigger retrains"))
 
     @model_validator(mode="after")
     def _one(self) -> RetrainCondition:

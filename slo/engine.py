@@ -5,8 +5,13 @@ returns the notifications that would be sent at that moment, so a backtest over 
 live engine behave the same.
 
 - An alert is one (SLO, severity, tier) with labels; its fingerprint is a hash of the sorted label
-  set, as Alertmanager's. It fires when both windows of its pair burn faster than the pair's rate
-  (and the long window has at least ``min_events``), and resolves when that stops.
+  set, as Alertmanager's. It fires when both windows of its pair burn faster than the pair's rate,
+  the long one significantly so (``alerting.confidence``, slo.burn), and the long window has at
+  least ``min_events``. Each window holds the history it has: at stream start a pair is evaluated
+  over less than its length, which the guard makes safe. A firing alert resolves when its long
+  window stops burning, or when its short window has stayed at or below the rate for
+  ``alerting.resolve_hold`` (default: the short window's length), so one incident gives one firing
+  and one resolution.
 - One notification when it starts firing, a repeat every ``repeat_interval`` while it fires, one
   when it resolves (only if its firing was notified).
 - A firing page inhibits the tickets of the same SLO (they are not notified while it fires).
@@ -24,7 +29,7 @@ from typing import Any
 
 from kdwatch.analyzer.window import WindowState
 from kdwatch.durations import parse_duration_ms
-from kdwatch.slo.burn import BurnWindow, burn_rate, windows_from_config
+from kdwatch.slo.burn import BurnWindow, burn_rate, long_window_burning, windows_from_config
 from kdwatch.slo.config import RetrainPolicy, Slo, SloFile
 from kdwatch.slo.sli import events_good_total, timeslice_verdict
 from kdwatch.timestamps import rfc3339
@@ -80,6 +85,7 @@ class Alert:
     firing: bool = False
     started_at: int | None = None
     notified_at: int | None = None
+    quiet_since: int | None = None  # firing, and the short window at or below the rate since then
 
     @property
     def fingerprint(self) -> str:
@@ -129,8 +135,8 @@ class SloEngine:
     def state_dict(self) -> dict[str, Any]:
         return {
             "series": {name: [list(p) for p in series.points] for name, series in self.series.items()},
-            "alerts": [{"key": list(key), "firing": a.firing, "started_at": a.started_at, "notified_at": a.notified_at}
-                       for key, a in self.alerts.items()],
+            "alerts": [{"key": list(key), "firing": a.firing, "started_at": a.started_at, "notified_at": a.notified_at,
+                        "quiet_since": a.quiet_since} for key, a in self.alerts.items()],
             "last_retrain": self._last_retrain,
             "last_data": self._last_data,
             "psi": [[model, i, self._psi_streak.get((model, i), 0), self._psi_armed.get((model, i), True)]
@@ -145,6 +151,7 @@ class SloEngine:
             alert = self.alerts.get(tuple(item["key"]))  # type: ignore[arg-type]
             if alert is not None:  # an alert of an SLO that was since removed is dropped
                 alert.firing, alert.started_at, alert.notified_at = item["firing"], item["started_at"], item["notified_at"]
+                alert.quiet_since = item.get("quiet_since")  # absent in states stored before the hold existed
         self._last_retrain = {k: int(v) for k, v in data.get("last_retrain", {}).items()}
         self._last_data = {k: int(v) for k, v in data.get("last_data", {}).items()}
         for model, i, streak, armed in data.get("psi", []):
@@ -168,7 +175,7 @@ class SloEngine:
                 good, total = good + g, total + t
             return float(total - good), float(total)
         assert slo.sli.timeslices is not None
-        verdicts = [timeslice_verdict(slo.sli.timeslices, w.result) for w in chosen]
+        verdicts = [timeslice_verdict(slo.sli.timeslices, w.result, slo.alerting.confidence) for w in chosen]
         known = [v for v in verdicts if v is not None]
         if not known:
             return 0.0, 0.0  # no data: neither good nor bad
@@ -206,9 +213,29 @@ class SloEngine:
         bad_s, total_s = series.sums(now, w.short_ms)
         burn_long = burn_rate(bad_l, total_l, slo.objective)
         burn_short = burn_rate(bad_s, total_s, slo.objective)
-        condition = (burn_long is not None and burn_short is not None and burn_long > w.burn_rate
-                     and burn_short > w.burn_rate and total_l >= slo.alerting.min_events)
+        short_burning = burn_short is not None and burn_short > w.burn_rate
+        if not alert.firing:
+            # Timeslice SLIs are judged significant slice by slice (slo.sli): a pair holds too few slices
+            # for a bound over them (12 one-minute slices could never show 99.9 %).
+            confidence = slo.alerting.confidence if slo.sli.events is not None else 0.0
+            condition = (short_burning and total_l >= slo.alerting.min_events
+                         and bool(long_window_burning(bad_l, total_l, slo.objective, w.burn_rate, confidence)))
+        else:
+            condition = self._still_firing(slo, w, alert, now, burn_long, short_burning)
         return self._transition(slo, alert, condition, now, inhibited, burn_long, burn_short)
+
+    @staticmethod
+    def _still_firing(slo: Slo, w: BurnWindow, alert: Alert, now: int, burn_long: float | None, short_burning: bool) -> bool:
+        """A firing pair holds until its long window stops burning or its short one has been quiet for the hold."""
+        if burn_long is None or burn_long <= w.burn_rate:
+            return False
+        if short_burning:
+            alert.quiet_since = None
+            return True
+        if alert.quiet_since is None:
+            alert.quiet_since = now
+        hold_ms = parse_duration_ms(slo.alerting.resolve_hold) if slo.alerting.resolve_hold is not None else w.short_ms
+        return now - alert.quiet_since < hold_ms
 
     def _evaluate_no_data(self, slo: Slo, now: int) -> list[dict[str, Any]]:
         """The no-data alert: no events (or no slice with enough samples) for ``alerting.no_data``."""
@@ -227,7 +254,7 @@ class SloEngine:
 
         if condition:
             if not alert.firing:
-                alert.firing, alert.started_at, alert.notified_at = True, now, None
+                alert.firing, alert.started_at, alert.notified_at, alert.quiet_since = True, now, None, None
             repeat_ms = parse_duration_ms(slo.alerting.repeat_interval)
             muted = inhibited or any(s.mutes(alert.labels, now) for s in self.silences)
             if not muted and (alert.notified_at is None or now - alert.notified_at >= repeat_ms):
@@ -236,7 +263,7 @@ class SloEngine:
             return []
         if alert.firing:
             was_notified = alert.notified_at is not None
-            alert.firing, alert.started_at, alert.notified_at = False, None, None
+            alert.firing, alert.started_at, alert.notified_at, alert.quiet_since = False, None, None, None
             if was_notified:
                 return [note("resolved")]
         return []
@@ -279,7 +306,7 @@ class SloEngine:
                     reason = f"slo {cond.slo} {cond.severity}"
                 continue
             assert cond.psi_feature is not None and cond.psi_above is not None
-            found = [(w.result.get("psi") or {}).get(cond.psi_feature) for w in windows if w.model == policy.model]
+            found = [_psi_excess(w.result, cond.psi_feature, cond.psi_over_expected) for w in windows if w.model == policy.model]
             values: list[float] = [v for v in found if v is not None]
             if not values:
                 continue
@@ -293,6 +320,14 @@ class SloEngine:
                 if reason is None:
                     reason = f"psi {cond.psi_feature} > {cond.psi_above} for {cond.consecutive_windows} windows"
         return reason
+
+
+def _psi_excess(result: dict[str, Any], feature: str, over_expected: bool) -> float | None:
+    """A window's PSI of ``feature``, less its no-drift expectation when ``over_expected``; None without one."""
+    value = (result.get("psi") or {}).get(feature)
+    if value is None or not over_expected:
+        return value
+    return float(value) - float((result.get("psi_expected") or {}).get(feature) or 0.0)
 
 
 def backtest(config: SloFile, windows: list[WindowInput]) -> list[dict[str, Any]]:

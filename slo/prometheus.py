@@ -4,6 +4,11 @@ For teams that prefer Prometheus' own alerting: the events SLIs that kdwatch exp
 (``agreement`` and ``accuracy``, as ``kdwatch_sli_events_total{sli, outcome}``) become recording
 rules of the error ratio over every window of the burn-rate pairs, and one alert per pair with its
 ``tier`` label. Sketch-based SLIs (latency, kl) and timeslices stay with kdwatch's own engine.
+
+Where they differ from kdwatch's engine: these are the plain workbook rules. The engine's
+significance guard (slo.burn.long_window_burning: the long window's exact binomial lower bound above
+the threshold) needs the inverse regularised incomplete beta function, which PromQL lacks, and the
+resolve hold needs state across evaluations; each alert's ``guard`` annotation says so.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ def rules(config: SloFile) -> dict[str, Any]:
                          f'and kdwatch:slo_error_ratio:rate{short_w}{{slo="{slo.name}"}} > {threshold}'),
                 "labels": {"severity": p.severity, "tier": p.tier, "slo": slo.name, "model": slo.model},
                 "annotations": {"summary": f"SLO {slo.name} of {slo.model} burns its error budget faster than "
-                                           f"{p.burn_rate}x over {long_w} and {short_w}"},
+                                           f"{p.burn_rate}x over {long_w} and {short_w}",
+                                "guard": f"plain workbook rule: kdwatch's engine also needs the {long_w} bad fraction "
+                                         f"significantly above {threshold} (confidence {slo.alerting.confidence}) and holds "
+                                         "a firing alert until its short window is quiet for the resolve hold"},
             })
         groups.append({"name": f"kdwatch-slo-{slo.name}-recordings", "rules": recording})
         groups.append({"name": f"kdwatch-slo-{slo.name}-alerts", "rules": alerts})

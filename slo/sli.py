@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from kdwatch.analyzer.window import WindowState
+from kdwatch.slo.burn import bad_fraction_lower_bound
 from kdwatch.slo.config import TIMESLICE_METRICS, EventsSli, TimeslicesSli
 
+# Timeslice metrics that are proportions of their sample count (a Wilson bound applies).
+_PROPORTIONS = ("agreement",)
 # The sample count that decides "no data" for each timeslice metric.
 _SAMPLES = {"ece": "n_labeled", "kl_mean": "n_joined", "agreement": "n_joined", "accuracy_delta": "n_labeled_with_teacher"}
 
@@ -36,11 +39,22 @@ def _lookup(result: dict[str, Any], metric: str) -> tuple[float | None, int]:
     return result.get(metric), int(result.get(_SAMPLES[metric]) or 0)
 
 
-def timeslice_verdict(sli: TimeslicesSli, result: dict[str, Any]) -> bool | None:
-    """True (good slice), False (bad) or None (no data: fewer than min_samples)."""
+def timeslice_verdict(sli: TimeslicesSli, result: dict[str, Any], confidence: float = 0.0) -> bool | None:
+    """True (good slice), False (bad) or None (no data: fewer than min_samples).
+
+    With ``confidence`` > 0, a slice of a proportion (agreement) is bad only when the one-sided
+    Wilson bound of the proportion is past the threshold too, given the slice's sample count: a
+    window with 20 joined replays and 17 agreeing is not evidence of agreement under 0.9. The other
+    metrics (ECE, KL, MIA TPR, accuracy delta, PSI) have no closed-form bound here; ``min_samples``
+    (and for PSI ``margin_over_expected``) is their guard.
+    """
     value, samples = _lookup(result, sli.metric)
     if value is None or samples < sli.min_samples:
         return None
+    if confidence > 0 and sli.metric in _PROPORTIONS:
+        agree = round(value * samples)
+        bound = bad_fraction_lower_bound(float(samples - agree), float(samples), confidence)  # of the disagreeing share
+        return 1.0 - bound >= sli.threshold  # bad only when even the upper bound of the proportion is below it
     if sli.metric.startswith("psi."):
         bad = value > sli.threshold
         if bad and sli.margin_over_expected is not None:

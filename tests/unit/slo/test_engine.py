@@ -51,7 +51,8 @@ def test_an_agreement_drop_pages_within_the_workbook_detection_time_and_resolves
     theory_min = detection_time_ms(default_windows(30 * 86_400_000)[0], 0.99, 0.2) / MIN  # 43.2 minutes
     detected = minute_of(page[0]) - 60
     assert 0 < detected <= theory_min + 2, detected
-    assert 180 < minute_of(page[1]) <= 180 + 6  # the 5-minute short window clears within minutes
+    # The 5-minute short window clears within minutes, then holds quiet for the 5-minute resolve hold.
+    assert 180 + 5 < minute_of(page[1]) <= 180 + 6 + 5
     assert page[0]["burn_long"] > 14.4 and page[0]["burn_short"] > 14.4
 
 
