@@ -43,15 +43,33 @@ class KdwatchCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         if self.lag is not None:
-            family = GaugeMetricFamily("kdwatch_consumer_lag", "Records not yet consumed per partition (log end - stored offset)",
-                                       labels=["group", "topic", "partition"])
-            for (group, topic, partition), lag in sorted(self.lag().items()):
-                family.add_metric([group, topic, str(partition)], float(lag))
-            yield family
+            yield from self._lag()
         yield from self._sli_counters()
         yield from self._windows()
         yield from self._counters()
         yield from self._slos()
+
+    def _lag(self) -> Iterator[Any]:
+        """The consumer lag as last refreshed in the background (kdwatch.lag): a scrape never waits on Kafka."""
+        assert self.lag is not None
+        snapshot = getattr(self.lag, "snapshot", None)
+        lags = snapshot().lag if snapshot is not None else self.lag()
+        family = GaugeMetricFamily("kdwatch_consumer_lag", "Records not yet consumed per partition (log end - stored offset)",
+                                   labels=["group", "topic", "partition"])
+        for (group, topic, partition), lag in sorted(lags.items()):
+            family.add_metric([group, topic, str(partition)], float(lag))
+        yield family
+        if snapshot is None:
+            return
+        state = snapshot()
+        success = GaugeMetricFamily("kdwatch_consumer_lag_last_success_timestamp_seconds",
+                                    "When the consumer lag was last read from the brokers (epoch seconds; 0: never)")
+        success.add_metric([], state.last_success_s or 0.0)
+        yield success
+        failures = CounterMetricFamily("kdwatch_consumer_lag_refresh_failures",
+                                       "Background consumer-lag refreshes that failed (broker unreachable, topic missing)")
+        failures.add_metric([], float(state.failures))
+        yield failures
 
     def _windows(self) -> Iterator[Any]:
         latest: dict[tuple[str, str], Any] = {}
