@@ -40,14 +40,41 @@ class KdwatchCollector(Collector):
         self.slo_store = slo_store
         self.max_features = max_features
         self.lag = lag  # (group, topic, partition) -> records not yet consumed
+        # What a scrape reports of the stored windows, kept between scrapes: each scrape reads only the windows
+        # written since the previous one (reading a month of windows took 4.6 s per scrape).
+        self._sli_per_window: dict[Any, tuple[Any, ...]] = {}  # window key -> (final, per-SLI (labels, good, total))
+        self._latest_final: dict[tuple[str, str], tuple[Any, Any, int]] = {}  # (model, version) -> (key, state, window_ms)
+        self._versions: dict[Any, tuple[int, int]] = {}  # window key -> (rows, newest write) as folded in
+        self._seen_ms = 0  # the newest window write folded in
 
     def collect(self) -> Iterator[Any]:
         if self.lag is not None:
             yield from self._lag()
+        self._fold_window_changes()
         yield from self._sli_counters()
         yield from self._windows()
         yield from self._counters()
         yield from self._slos()
+
+    def _fold_window_changes(self) -> None:
+        """Fold the windows written since the last scrape into the per-window SLI counts and the latest final windows.
+
+        Writes from the last 5 s before the newest one seen are read again: a writer whose clock lags ours
+        by less than that is never missed (a window read twice replaces its own entry).
+        """
+        versions = self.store.window_versions_since(self._seen_ms - 5_000)
+        moved = [key for key, version in versions.items() if self._versions.get(key) != version]
+        self._versions.update(versions)
+        self._seen_ms = max([self._seen_ms, *(newest for _rows, newest in versions.values())])
+        for key, (state, final, window_ms) in self.store.windows_of(moved).items():
+            correct = sum(state.calibration.correct)
+            self._sli_per_window[key] = (final, ((key.model, key.student_version, "agreement"), state.fidelity.n_agree,
+                                                 state.fidelity.n_joined),
+                                         ((key.model, key.student_version, "accuracy"), correct, state.calibration.n))
+            if final:
+                current = self._latest_final.get((key.model, key.student_version))
+                if current is None or current[0].window_start <= key.window_start:
+                    self._latest_final[(key.model, key.student_version)] = (key, state, window_ms)
 
     def _lag(self) -> Iterator[Any]:
         """The consumer lag as last refreshed in the background (kdwatch.lag): a scrape never waits on Kafka."""
@@ -72,13 +99,7 @@ class KdwatchCollector(Collector):
         yield failures
 
     def _windows(self) -> Iterator[Any]:
-        latest: dict[tuple[str, str], Any] = {}
-        for key, (state, final, window_ms) in self.store.windows().items():
-            if not final:
-                continue
-            previous = latest.get((key.model, key.student_version))
-            if previous is None or previous[0].window_start < key.window_start:
-                latest[(key.model, key.student_version)] = (key, state, window_ms)
+        latest = self._latest_final
         refs = self.store.references()
         gauges = {name: GaugeMetricFamily(f"kdwatch_window_{name}", help_, labels=["model", "student_version"])
                   for name, help_ in WINDOW_GAUGES.items()}
@@ -142,14 +163,12 @@ class KdwatchCollector(Collector):
         family = CounterMetricFamily("kdwatch_sli_events", "Events of the agreement and accuracy SLIs in final windows",
                                      labels=["model", "student_version", "sli", "outcome"])
         totals: dict[tuple[str, str, str, str], int] = {}
-        for key, (state, final, _window_ms) in self.store.windows().items():
+        for final, *slis in self._sli_per_window.values():
             if not final:
                 continue
-            correct = sum(state.calibration.correct)
-            for sli, good, total in (("agreement", state.fidelity.n_agree, state.fidelity.n_joined),
-                                     ("accuracy", correct, state.calibration.n)):
+            for (model, version, sli), good, total in slis:
                 for outcome, count in (("good", good), ("bad", total - good)):
-                    k = (key.model, key.student_version, sli, outcome)
+                    k = (model, version, sli, outcome)
                     totals[k] = totals.get(k, 0) + count
         for labels, count in sorted(totals.items()):
             family.add_metric(list(labels), float(count))

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, Select, and_, bindparam, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, Select, and_, bindparam, create_engine, delete, event, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -318,6 +318,38 @@ class SqlStore:
                     merged[key] = (prior.merge(state), final and r.closed, window_ms)
                 else:
                     merged[key] = (state, bool(r.closed), r.window_ms)
+        return merged
+
+    def window_versions_since(self, updated_after_ms: int) -> dict[WindowKey, tuple[int, int]]:
+        """Windows with a row written after ``updated_after_ms``: key -> (rows, newest write); key columns only.
+
+        With ``windows_of``, for readers that keep their own aggregate over all windows (the SLI counters
+        of /metrics): they re-read only the windows whose version moved.
+        """
+        query = (select(window_state.c.model, window_state.c.student_version, window_state.c.window_start,
+                        func.count(), func.max(window_state.c.updated_at))
+                 .where(window_state.c.updated_at > updated_after_ms)
+                 .group_by(window_state.c.model, window_state.c.student_version, window_state.c.window_start))
+        with read_connection(self.engine) as conn:
+            return {WindowKey(m, v, int(w)): (int(n), int(u)) for m, v, w, n, u in conn.execute(query)}
+
+    def windows_of(self, keys: Iterable[WindowKey]) -> dict[WindowKey, tuple[WindowState, bool, int]]:
+        """The given windows merged across partitions, as ``windows`` returns them."""
+        wanted = list(keys)
+        merged: dict[WindowKey, tuple[WindowState, bool, int]] = {}
+        with read_connection(self.engine) as conn:
+            for i in range(0, len(wanted), 500):  # bounded IN lists
+                chunk = wanted[i:i + 500]
+                query = select(window_state).where(
+                    tuple_(window_state.c.model, window_state.c.student_version, window_state.c.window_start).in_(chunk))
+                for r in conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)):
+                    key = WindowKey(r.model, r.student_version, r.window_start)
+                    state = WindowState.from_dict(orjson.loads(r.state))
+                    if key in merged:
+                        prior, final, window_ms = merged[key]
+                        merged[key] = (prior.merge(state), final and r.closed, window_ms)
+                    else:
+                        merged[key] = (state, bool(r.closed), r.window_ms)
         return merged
 
     def offsets(self) -> dict[tuple[str, str, int], int]:

@@ -128,3 +128,24 @@ def _one_window_changes() -> Changes:
     changes = Changes()
     changes.closed[WindowKey("m", "s1", T0 - T0 % 60_000)] = WindowState(n=3)
     return changes
+
+
+def test_window_versions_move_with_every_write_and_windows_of_merges_their_rows(store: SqlStore) -> None:
+    base = 60_000 * 29_916_667
+    first, second = WindowKey("m", "s1", base), WindowKey("m", "s1", base + 60_000)
+    for partition, key in ((0, first), (1, first), (0, second)):
+        changes = Changes()
+        changes.closed[key] = WindowState(n=partition + 1)
+        store.commit_batch("g", partition, 60_000, changes, {f"preds-{partition}-{key.window_start}": (None, 1)})
+    versions = store.window_versions_since(0)
+    assert {k: rows for k, (rows, _u) in versions.items()} == {first: 2, second: 1}
+    newest = max(u for _r, u in versions.values())
+    assert store.window_versions_since(newest) == {}
+    assert {k: s.n for k, (s, _f, _w) in store.windows_of([first, second]).items()} == {first: 3, second: 1}
+    time.sleep(0.01)
+    changes = Changes()
+    changes.closed[first] = WindowState(n=10)  # a later write to one partition's row of the first window
+    store.commit_batch("g", 1, 60_000, changes, {"preds-late": (None, 1)})
+    later = store.window_versions_since(newest)
+    assert list(later) == [first] and later[first][1] > newest
+    assert store.windows_of(later)[first][0].n == 11  # both partitions' rows, merged
