@@ -42,9 +42,10 @@ class KdwatchCollector(Collector):
         self.lag = lag  # (group, topic, partition) -> records not yet consumed
         # What a scrape reports of the stored windows, kept between scrapes: each scrape reads only the windows
         # written since the previous one (reading a month of windows took 4.6 s per scrape).
-        self._sli_per_window: dict[Any, tuple[Any, ...]] = {}  # window key -> (final, per-SLI (labels, good, total))
+        # (model, version, window start) -> (final, agreeing, joined, correct, labelled)
+        self._sli_per_window: dict[tuple[str, str, int], tuple[bool, int, int, int, int]] = {}
         self._latest_final: dict[tuple[str, str], tuple[Any, Any, int]] = {}  # (model, version) -> (key, state, window_ms)
-        self._versions: dict[Any, tuple[int, int]] = {}  # window key -> (rows, newest write) as folded in
+        self._versions: dict[tuple[str, str, int], tuple[int, int]] = {}  # window -> (rows, newest write) as folded in
         self._seen_ms = 0  # the newest window write folded in
 
     def collect(self) -> Iterator[Any]:
@@ -63,14 +64,13 @@ class KdwatchCollector(Collector):
         by less than that is never missed (a window read twice replaces its own entry).
         """
         versions = self.store.window_versions_since(self._seen_ms - 5_000)
-        moved = [key for key, version in versions.items() if self._versions.get(key) != version]
-        self._versions.update(versions)
+        moved = [key for key, version in versions.items() if self._versions.get(tuple(key)) != version]  # type: ignore[arg-type]
+        self._versions.update({(k.model, k.student_version, k.window_start): v for k, v in versions.items()})
         self._seen_ms = max([self._seen_ms, *(newest for _rows, newest in versions.values())])
         for key, (state, final, window_ms) in self.store.windows_of(moved).items():
-            correct = sum(state.calibration.correct)
-            self._sli_per_window[key] = (final, ((key.model, key.student_version, "agreement"), state.fidelity.n_agree,
-                                                 state.fidelity.n_joined),
-                                         ((key.model, key.student_version, "accuracy"), correct, state.calibration.n))
+            # Plain tuples of atoms: the garbage collector untracks them (a month of windows adds no GC work).
+            self._sli_per_window[(key.model, key.student_version, key.window_start)] = (
+                final, state.fidelity.n_agree, state.fidelity.n_joined, sum(state.calibration.correct), state.calibration.n)
             if final:
                 current = self._latest_final.get((key.model, key.student_version))
                 if current is None or current[0].window_start <= key.window_start:
@@ -163,10 +163,10 @@ class KdwatchCollector(Collector):
         family = CounterMetricFamily("kdwatch_sli_events", "Events of the agreement and accuracy SLIs in final windows",
                                      labels=["model", "student_version", "sli", "outcome"])
         totals: dict[tuple[str, str, str, str], int] = {}
-        for final, *slis in self._sli_per_window.values():
+        for (model, version, _start), (final, agree, joined, correct, labelled) in self._sli_per_window.items():
             if not final:
                 continue
-            for (model, version, sli), good, total in slis:
+            for sli, good, total in (("agreement", agree, joined), ("accuracy", correct, labelled)):
                 for outcome, count in (("good", good), ("bad", total - good)):
                     k = (model, version, sli, outcome)
                     totals[k] = totals.get(k, 0) + count

@@ -161,3 +161,32 @@ def test_health_readiness_and_metrics(store: SqlStore, client: TestClient) -> No
     for name in ("kdwatch_window_agreement", "kdwatch_window_events", "kdwatch_window_end_timestamp_seconds"):
         assert f'{name}{{model="m",student_version="s1"}}' in text
     assert "/docs" in client.get("/").text and client.get("/openapi.json").status_code == 200
+
+
+def test_metrics_count_sli_events_of_final_windows_across_scrapes_that_read_only_new_writes(store: SqlStore,
+                                                                                           client: TestClient) -> None:
+    def sli(text: str, outcome: str) -> float:
+        line = next(x for x in text.splitlines()
+                    if x.startswith(f'kdwatch_sli_events_total{{model="m",outcome="{outcome}",sli="agreement"'))
+        return float(line.rsplit(" ", 1)[1])
+
+    seed(store, 10)
+    expected = {"good": 0, "bad": 0}
+    for state, final, _w in store.windows().values():
+        assert final
+        expected["good"] += state.fidelity.n_agree
+        expected["bad"] += state.fidelity.n_joined - state.fidelity.n_agree
+    first = client.get("/metrics").text
+    assert (sli(first, "good"), sli(first, "bad")) == (expected["good"], expected["bad"])
+    # One more final window and one still open: the next scrape adds the final one only.
+    changes = Changes()
+    done, open_ = WindowState(n=5), WindowState(n=5)
+    done.fidelity.n_joined, done.fidelity.n_agree = 7, 6
+    open_.fidelity.n_joined, open_.fidelity.n_agree = 50, 0
+    changes.closed[WindowKey("m", "s1", T0 + 100 * MIN)] = done
+    changes.windows[WindowKey("m", "s1", T0 + 101 * MIN)] = open_
+    store.commit_batch("g", 0, MIN, changes, {})
+    second = client.get("/metrics").text
+    assert (sli(second, "good"), sli(second, "bad")) == (expected["good"] + 6, expected["bad"] + 1)
+    end = next(x for x in second.splitlines() if x.startswith('kdwatch_window_end_timestamp_seconds{model="m",student_version="s1"}'))
+    assert float(end.rsplit(" ", 1)[1]) == (T0 + 101 * MIN) / 1000  # the newest final window ends there
