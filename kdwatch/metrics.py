@@ -17,6 +17,7 @@ from kdwatch.durations import format_duration_ms
 from kdwatch.slo.burn import budget_remaining, burn_rate
 from kdwatch.slo.config import parse_slo_file
 from kdwatch.slo.engine import SloEngine
+from kdwatch.storage.jobs import JobStore
 from kdwatch.storage.slo_store import SloSqlStore
 from kdwatch.storage.sql import SqlStore
 
@@ -40,6 +41,7 @@ class KdwatchCollector(Collector):
         self.slo_store = slo_store
         self.max_features = max_features
         self.lag = lag  # (group, topic, partition) -> records not yet consumed
+        self.jobs = JobStore(store.engine)
         # What a scrape reports of the stored windows, kept between scrapes: each scrape reads only the windows
         # written since the previous one (reading a month of windows took 4.6 s per scrape).
         # (model, version, window start) -> (final, agreeing, joined, correct, labelled)
@@ -56,6 +58,7 @@ class KdwatchCollector(Collector):
         yield from self._windows()
         yield from self._counters()
         yield from self._slos()
+        yield from self._pipeline()
 
     def _fold_window_changes(self) -> None:
         """Fold the windows written since the last scrape into the per-window SLI counts and the latest final windows.
@@ -210,9 +213,28 @@ class KdwatchCollector(Collector):
                     budget.add_metric([slo.name], remaining)
             for (name, severity, tier), alert in sorted(engine.alerts.items()):
                 firing.add_metric([name, severity, tier], 1.0 if alert.firing else 0.0)
-        counts: dict[tuple[str, str], int] = {}
-        for d in self.slo_store.deliveries():
-            counts[(d["receiver"], d["status"])] = counts.get((d["receiver"], d["status"]), 0) + 1
-        for (receiver, status), count in sorted(counts.items()):
+        for (receiver, status), count in sorted(self.slo_store.delivery_counts().items()):
             deliveries.add_metric([receiver, status], float(count))
         yield from (burn, budget, firing, deliveries)
+
+    def _pipeline(self) -> Iterator[Any]:
+        """Facts about kdwatch's own pipeline that its self-alerts read (deploy/prometheus/self.rules.yml)."""
+        committed = GaugeMetricFamily("kdwatch_consumer_committed_offset",
+                                      "Next offset the collectors committed per partition (moves with every commit)",
+                                      labels=["group", "topic", "partition"])
+        for (group, topic, partition), offset in sorted(self.store.offsets().items()):
+            committed.add_metric([group, topic, str(partition)], float(offset))
+        lease = GaugeMetricFamily("kdwatch_engine_lease_until_timestamp_seconds",
+                                  "When the live SLO engine's leader lease runs out (renewed every cycle; 0: no cycle yet)")
+        lease.add_metric([], (self.slo_store.lease_until() or 0) / 1000)
+        pending = GaugeMetricFamily("kdwatch_notifications_pending", "Notifications waiting in the outbox", labels=["receiver"])
+        oldest = GaugeMetricFamily("kdwatch_notifications_oldest_pending_timestamp_seconds",
+                                   "Creation time of the oldest notification waiting in the outbox", labels=["receiver"])
+        for receiver, (count, created) in sorted(self.slo_store.pending_backlog().items()):
+            pending.add_metric([receiver], float(count))
+            oldest.add_metric([receiver], created / 1000)
+        jobs = GaugeMetricFamily("kdwatch_retrain_jobs", "Retrain jobs per model and status (queued, running, promoted, "
+                                 "rejected, failed)", labels=["model", "status"])
+        for (model, status), count in sorted(self.jobs.status_counts().items()):
+            jobs.add_metric([model, status], float(count))
+        yield from (committed, lease, pending, oldest, jobs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy import Engine, and_, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
@@ -59,6 +59,12 @@ class JobStore:
             query = query.where(retrain_jobs.c.model == model)
         with read_connection(self.engine) as conn:
             return [_job(r) for r in conn.execute(query)]
+
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs per (model, status): one grouped query (for /metrics)."""
+        query = select(retrain_jobs.c.model, retrain_jobs.c.status, func.count()).group_by(retrain_jobs.c.model, retrain_jobs.c.status)
+        with read_connection(self.engine) as conn:
+            return {(m, s): int(n) for m, s, n in conn.execute(query)}
 
     def claim_next(self, now_ms: int) -> dict[str, Any] | None:
         """Mark the oldest queued job whose model has no running job as running, and return it.

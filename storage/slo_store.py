@@ -119,6 +119,25 @@ class SloSqlStore:
         return [{**{k: v for k, v in r.items() if k != "payload"}, "payload": orjson.loads(r["payload"]),
                  "log": log.get(r["id"], [])} for r in rows]
 
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """Outbox entries per (receiver, status): one grouped query (for /metrics)."""
+        query = select(outbox.c.receiver, outbox.c.status, func.count()).group_by(outbox.c.receiver, outbox.c.status)
+        with read_connection(self.engine) as conn:
+            return {(r, s): int(n) for r, s, n in conn.execute(query)}
+
+    def pending_backlog(self) -> dict[str, tuple[int, int]]:
+        """Per receiver: (notifications still pending, created_at of the oldest, epoch ms)."""
+        query = (select(outbox.c.receiver, func.count(), func.min(outbox.c.created_at))
+                 .where(outbox.c.status == "pending").group_by(outbox.c.receiver))
+        with read_connection(self.engine) as conn:
+            return {r: (int(n), int(oldest)) for r, n, oldest in conn.execute(query)}
+
+    def lease_until(self, name: str = "default") -> int | None:
+        """When the engine's leader lease runs out (epoch ms; renewed every cycle), None before a first cycle."""
+        with read_connection(self.engine) as conn:
+            value = conn.execute(select(slo_engine.c.lease_until).where(slo_engine.c.name == name)).scalar()
+        return None if value is None else int(value)
+
     # ---- the SLO document ----
 
     def get_slo_document(self, name: str = "default") -> dict[str, Any] | None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"
 
@@ -17,10 +19,21 @@ def test_the_committed_rules_are_what_kdwatch_generates_from_the_example_slos() 
     assert generated == (RULES / "rules.yml").read_text(), "regenerate: kdwatch prometheus-rules --slo examples/slo.yaml"
 
 
-def test_promtool_checks_and_unit_tests_the_rules() -> None:
+@pytest.mark.parametrize(("rules", "tests"), [("rules.yml", "rules.test.yml"), ("self.rules.yml", "self.rules.test.yml")])
+def test_promtool_checks_and_unit_tests_the_rules(rules: str, tests: str) -> None:
     promtool = shutil.which("promtool")
     assert promtool is not None, "installed by `make setup` (Debian package prometheus)"
-    check = subprocess.run([promtool, "check", "rules", "rules.yml"], cwd=RULES, capture_output=True, text=True)
+    check = subprocess.run([promtool, "check", "rules", rules], cwd=RULES, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    test = subprocess.run([promtool, "test", "rules", "rules.test.yml"], cwd=RULES, capture_output=True, text=True)
+    test = subprocess.run([promtool, "test", "rules", tests], cwd=RULES, capture_output=True, text=True)
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
+
+
+def test_prometheus_loads_both_rule_files_and_every_self_alert_is_documented() -> None:
+    import yaml
+
+    config = yaml.safe_load((RULES / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["rules.yml", "self.rules.yml"]
+    readme = (ROOT / "README.md").read_text()
+    alerts = [r["alert"] for g in yaml.safe_load((RULES / "self.rules.yml").read_text())["groups"] for r in g["rules"]]
+    assert len(alerts) == 8 and all(f"`{name}`" in readme for name in alerts)
