@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
+from kafka import KafkaConsumer, TopicPartition
 
-from kdwatch.collector.consumer import CollectorConfig
+from kdwatch.collector.consumer import CollectorConfig, kafka_partition
+from kdwatch.collector.offline import analyze_files
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.loadgen import produce_records
 from kdwatch.storage.sql import SqlStore
@@ -16,11 +19,11 @@ from tests.integration.helpers import (
     differences,
     explain,
     new_topics,
-    offline_results,
     read_topic,
     run_collector_until,
     stored_results,
     topic_map,
+    window_results,
     write_jsonl,
 )
 
@@ -66,6 +69,18 @@ def _dead_letters(kafka: str, topic: str) -> list[tuple[bytes, dict[str, bytes]]
     return [(value, headers) for _key, value, headers in read_topic(kafka, topic)]
 
 
+def _records(kafka: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` with its coordinates (partition, offset, timestamp, key, value, headers)."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, consumer_timeout_ms=3000,
+                             fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    out = list(consumer)
+    consumer.close()
+    return out
+
+
 def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_path: Path) -> None:
     valid = list(generate(TrafficSpec(seed=3, events_per_second=20), 2_000))
     # Interleave: one poison message after every 50 valid records.
@@ -88,15 +103,21 @@ def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_p
                                         group_id="g-" + topics.predictions, topics=topics), store, len(mixed))
 
     received = []
+    originals = {}
     for topic in (topics.predictions, topics.teacher, topics.labels):
-        received += [(topic, value, headers) for value, headers in _dead_letters(kafka, topic + ".DLT")]
-    reasons = sorted(h["kdwatch.error.class"].decode() for _t, _v, h in received)
+        originals.update({(topic, r.partition, r.offset): r for r in _records(kafka, topic)})
+        received += [(topic, r) for r in _records(kafka, topic + ".DLT")]
+    reasons = sorted(dict(r.headers)["kdwatch.error.class"].decode() for _t, r in received)
     assert reasons == sorted([reason for _k, _v, reason in POISON] + ["duplicate"] * 3)
-    for topic, value, headers in received:
-        assert headers["kdwatch.original.topic"].decode() + ".DLT" == topic + ".DLT"
-        assert int(headers["kdwatch.original.offset"]) >= 0
+    for topic, dead in received:
+        headers = dict(dead.headers)
+        assert headers["kdwatch.original.topic"].decode() == topic
+        original = originals[(topic, int(headers["kdwatch.original.partition"]), int(headers["kdwatch.original.offset"]))]
+        # The dead letter is the original record, in the same partition, with its key and its timestamp named.
+        assert (dead.key, dead.value, dead.partition) == (original.key, original.value, original.partition)
+        assert int(headers["kdwatch.original.timestamp"]) == original.timestamp
         assert headers["kdwatch.error.message"]
-        assert value in {v for _k, v, _r in POISON} | {v for _k, _rid, v in duplicates}
+        assert dead.value in {v for _k, v, _r in POISON} | {v for _k, _rid, v in duplicates}
 
     counted = store.counters()
     for kind, _value, reason in POISON:
@@ -106,11 +127,16 @@ def test_every_poison_message_is_dead_lettered_with_its_reason(kafka: str, tmp_p
     # A duplicate passes the contract (counted valid) and is then kept out of the windows (counted duplicate).
     assert sum(c for (_kind, reason), c in counted.items() if reason == "valid") == len(valid) + len(duplicates)
 
-    expected = offline_results(write_jsonl(valid, tmp_path / "valid"))
+    # The offline truth of the same records (the future timestamp aside: only a live collector has a clock),
+    # joined per partition as the topics hold them: rejected and duplicate counts included.
+    future = next(value for _kind, value, reason in POISON if reason == "future_timestamp")
+    offline = [r for r in mixed if r[2] != future]
+    paths = write_jsonl(offline, tmp_path / "mixed")
+    windows, _counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"], partitions=2,
+                                       partitioner=kafka_partition)
+    expected = window_results(windows, 60_000)
     stored = stored_results(store)
-    # Rejected predictions with a readable model, version and ts are counted in their window.
-    for result in stored.values():
-        result["n_rejected"] = result["n_duplicate"] = 0
+    assert sum(r["n_rejected"] for r in stored.values()) > 0 and sum(r["n_duplicate"] for r in stored.values()) == 3
     diffs = differences(stored, expected)
     assert not diffs, explain(diffs)
     store.close()

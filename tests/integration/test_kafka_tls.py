@@ -3,11 +3,13 @@ configured the way a user does (KDWATCH_KAFKA_SECURITY_PROTOCOL, KDWATCH_KAFKA_S
 
 from __future__ import annotations
 
+import socket
+import ssl
 from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaConfigurationError, KafkaError
 
 from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.producer import PredictionLogger
@@ -43,7 +45,19 @@ def test_the_sdk_and_the_collector_work_over_tls(kafka: str, kafka_tls: tuple[st
 
 
 def test_a_client_that_does_not_trust_the_certificate_is_refused(kafka_tls: tuple[str, str]) -> None:
-    bootstrap, _cafile = kafka_tls
-    # The system trust store does not hold the broker's self-signed certificate: no connection.
-    with pytest.raises(KafkaError):
-        KafkaConsumer(bootstrap_servers=bootstrap, security_protocol="SSL", api_version_auto_timeout_ms=3000)
+    bootstrap, cafile = kafka_tls
+    host, port = bootstrap.rsplit(":", 1)
+    # The refusal is the certificate check, nothing else: the same handshake succeeds with the broker's CA.
+    trusted = ssl.create_default_context(cafile=cafile)
+    trusted.check_hostname = False  # the self-signed certificate names no host; the chain is what is checked here
+    with socket.create_connection((host, int(port)), timeout=10) as raw, trusted.wrap_socket(raw) as tls:
+        assert tls.version() is not None
+    untrusted = ssl.create_default_context()  # the system trust store does not hold the broker's certificate
+    untrusted.check_hostname = False
+    with socket.create_connection((host, int(port)), timeout=10) as raw, pytest.raises(ssl.SSLCertVerificationError):
+        untrusted.wrap_socket(raw)
+    # And a Kafka client configured that way gets no connection (a valid configuration: the error is the broker's).
+    with pytest.raises(KafkaError) as refused:
+        KafkaConsumer(bootstrap_servers=bootstrap, security_protocol="SSL", request_timeout_ms=3000,
+                      bootstrap_timeout_ms=3000)
+    assert not isinstance(refused.value, KafkaConfigurationError)

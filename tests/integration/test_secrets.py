@@ -56,3 +56,26 @@ def test_the_cli_does_not_print_the_database_password(tmp_path: pytest.TempPathF
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "database unavailable" in result.stderr
     assert "hunter2-db-password" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_an_api_built_from_settings_holding_every_secret_never_shows_one(database_url: str,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from kdwatch.settings import load_settings
+    from kdwatch.wiring import build_api, open_store
+
+    caplog.set_level(logging.DEBUG)
+    password = "hunter2-db-password"
+    # The test cluster trusts local connections, so the password is carried, as in production, and unused.
+    url = database_url.replace("postgresql+psycopg://kdwatch@", f"postgresql+psycopg://kdwatch:{password}@")
+    secrets = {"alert_webhook_secret": new_secret(), "retrain_webhook_secret": new_secret(), "runner_webhook_secret": new_secret()}
+    settings = load_settings(database_url=url, api_key=API_KEY, bootstrap_servers="127.0.0.1:9", **secrets)
+    assert password in settings.database_url.get_secret_value()
+    with TestClient(build_api(open_store(settings.database_url), settings)) as api:
+        paths = api.get("/openapi.json").json()["paths"]
+        bodies = [api.get(path).text for path, operations in paths.items() if "get" in operations and "{" not in path]
+        bodies += [api.get("/readyz").text, api.get("/v1/slos/nope").text, repr(settings), str(settings.model_dump())]
+        bodies.append(api.put("/v1/slos/x", json={"objective": 2}, headers={"Authorization": f"Bearer {API_KEY}"}).text)
+    forbidden = [password, API_KEY, *secrets.values(), *(s.removeprefix("whsec_") for s in secrets.values())]
+    for text in [caplog.text, *bodies]:
+        assert not any(secret in text for secret in forbidden)

@@ -115,3 +115,18 @@ def test_the_registry_writes_a_verified_torchscript_export_and_moves_current(tmp
     (tmp_path / "fraud_distil" / version / "model.torchscript").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         registry.load_torchscript("fraud/distil", version)
+
+
+def test_the_gate_promotes_exactly_when_the_candidate_beats_an_imperfect_current_student_by_the_margin() -> None:
+    records = synthetic_transfer(1_200)
+    rng = np.random.default_rng(11)
+    for r in records:  # the production student agrees with the teacher on about 80 % of requests
+        if rng.random() < 0.8:
+            r.student = Distribution(r.teacher.probs.copy(), None)
+    data = to_arrays(records, 0.2)
+    base = distil(data, TrainConfig(epochs=20, seed=5, promote_margin=0.0))
+    gain = float(base.candidate["agreement"]) - float(base.current["agreement"])  # type: ignore[arg-type]
+    assert 0.7 < float(base.current["agreement"]) < 0.9 and gain > 0.02, (base.current, base.candidate)  # type: ignore[arg-type]
+    # The same seeded training, judged with a margin just under and just over what it gained.
+    assert distil(data, TrainConfig(epochs=20, seed=5, promote_margin=gain - 0.005)).promoted
+    assert not distil(data, TrainConfig(epochs=20, seed=5, promote_margin=gain + 0.005)).promoted
