@@ -162,6 +162,8 @@ def collect(
     from kdwatch.runtime import tune_gc
 
     tune_gc()
+    # Partition assignments and revocations are rare and tell an operator who owns what: logged at INFO.
+    logging.getLogger("kdwatch.collector").setLevel(logging.INFO)
     err.print(f"collector {settings.group_id} consuming from {settings.bootstrap_servers}")
     try:
         collector.run(stop, idle_exit_s=idle_exit)
