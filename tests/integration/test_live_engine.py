@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +221,58 @@ def test_a_second_trigger_waits_while_a_retrain_is_in_flight(store: SqlStore) ->
         store_minutes(store, 250, 600, incident=(300, 450))  # a second incident, the first request still undelivered
         engine.run_once()
         assert len({r["id"] for r in retrains.requests}) == 1
+
+
+class CrashAfterSending(Exception):
+    pass
+
+
+def test_a_crash_after_sending_before_recording_redelivers_with_the_same_webhook_id(store: SqlStore) -> None:
+    clock = Clock(T0 / 1000 + 4 * 3600)
+    with webhook_receiver() as (retrain_url, retrains):
+        first = live(store, clock, retrain_url=retrain_url)
+
+        def crash(*_args: object, **_kwargs: object) -> None:
+            raise CrashAfterSending  # the request went out; the process dies before the outbox knows
+
+        first.dispatcher.store.record_attempt = crash  # type: ignore[method-assign]
+        store_minutes(store, 0, 150, incident=(60, 240))
+        with pytest.raises(CrashAfterSending):
+            first.run_once()
+        assert len(retrains.requests) == 1
+        clock.now += 31  # the dead leader's lease runs out
+        restarted = live(store, clock, retrain_url=retrain_url, owner="b")
+        restarted.run_once()
+        restarted.run_once()
+        # At least once: delivered again, under the same webhook-id, which the runner de-duplicates on (one job).
+        assert len(retrains.requests) == 2
+        assert len({r["id"] for r in retrains.requests}) == 1
+
+
+def test_two_replicas_cycling_at_the_same_moment_notify_once(store: SqlStore) -> None:
+    clock = Clock(T0 / 1000 + 4 * 3600)
+    with webhook_receiver() as (retrain_url, retrains):
+        replicas = [live(store, clock, retrain_url=retrain_url, owner=name) for name in ("a", "b")]
+        store_minutes(store, 0, 150, incident=(60, 240))
+        for _cycle in range(5):
+            barrier = threading.Barrier(2)
+            errors: list[BaseException] = []
+
+            def cycle(engine: LiveEngine, barrier: threading.Barrier = barrier, errors: list[BaseException] = errors) -> None:
+                try:
+                    barrier.wait(10)
+                    engine.run_once()
+                except BaseException as exc:  # surfaced below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=cycle, args=(engine,)) for engine in replicas]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert not errors, errors
+            clock.now += 60
+        assert len(retrains.requests) == 1
 
 
 def test_two_replicas_never_both_notify(store: SqlStore) -> None:
