@@ -99,6 +99,18 @@ def _window_filter(query: Select[Any], model: str | None, student_version: str |
     return query
 
 
+def _merge_rows(rows: Iterable[Any], merged: dict[WindowKey, tuple[WindowState, bool, int]]) -> None:
+    """Fold window_state rows into ``merged``: one state per window over its partitions, final when every row is closed."""
+    for r in rows:
+        key = WindowKey(r.model, r.student_version, r.window_start)
+        state = WindowState.from_dict(orjson.loads(r.state))
+        if key in merged:
+            prior, final, window_ms = merged[key]
+            merged[key] = (prior.merge(state), final and r.closed, window_ms)
+        else:
+            merged[key] = (state, bool(r.closed), r.window_ms)
+
+
 class SqlStore:
     """Window state, join buffer, offsets and counters in one SQL database."""
 
@@ -310,14 +322,7 @@ class SqlStore:
         query = _window_filter(select(window_state), model, student_version, start_ms, end_ms)
         merged: dict[WindowKey, tuple[WindowState, bool, int]] = {}
         with read_connection(self.engine) as conn:
-            for r in conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)):
-                key = WindowKey(r.model, r.student_version, r.window_start)
-                state = WindowState.from_dict(orjson.loads(r.state))
-                if key in merged:
-                    prior, final, window_ms = merged[key]
-                    merged[key] = (prior.merge(state), final and r.closed, window_ms)
-                else:
-                    merged[key] = (state, bool(r.closed), r.window_ms)
+            _merge_rows(conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)), merged)
         return merged
 
     def window_versions_since(self, updated_after_ms: int) -> dict[WindowKey, tuple[int, int]]:
@@ -342,14 +347,7 @@ class SqlStore:
                 chunk = wanted[i:i + 500]
                 query = select(window_state).where(
                     tuple_(window_state.c.model, window_state.c.student_version, window_state.c.window_start).in_(chunk))
-                for r in conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)):
-                    key = WindowKey(r.model, r.student_version, r.window_start)
-                    state = WindowState.from_dict(orjson.loads(r.state))
-                    if key in merged:
-                        prior, final, window_ms = merged[key]
-                        merged[key] = (prior.merge(state), final and r.closed, window_ms)
-                    else:
-                        merged[key] = (state, bool(r.closed), r.window_ms)
+                _merge_rows(conn.execute(query.order_by(window_state.c.window_start, window_state.c.partition)), merged)
         return merged
 
     def offsets(self) -> dict[tuple[str, str, int], int]:
