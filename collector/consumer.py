@@ -36,6 +36,11 @@ from kdwatch.errors import ConfigError, StoreConflict, StoreUnavailable
 log = logging.getLogger(__name__)
 
 DLT_SUFFIX = ".DLT"
+STUCK_AFTER_S = 30.0  # an input with more on the broker that the client does not return for this long: reopen the consumer
+
+
+class ConsumerStuck(Exception):
+    """The Kafka client stopped returning a partition it has records for; the consumer is reopened."""
 
 
 class PartitionStore(Protocol):
@@ -96,10 +101,7 @@ class _Unit:
     fetched: dict[str, int]
     merge: EventTimeMerge[tuple[Source, Any]]  # each record with its value as parsed for the merge key
     paused: set[str] = field(default_factory=set)
-    log_end: dict[str, tuple[float, int | None]] = field(default_factory=dict)  # topic -> (asked at, end) (_log_end)
     progress_at: float = field(default_factory=time.monotonic)  # last record processed, or queues empty
-    kicked_at: float = 0.0
-    stall_logged_at: float = 0.0
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
@@ -219,6 +221,14 @@ class Collector:
                         last_data = time.monotonic()  # idle means nothing new *and* nothing left to read
                     backoff = 0.5
                     continue_after = None
+                except ConsumerStuck as exc:
+                    log.warning("%s: reopening the consumer", exc)
+                    self.units.clear()
+                    consumer.close(autocommit=False)
+                    consumer = self._consumer()
+                    consumer.subscribe(list(self.kinds))
+                    continue_after = None
+                    continue
                 except StoreUnavailable as exc:
                     continue_after = str(exc)
                 except (KafkaError, OSError) as exc:
@@ -268,7 +278,7 @@ class Collector:
             unit = self.units[p]
             self._queue(consumer, p, unit, by_unit.get(p, {}))
             advanced = self._merge_unit(unit)
-            self._watch_stall(consumer, p, unit, bool(advanced))
+            self._watch_stall(p, unit, bool(advanced))
             self._flow_control(consumer, p, unit)
             changes = unit.joiner.end_batch(unit.merge.idle())
             if not advanced and changes.watermark is None:
@@ -307,26 +317,8 @@ class Collector:
                 key, parsed = merge_key(value)
                 unit.merge.push(kind, key, (Source(topic, p, record.offset, record.timestamp, record.key, value), parsed))
                 unit.fetched[topic] = record.offset + 1
-            tp = TopicPartition(topic, p)
-            highwater = consumer.highwater(tp)
-            if highwater is None and not unit.merge.queued(kind):
-                highwater = self._log_end(consumer, unit, tp)
+            highwater = consumer.highwater(TopicPartition(topic, p))
             unit.merge.set_at_end(kind, highwater is not None and unit.fetched[topic] >= highwater)
-
-    @staticmethod
-    def _log_end(consumer: KafkaConsumer, unit: _Unit, tp: TopicPartition) -> int | None:
-        """The partition's log-end offset from the broker, asked at most once a second.
-
-        kafka-python forgets a partition's high watermark on a seek and learns it again only from a
-        fetch response for that partition; an input with nothing queued and no known end could then
-        hold the merge back indefinitely, so it is asked for directly.
-        """
-        now = time.monotonic()
-        asked_at, end = unit.log_end.get(tp.topic, (0.0, None))
-        if now - asked_at >= 1.0:
-            end = consumer.end_offsets([tp]).get(tp)
-            unit.log_end[tp.topic] = (now, end)
-        return end
 
     def _merge_unit(self, unit: _Unit) -> dict[str, tuple[int | None, int]]:
         """Process the unit's records in merge order, as far as the merge allows; topic -> (committed, new) that moved."""
@@ -343,35 +335,25 @@ class Collector:
             joiner.advance_watermark(unit.merge.idle())
         return {t: (unit.committed[t], unit.expected[t]) for t in self.kinds if unit.expected[t] != start[t]}
 
-    def _watch_stall(self, consumer: KafkaConsumer, p: int, unit: _Unit, progressed: bool) -> None:
-        """Unstick and report a co-partition whose records wait on an input the client stopped fetching.
+    def _watch_stall(self, p: int, unit: _Unit, progressed: bool) -> None:
+        """Catch a co-partition whose records wait on an input the client stopped returning.
 
-        An input with nothing queued that is not at its end has records on the broker the client has
-        not returned. After 10 s without progress its partition is resumed and sought to where it
-        stands (the client can be left not fetching a partition after an outage and a seek); after
-        60 s, and every minute, a warning names what the co-partition waits for.
+        An input with nothing queued that is not at its end has records on the broker (or an end the
+        client no longer knows) that the client does not return: kafka-python can be left that way
+        after an outage and a seek. After ``STUCK_AFTER_S`` without progress the consumer is replaced
+        (``ConsumerStuck``: the run loop reopens it and reloads every partition from the database).
         """
         now = time.monotonic()
         if progressed or not unit.merge.queued():
             unit.progress_at = now
             return
-        stalled = now - unit.progress_at
         idle = unit.merge.idle()
-        waiting = [kind for kind in unit.merge.inputs if not unit.merge.queued(kind) and not idle[kind]]
-        if stalled >= 10 and now - unit.kicked_at >= 10:
-            unit.kicked_at = now
-            for topic, kind in self.kinds.items():
-                if kind in waiting and not unit.merge.inputs[kind].at_end:
-                    tp = TopicPartition(topic, p)
-                    log.info("partition %d: %s gave nothing for %.0fs with more on the broker; seeking to %d again",
-                             p, topic, stalled, unit.fetched[topic])
-                    consumer.resume(tp)
-                    consumer.seek(tp, unit.fetched[topic])
-        if stalled >= 60 and now - unit.stall_logged_at >= 60:
-            unit.stall_logged_at = now
-            log.warning("partition %d: %d records queued and none processed for %.0fs, waiting for %s", p,
-                        unit.merge.queued(), stalled, ", ".join(f"{k} (at its end: {unit.merge.inputs[k].at_end})"
-                                                                 for k in waiting) or "nothing (a bug)")
+        waiting = [kind for kind in unit.merge.inputs
+                   if not unit.merge.queued(kind) and not idle[kind] and not unit.merge.inputs[kind].at_end]
+        stalled = now - unit.progress_at
+        if waiting and stalled >= STUCK_AFTER_S:
+            raise ConsumerStuck(f"partition {p}: {unit.merge.queued()} records queued and none processed for {stalled:.0f}s, "
+                                f"waiting for {', '.join(waiting)} that the client does not return")
 
     def _flow_control(self, consumer: KafkaConsumer, p: int, unit: _Unit) -> None:
         """Pause an input partition whose queue is full (the merge waits on another), resume it when it drains."""
