@@ -57,10 +57,11 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(kafka: str, datab
 
     stored = stored_results(store)
     expected = offline_results(paths)
-    # The stored count moves in steps (a co-partition waits for its inputs, then catches up): the first kill
-    # lands in the first half of the stream, the last in the second, none after the end.
-    assert progress == sorted(progress) and 0 < progress[0] < total // 2 and total // 2 < progress[-1] < total, \
-        f"kills should spread over the stream: progress {progress}"
+    # The stored count moves in steps (a co-partition waits for its inputs, then catches up, and the last step
+    # can finish the stream inside the random delay): the first kill lands in the first half of the stream and
+    # at least one lands in the second half before the end.
+    assert progress == sorted(progress) and 0 < progress[0] < total // 2, f"first kill too late: {progress}"
+    assert any(total // 2 < p < total for p in progress), f"no kill in the stream's second half: {progress}"
     assert sum(r["n"] for r in stored.values()) == total
     diffs = differences(stored, expected)
     assert not diffs, explain(diffs)
