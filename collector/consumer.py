@@ -31,6 +31,7 @@ from kdwatch.collector.ingest import ingest, merge_key
 from kdwatch.collector.join import PartitionJoiner
 from kdwatch.collector.merge import EventTimeMerge
 from kdwatch.collector.records import Changes, PartitionSnapshot, Source
+from kdwatch.collector.telemetry import CollectorMetrics
 from kdwatch.errors import ConfigError, StoreConflict, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,10 @@ def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, opt
 class Collector:
     """Run with :meth:`run`; stop by setting the ``stop`` event it was given."""
 
-    def __init__(self, config: CollectorConfig, store: PartitionStore, references: dict[str, Reference] | None = None) -> None:
+    def __init__(self, config: CollectorConfig, store: PartitionStore, references: dict[str, Reference] | None = None,
+                 metrics: CollectorMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.references = references or {}
         self.kinds = config.topics.kinds()
@@ -172,8 +175,12 @@ class Collector:
             if p not in owned:
                 log.info("partition %d revoked", p)
                 del self.units[p]
+                if self.metrics is not None:
+                    self.metrics.on_revoked(p, self.kinds.values())
         for p in sorted(owned - set(self.units)):
             self._load(consumer, p)
+        if self.metrics is not None:
+            self.metrics.owned.set(len(self.units))
 
     def _load(self, consumer: KafkaConsumer, p: int) -> None:
         snapshot = self.store.load_partition(self.config.group_id, p, self.kinds)
@@ -223,6 +230,8 @@ class Collector:
                     continue_after = None
                 except ConsumerStuck as exc:
                     log.warning("%s: reopening the consumer", exc)
+                    if self.metrics is not None:
+                        self.metrics.reopens.inc()
                     self.units.clear()
                     consumer.close(autocommit=False)
                     consumer = self._consumer()
@@ -231,8 +240,10 @@ class Collector:
                     continue
                 except StoreUnavailable as exc:
                     continue_after = str(exc)
+                    self._count_outage("database")
                 except (KafkaError, OSError) as exc:
                     continue_after = f"Kafka unavailable ({type(exc).__name__}: {exc})"
+                    self._count_outage("kafka")
                 if continue_after is not None:
                     # Drop in-memory state (it may be ahead of the database), wait, and resume from
                     # the stored offsets once everything answers again. An outage is not idleness.
@@ -246,6 +257,10 @@ class Collector:
         finally:
             producer.close(timeout=10)
             consumer.close(autocommit=False)
+
+    def _count_outage(self, dependency: str) -> None:
+        if self.metrics is not None:
+            self.metrics.pauses.labels(dependency).inc()
 
     def _caught_up(self, consumer: KafkaConsumer) -> bool:
         """No owned partition is known to have records beyond what was processed.
@@ -269,6 +284,13 @@ class Collector:
         return True
 
     def _process(self, consumer: KafkaConsumer, producer: KafkaProducer, batch: dict[TopicPartition, list[Any]]) -> None:
+        if self.metrics is None:
+            self._process_units(consumer, producer, batch)
+            return
+        with self.metrics.batch_seconds.time():
+            self._process_units(consumer, producer, batch)
+
+    def _process_units(self, consumer: KafkaConsumer, producer: KafkaProducer, batch: dict[TopicPartition, list[Any]]) -> None:
         by_unit: dict[int, dict[str, list[Any]]] = defaultdict(dict)
         for tp, records in batch.items():
             by_unit[tp.partition][tp.topic] = records
@@ -277,10 +299,14 @@ class Collector:
         for p in sorted(self.units):
             unit = self.units[p]
             self._queue(consumer, p, unit, by_unit.get(p, {}))
+            before = dict(unit.expected)
             advanced = self._merge_unit(unit)
             self._watch_stall(p, unit, bool(advanced))
             self._flow_control(consumer, p, unit)
-            changes = unit.joiner.end_batch(unit.merge.idle())
+            idle = unit.merge.idle()
+            changes = unit.joiner.end_batch(idle)
+            if self.metrics is not None:
+                self._observe_unit(p, unit, idle)
             if not advanced and changes.watermark is None:
                 continue
             # Offsets not advanced are still compare-and-set (old == new): the fence holds for every write.
@@ -296,11 +322,21 @@ class Collector:
             except StoreUnavailable:
                 del self.units[p]
                 raise
+            if self.metrics is not None:
+                self.metrics.on_commit(changes.counters, ((dl.source.topic, dl.reason) for dl in changes.dead_letters),
+                                       len(changes.closed), time.time())
+                self.metrics.on_processed({t: unit.expected[t] - before[t] for t in advanced})
             for topic, (_old, new) in advanced.items():
                 unit.committed[topic] = new
             if advanced:
                 # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
                 consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
+
+    def _observe_unit(self, p: int, unit: _Unit, idle: dict[str, bool]) -> None:
+        assert self.metrics is not None
+        joiner = unit.joiner
+        self.metrics.on_unit(p, len(joiner.entries), joiner.watermark, {k: unit.merge.queued(k) for k in unit.merge.inputs},
+                             joiner.observed, idle)
 
     def _queue(self, consumer: KafkaConsumer, p: int, unit: _Unit, topics: dict[str, list[Any]]) -> None:
         """Queue a unit's newly fetched records in its merge, and tell the merge which inputs are at their end."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kdwatch.collector.contract import decode_prediction, decode_teacher
 from kdwatch.collector.teachers import Teacher, TeacherError
@@ -106,6 +106,10 @@ class Replayer:
         self.m_skipped = Counter("kdwatch_replayer_skipped", "predictions not replayed: invalid, audit or no features",
                                  ["reason"], registry=registry)
         self.m_latency = Histogram("kdwatch_replayer_teacher_latency_seconds", "one teacher call (a batch)", registry=registry)
+        self.m_lag = Gauge("kdwatch_replayer_lag", "Predictions not yet read by the replayer, per partition (as the "
+                           "client last saw the log end)", ["partition"], registry=registry)
+        self.m_last_commit = Gauge("kdwatch_replayer_last_commit_timestamp_seconds", "When the replayer last committed "
+                                   "its offsets (epoch seconds)", registry=registry)
         self.processed = 0  # predictions consumed
         self.published = 0  # teacher replays acknowledged by the broker
 
@@ -183,6 +187,13 @@ class Replayer:
 
     # ---- Kafka ----
 
+    def _observe_lag(self, consumer: KafkaConsumer) -> None:
+        """The replayer's lag from what the client already knows (the log end of its last fetch): no broker call."""
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                self.m_lag.labels(str(tp.partition)).set(max(highwater - consumer.position(tp), 0))
+
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
         """Consume until ``stop`` is set (or nothing arrived for ``idle_exit_s`` seconds)."""
         stop = stop or threading.Event()
@@ -196,6 +207,7 @@ class Replayer:
         try:
             while not stop.is_set():
                 batch = consumer.poll(timeout_ms=500)
+                self._observe_lag(consumer)
                 if not batch:
                     if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                         return
@@ -224,6 +236,7 @@ class Replayer:
                             ("kdwatch.component", b"replayer")])
                 producer.flush(timeout=60)  # acknowledged before the offsets move: at least once
                 consumer.commit()
+                self.m_last_commit.set(time.time())
                 self.published += sum(len(r) for r in published)
         finally:
             producer.close(timeout=10)

@@ -140,6 +140,17 @@ def generate(
 # ---- streaming ----
 
 
+def _metrics_server(port: int | None) -> Any:
+    """A registry served over HTTP on ``port`` (all interfaces, as /metrics), or None without a port."""
+    if port is None:
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    start_http_server(port, registry=registry)
+    return registry
+
+
 def _settings(**overrides: Any) -> Any:
     from kdwatch.settings import load_settings
 
@@ -152,12 +163,13 @@ def collect(
     database_url: Annotated[str | None, typer.Option(help="overrides KDWATCH_DATABASE_URL")] = None,
     group_id: Annotated[str | None, typer.Option(help="overrides KDWATCH_GROUP_ID")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="exit after this many seconds without records")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve the collector's own Prometheus metrics on this port")] = None,
 ) -> None:
     """Run a collector (one consumer-group member) until interrupted."""
     from kdwatch.wiring import build_collector, collector_config, open_store
 
     settings = _settings(bootstrap_servers=bootstrap_servers, database_url=database_url, group_id=group_id)
-    collector = build_collector(collector_config(settings), open_store(settings.database_url))
+    collector = build_collector(collector_config(settings), open_store(settings.database_url), registry=_metrics_server(metrics_port))
     stop = threading.Event()
     from kdwatch.runtime import tune_gc
 
@@ -250,13 +262,13 @@ def db_upgrade(database_url: Annotated[str | None, typer.Option()] = None) -> No
 # ---- the SLO engine ----
 
 
-def _live_engine(settings: Any, slo_file: Path | None) -> Any:
+def _live_engine(settings: Any, slo_file: Path | None, metrics_port: int | None) -> Any:
     from kdwatch.wiring import build_live_engine, live_config, open_store, store_slos
 
     store = open_store(settings.database_url)
     if slo_file is not None:  # the file replaces the stored SLO document; the API may edit it afterwards
         store_slos(store, slo_file)
-    return build_live_engine(store, live_config(settings))
+    return build_live_engine(store, live_config(settings), registry=_metrics_server(metrics_port))
 
 
 @app.command()
@@ -264,10 +276,11 @@ def engine(
     slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML (replaces the stored SLOs)")] = None,
     once: Annotated[bool, typer.Option(help="one evaluation cycle, then exit")] = False,
     database_url: Annotated[str | None, typer.Option()] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve the engine's own Prometheus metrics on this port")] = None,
 ) -> None:
     """Run the live SLO engine over the stored windows: alerts, notifications, retrain webhooks."""
     settings = _settings(database_url=database_url)
-    live = _live_engine(settings, slo)
+    live = _live_engine(settings, slo, metrics_port)
     interval = parse_duration_ms(settings.engine_interval) / 1000
     while True:
         for note in live.run_once():
@@ -426,7 +439,7 @@ def replayer(
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
 ) -> None:
     """Replay a deterministic sample of predictions through the teacher and publish teacher replays."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from kdwatch.collector.replayer import Replayer, ReplayerConfig
     from kdwatch.collector.teachers import HttpTeacher, Teacher, TorchScriptTeacher
@@ -450,9 +463,7 @@ def replayer(
     else:
         assert teacher_url is not None
         teacher = HttpTeacher(teacher_url)
-    registry = CollectorRegistry()
-    if metrics_port is not None:
-        start_http_server(metrics_port, registry=registry)
+    registry = _metrics_server(metrics_port) or CollectorRegistry()
     config = ReplayerConfig(settings.bootstrap_servers, settings.topic_predictions, settings.topic_teacher, group_id,
                             teacher_version, sample_rate, model_rates, max_per_second, kafka_options=settings.kafka_options())
     err.print(f"replayer {group_id}: {settings.topic_predictions} -> {settings.topic_teacher}, sample rate {sample_rate}")

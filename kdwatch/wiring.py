@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.collector.consumer import Collector, CollectorConfig, Topics
+from kdwatch.collector.telemetry import CollectorMetrics
 from kdwatch.durations import parse_duration_ms
 from kdwatch.errors import ConfigError
 from kdwatch.settings import Settings
 from kdwatch.slo.config import SloFile, load_slo_file, parse_slo_file
 from kdwatch.slo.dispatch import Dispatcher, Receiver
 from kdwatch.slo.live import LiveConfig, LiveEngine, receivers_of
+from kdwatch.slo.telemetry import EngineMetrics
 from kdwatch.storage.jobs import JobStore
 from kdwatch.storage.slo_store import SloSqlStore
 from kdwatch.storage.sql import SqlStore
@@ -57,9 +60,14 @@ def collector_config(settings: Settings, **overrides: Any) -> CollectorConfig:
     return CollectorConfig(**{**fields, **overrides})
 
 
-def build_collector(config: CollectorConfig, store: SqlStore, references: Mapping[str, Reference] | None = None) -> Collector:
-    """A collector over ``store``, with the PSI references stored there unless ``references`` are given."""
-    return Collector(config, store, dict(references) if references is not None else store.references())
+def build_collector(config: CollectorConfig, store: SqlStore, references: Mapping[str, Reference] | None = None,
+                    registry: CollectorRegistry | None = None) -> Collector:
+    """A collector over ``store``, with the PSI references stored there unless ``references`` are given.
+
+    With ``registry``, its self-metrics (kdwatch.collector.telemetry) are registered there.
+    """
+    return Collector(config, store, dict(references) if references is not None else store.references(),
+                     metrics=CollectorMetrics(registry) if registry is not None else None)
 
 
 def live_config(settings: Settings) -> LiveConfig:
@@ -85,10 +93,11 @@ def store_slos(store: SqlStore, slos: Path | Mapping[str, Any]) -> None:
     SloSqlStore(store.engine).put_slo_document(document, int(time.time() * 1000))
 
 
-def build_live_engine(store: SqlStore, config: LiveConfig) -> LiveEngine:
+def build_live_engine(store: SqlStore, config: LiveConfig, registry: CollectorRegistry | None = None) -> LiveEngine:
     """The live SLO engine over the stored windows, re-reading the stored SLOs every cycle (hot reload).
 
-    Raises ``ConfigError`` when no SLOs are stored yet.
+    With ``registry``, its self-metrics (kdwatch.slo.telemetry) are registered there. Raises ``ConfigError``
+    when no SLOs are stored yet.
     """
     slo_store = SloSqlStore(store.engine)
     document = slo_store.get_slo_document()
@@ -100,7 +109,8 @@ def build_live_engine(store: SqlStore, config: LiveConfig) -> LiveEngine:
 
     client = httpx.Client()
     dispatcher = Dispatcher(slo_store, receivers_of(config), client)
-    return LiveEngine(parse_slo_file(document), store, slo_store, dispatcher, config, client=client, load_slos=load_slos)
+    return LiveEngine(parse_slo_file(document), store, slo_store, dispatcher, config, client=client, load_slos=load_slos,
+                      metrics=EngineMetrics(registry) if registry is not None else None)
 
 
 def build_api(store: SqlStore, settings: Settings | None = None) -> FastAPI:

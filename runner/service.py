@@ -5,6 +5,7 @@
     GET  /v1/jobs            jobs, newest first (?model=)
     GET  /v1/jobs/{id}       one job: status, log, metrics, the new student_version
     GET  /healthz
+    GET  /metrics            the runner's own metrics (README "Self-metrics")
 
 A worker thread runs one job at a time (and the queue's claim never runs two jobs of one model at
 once, even across replicas): fetch the transfer set of the range the webhook names, distil
@@ -26,7 +27,8 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from rich.progress import Progress
 
 from kdwatch.httperrors import install_json_errors
@@ -85,6 +87,14 @@ class Runner:
         self.store, self.jobs, self.config, self.clock = store, jobs, config, clock
         self.registry = Registry(config.registry_dir)
         self.wake = threading.Event()
+        self.metrics = CollectorRegistry()
+        self.m_finished = Counter("kdwatch_runner_jobs_finished", "Jobs this runner finished, per model and outcome "
+                                  "(promoted, rejected, failed)", ["model", "outcome"], registry=self.metrics)
+        self.m_duration = Histogram("kdwatch_runner_job_duration_seconds", "One job: transfer set, distillation, gate",
+                                    ["model"], buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=self.metrics)
+        self.m_running = Gauge("kdwatch_runner_job_running", "1 while this runner runs a job", registry=self.metrics)
+        self.m_last_poll = Gauge("kdwatch_runner_last_poll_timestamp_seconds", "When the worker last looked for a job "
+                                 "(epoch seconds)", registry=self.metrics)
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -92,10 +102,20 @@ class Runner:
     def run_once(self) -> dict[str, Any] | None:
         """Claim and run the next job; the finished job, or None when the queue is empty."""
         job = self.jobs.claim_next(self._now())
+        self.m_last_poll.set(self.clock())
         if job is None:
             return None
-        self.run_job(job)
-        return self.jobs.get(job["id"])
+        started = time.monotonic()
+        self.m_running.set(1)
+        try:
+            self.run_job(job)
+        finally:
+            self.m_running.set(0)
+            self.m_duration.labels(job["model"]).observe(time.monotonic() - started)
+        finished = self.jobs.get(job["id"])
+        if finished is not None:
+            self.m_finished.labels(job["model"], str(finished["status"])).inc()
+        return finished
 
     def run_job(self, job: dict[str, Any]) -> None:
         lines: list[str] = []
@@ -181,6 +201,10 @@ def create_runner_app(runner: Runner, start_worker: bool = True) -> FastAPI:
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(runner.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/webhooks/retrain", status_code=202)
     async def retrain(request: Request) -> JSONResponse:

@@ -90,6 +90,8 @@ class Dispatcher:
         self.client = client or httpx.Client()
         self.clock = clock
         self.rng = rng or random.Random()
+        # Told of every attempt: (receiver, outcome, seconds); kdwatch.slo.telemetry counts them.
+        self.on_attempt: Callable[[str, str, float], None] | None = None
 
     def deliver_due(self, limit: int = 100) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
@@ -105,6 +107,8 @@ class Dispatcher:
                 for member in delivery.members or (delivery.id,):
                     self.store.record_attempt(member, delivery.attempts, now_ms, None,
                                               f"receiver {delivery.receiver} is {why}", 0, status, 0)
+                if self.on_attempt is not None:
+                    self.on_attempt(delivery.receiver, status, 0.0)
                 continue
             self._attempt(receiver, delivery)
         return len(due)
@@ -138,6 +142,8 @@ class Dispatcher:
                 duration_ms: int, status: str, next_attempt_at: int) -> None:
         for member in delivery.members or (delivery.id,):
             self.store.record_attempt(member, attempt, now_ms, status_code, error, duration_ms, status, next_attempt_at)
+        if self.on_attempt is not None:
+            self.on_attempt(delivery.receiver, status, duration_ms / 1000)
 
     def _attempt(self, receiver: Receiver, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1

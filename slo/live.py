@@ -30,6 +30,7 @@ from kdwatch.slo.config import SloFile
 from kdwatch.slo.dispatch import Dispatcher, Receiver
 from kdwatch.slo.engine import Alert, Silence, SloEngine, WindowInput
 from kdwatch.slo.notify import alert_entry, alertmanager_api_alerts, alertmanager_webhook_message, outbox_id, retrain_payload
+from kdwatch.slo.telemetry import EngineMetrics
 from kdwatch.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class EngineStore(Protocol):
                     deliveries: list[dict[str, Any]]) -> bool: ...
     def silences(self) -> list[Silence]: ...
     def retrains_in_flight(self) -> set[str]: ...
+    def pending_backlog(self) -> dict[str, tuple[int, int]]: ...
 
 
 @dataclass
@@ -67,8 +69,11 @@ class LiveConfig:
 class LiveEngine:
     def __init__(self, slos: SloFile, windows: WindowSource, store: EngineStore, dispatcher: Dispatcher,
                  config: LiveConfig, clock: Callable[[], float] = time.time, client: httpx.Client | None = None,
-                 load_slos: Callable[[], SloFile] | None = None) -> None:
+                 load_slos: Callable[[], SloFile] | None = None, metrics: EngineMetrics | None = None) -> None:
         self.slos = slos
+        self.metrics = metrics
+        if metrics is not None:
+            dispatcher.on_attempt = metrics.on_attempt
         self.windows = windows
         self.store = store
         self.dispatcher = dispatcher
@@ -84,9 +89,26 @@ class LiveEngine:
         self.dispatcher.client.close()
 
     def run_once(self) -> list[dict[str, Any]]:
+        """One cycle: evaluate the windows that became final, store alerts and notifications, deliver what is due."""
+        if self.metrics is None:
+            return self._cycle()[1]
+        started = time.monotonic()
+        outcome, notes = self._cycle()
+        metrics = self.metrics
+        metrics.cycle_seconds.observe(time.monotonic() - started)
+        metrics.cycles.labels(outcome).inc()
+        metrics.leader.set(1.0 if outcome == "led" else 0.0)
+        for note in notes:
+            kind = str(note.get("type", "other"))
+            metrics.notifications.labels(f"{kind}_{note['status']}" if kind == "alert" else kind).inc()
+        metrics.on_backlog(self.store.pending_backlog(), int(self.clock() * 1000))
+        metrics.last_cycle.set(self.clock())
+        return notes
+
+    def _cycle(self) -> tuple[str, list[dict[str, Any]]]:
         now_ms = int(self.clock() * 1000)
         if not self.store.acquire_lease(ENGINE_NAME, self.config.owner, now_ms, self.config.lease_ttl_ms):
-            return []  # another replica leads
+            return "follower", []  # another replica leads
         if self.load_slos is not None:
             self.slos = self.load_slos()
         engine = SloEngine(self.slos)
@@ -106,11 +128,11 @@ class LiveEngine:
             notes.extend(engine.check_no_data(now_ms))
         rows = self._outbox_rows(notes, ready, now_ms, {a.fingerprint: a for a in engine.alerts.values()})
         if not self.store.save_engine(ENGINE_NAME, self.config.owner, engine.state_dict(), through, rows):
-            return []  # lost the lease meanwhile: the new leader redoes this
+            return "lost", []  # lost the lease meanwhile: the new leader redoes this
         self.notifications.extend(notes)
         self._push_alertmanager(engine, firing_before, through)
         self.dispatcher.deliver_due()
-        return notes
+        return "led", notes
 
     def _ready_windows(self, through: int, refs: dict[str, Reference]) -> dict[int, list[WindowInput]]:
         """Windows ending after ``through``, up to (not including) the first end with a window still open."""

@@ -32,6 +32,17 @@ def post(client: TestClient, body: bytes, msg_id: str = "msg_1", secret: str = S
     return client.post("/webhooks/retrain", content=body, headers=headers(secret, msg_id, body, ts))
 
 
+def wait_metric(client: TestClient, series: str, timeout_s: float = 10.0) -> float:
+    """The value of one series of the runner's /metrics, waiting for it to appear (the counter follows the job)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        assert time.monotonic() < deadline, f"{series} not in /metrics"
+        time.sleep(0.1)
+
+
 def wait_finished(client: TestClient, job_id: str, timeout_s: float = 60.0) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -59,6 +70,10 @@ def test_a_signed_retrain_request_distils_gates_and_registers_a_new_student(runn
         again = post(client, request_body())  # the same delivery, retried by the sender
         assert again.status_code == 200 and again.json()["id"] == "msg_1"  # type: ignore[attr-defined]
         assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == ["msg_1"]
+        finished = wait_metric(client, 'kdwatch_runner_jobs_finished_total{model="m",outcome="promoted"}')
+        assert finished == 1.0
+        assert wait_metric(client, 'kdwatch_runner_job_duration_seconds_count{model="m"}') == 1.0
+        assert wait_metric(client, "kdwatch_runner_job_running") == 0.0
     assert job["status"] == "promoted", job["log"]
     assert job["student_version"] == "s1-kd1" and job["parent_version"] == "s1"
     metrics = job["metrics"]
@@ -105,6 +120,7 @@ def test_a_range_without_enough_transfer_data_fails_the_job_with_its_reason(runn
     with TestClient(create_runner_app(runner)) as client:
         assert post(client, body, msg_id="msg_empty").status_code == 202  # type: ignore[attr-defined]
         job = wait_finished(client, "msg_empty")
+        assert wait_metric(client, 'kdwatch_runner_jobs_finished_total{model="m",outcome="failed"}') == 1.0
     assert job["status"] == "failed"
     assert "0 records in the range" in str(job["error"])
     assert runner.registry.current("m") is None
