@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"
 
 
-def test_the_committed_rules_are_what_kdwatch_generates_from_the_example_slos() -> None:
-    generated = subprocess.run([sys.executable, "-m", "kdwatch.cli", "prometheus-rules", "--slo", "examples/slo.yaml"],
+@pytest.mark.parametrize(("args", "committed"), [(["--slo", "examples/slo.yaml"], "rules.yml"), (["--self"], "self.rules.yml")])
+def test_the_committed_rules_are_what_kdwatch_generates(args: list[str], committed: str) -> None:
+    generated = subprocess.run([sys.executable, "-m", "kdwatch.cli", "prometheus-rules", *args],
                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert generated == (RULES / "rules.yml").read_text(), "regenerate: kdwatch prometheus-rules --slo examples/slo.yaml"
+    assert generated == (RULES / committed).read_text(), f"regenerate: kdwatch prometheus-rules {' '.join(args)} > {committed}"
 
 
 @pytest.mark.parametrize(("rules", "tests"), [("rules.yml", "rules.test.yml"), ("self.rules.yml", "self.rules.test.yml")])
@@ -37,3 +38,7 @@ def test_prometheus_loads_both_rule_files_and_every_self_alert_is_documented() -
     readme = (ROOT / "README.md").read_text()
     alerts = [r["alert"] for g in yaml.safe_load((RULES / "self.rules.yml").read_text())["groups"] for r in g["rules"]]
     assert len(alerts) == 8 and all(f"`{name}`" in readme for name in alerts)
+    for group in yaml.safe_load((RULES / "self.rules.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["tier"] == "self" and rule["labels"]["severity"] in ("page", "ticket")
+            assert rule["annotations"]["runbook"] and rule["annotations"]["description"]
