@@ -18,6 +18,16 @@ from kdwatch.collector.contract import Distribution
 
 PREDICTION, TEACHER, LABEL = "p", "t", "l"
 INPUTS = ("prediction", "teacher", "label")
+# Every reason a record can be dead-lettered for (the contract's rejections, then the join's outcomes),
+# so the exporter can report each at 0 before it first happens: a counter that appears at its first
+# value hides that increase from rate() (tests/unit/collector/test_contract.py checks the list is whole).
+DEAD_LETTER_REASONS = (
+    "invalid_json", "invalid_utf8", "not_an_object", "too_large", "unsupported_version", "unknown_field", "missing_field",
+    "wrong_type", "empty_string", "string_too_long", "not_finite", "negative_probability", "probs_not_normalised",
+    "probs_or_logits", "bad_class_count", "label_out_of_range", "bad_audit", "bad_latency", "bad_feature_name",
+    "too_many_features", "invalid_timestamp", "timestamp_out_of_range", "future_timestamp", "class_count_mismatch",
+    "late", "unmatched",
+)
 NO_SEGMENT = "_none"
 
 

@@ -163,7 +163,8 @@ def collect(
     database_url: Annotated[str | None, typer.Option(help="overrides KDWATCH_DATABASE_URL")] = None,
     group_id: Annotated[str | None, typer.Option(help="overrides KDWATCH_GROUP_ID")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="exit after this many seconds without records")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="serve the collector's own Prometheus metrics on this port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(envvar="KDWATCH_METRICS_PORT",
+                                                     help="serve the collector's own Prometheus metrics on this port")] = None,
 ) -> None:
     """Run a collector (one consumer-group member) until interrupted."""
     from kdwatch.wiring import build_collector, collector_config, open_store
@@ -276,7 +277,8 @@ def engine(
     slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML (replaces the stored SLOs)")] = None,
     once: Annotated[bool, typer.Option(help="one evaluation cycle, then exit")] = False,
     database_url: Annotated[str | None, typer.Option()] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="serve the engine's own Prometheus metrics on this port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(envvar="KDWATCH_METRICS_PORT",
+                                                     help="serve the engine's own Prometheus metrics on this port")] = None,
 ) -> None:
     """Run the live SLO engine over the stored windows: alerts, notifications, retrain webhooks."""
     settings = _settings(database_url=database_url)
@@ -349,14 +351,24 @@ def silence_expire(silence_id: str, database_url: Annotated[str | None, typer.Op
 
 
 @app.command()
-def deliveries(database_url: Annotated[str | None, typer.Option()] = None) -> None:
+def deliveries(
+    database_url: Annotated[str | None, typer.Option()] = None,
+    retry_now: Annotated[bool, typer.Option(help="make every pending delivery due now (after fixing a receiver), "
+                                                 "instead of at its next backoff step")] = False,
+    receiver: Annotated[str | None, typer.Option(help="with --retry-now: only this receiver's")] = None,
+) -> None:
     """Print the notification outbox with each delivery's outcome and attempts, as JSON lines."""
     from kdwatch.storage.slo_store import SloSqlStore
     from kdwatch.storage.sql import SqlStore
 
     store = SqlStore.from_url(_settings(database_url=database_url).database_url.get_secret_value())
     store.migrate()
-    for row in SloSqlStore(store.engine).deliveries():
+    slo_store = SloSqlStore(store.engine)
+    if retry_now:
+        count = slo_store.retry_now(int(time.time() * 1000), receiver)
+        err.print(f"{count} pending deliveries due now: the engine's next cycle attempts them")
+        return
+    for row in slo_store.deliveries():
         _emit(row)
 
 
@@ -460,7 +472,7 @@ def replayer(
     rate: Annotated[list[str] | None, typer.Option(help="per-model sample rate, MODEL=RATE (repeatable)")] = None,
     max_per_second: Annotated[float | None, typer.Option(min=0.001, help="cap on replays per second")] = None,
     group_id: Annotated[str, typer.Option()] = "kdwatch-replayer",
-    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(envvar="KDWATCH_METRICS_PORT", help="serve Prometheus metrics on this port")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
 ) -> None:
     """Replay a deterministic sample of predictions through the teacher and publish teacher replays."""

@@ -69,6 +69,12 @@ class LagSource:
             self._thread.start()
         return self
 
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the background refresh (a refresh under way finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self.refresh()

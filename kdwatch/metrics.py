@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kdwatch.analyzer.window import window_result
+from kdwatch.collector.records import DEAD_LETTER_REASONS, INPUTS
 from kdwatch.durations import format_duration_ms
 from kdwatch.slo.burn import budget_remaining, burn_rate
 from kdwatch.slo.config import parse_slo_file
@@ -181,7 +182,10 @@ class KdwatchCollector(Collector):
         family = CounterMetricFamily("kdwatch_events", "Records consumed per kind and outcome (valid, or the rejection, "
                                      "late, unmatched or duplicate reason)", labels=["kind", "outcome"])
         dead = CounterMetricFamily("kdwatch_dead_letters", "Records sent to a dead-letter topic", labels=["kind", "reason"])
-        for (kind, reason), count in sorted(self.store.counters().items()):
+        # Every (kind, reason) is reported from 0 on, so rate() sees a reason's first occurrence.
+        counts = {(kind, reason): 0 for kind in INPUTS for reason in ("valid", "duplicate", *DEAD_LETTER_REASONS)}
+        counts.update(self.store.counters())
+        for (kind, reason), count in sorted(counts.items()):
             family.add_metric([kind, reason], float(count))
             if reason not in ("valid", "duplicate"):
                 dead.add_metric([kind, reason], float(count))

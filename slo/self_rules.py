@@ -109,7 +109,7 @@ def self_rules(t: SelfAlertTimings | None = None) -> dict[str, Any]:
               "kdwatch notifications to {{ $labels.receiver }} wait undelivered for {{ $value | humanizeDuration }}",
               f"A notification has waited in the outbox for {_d(t.backlog_after_ms)}: its receiver is down or refuses it.",
               "`kdwatch deliveries` shows each attempt's status code and error; fix the receiver (URL, secret, "
-              "availability): the engine retries with backoff and delivers in order."),
+              "availability), then `kdwatch deliveries --retry-now` (otherwise the next backoff step, up to hours)."),
         _rule("KdwatchWindowsNotFinal",
               f"time() - max by (model, student_version) (kdwatch_window_end_timestamp_seconds) > {_s(t.not_final_after_ms)}",
               t.not_final_for_ms, "ticket",

@@ -80,6 +80,14 @@ class SloSqlStore:
                 .where(outbox.c.receiver == receiver, outbox.c.group_key == group_key, outbox.c.status == "delivered",
                        delivery_log.c.status_code >= 200, delivery_log.c.status_code < 300)).scalar()
 
+    def retry_now(self, now_ms: int, receiver: str | None = None) -> int:
+        """Make every pending delivery (of ``receiver``) due at ``now_ms``; how many. For after a receiver is fixed."""
+        query = update(outbox).where(outbox.c.status == "pending", outbox.c.next_attempt_at > now_ms)
+        if receiver is not None:
+            query = query.where(outbox.c.receiver == receiver)
+        with self.engine.begin() as conn:
+            return int(conn.execute(query.values(next_attempt_at=now_ms)).rowcount)
+
     def postpone(self, delivery_ids: list[str], until_ms: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(outbox).where(outbox.c.id.in_(delivery_ids)).values(next_attempt_at=until_ms))

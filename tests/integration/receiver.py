@@ -29,7 +29,8 @@ class Received:
 
 
 @contextmanager
-def webhook_receiver(secret: str | None = None, script: list[tuple[int, dict[str, str]]] | None = None) -> Iterator[tuple[str, Received]]:
+def webhook_receiver(secret: str | None = None, script: list[tuple[int, dict[str, str]]] | None = None,
+                     port: int = 0) -> Iterator[tuple[str, Received]]:
     state = Received(secret, list(script or []))
 
     class Handler(BaseHTTPRequestHandler):
@@ -58,7 +59,7 @@ def webhook_receiver(secret: str | None = None, script: list[tuple[int, dict[str
         def log_message(self, *args: object) -> None:
             pass  # keep the test output clean
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -129,3 +129,20 @@ def test_oversized_values_and_bad_bytes_are_rejected() -> None:
 
 def test_rfc3339_and_epoch_milliseconds_name_the_same_instant() -> None:
     assert parse_ts("2026-11-18T11:06:40Z") == parse_ts(TS) == TS
+
+
+def test_every_reason_in_the_code_is_listed_for_the_exporter() -> None:
+    """Each reason code the collector can count (a ContractError, a dead letter, a counter) is in DEAD_LETTER_REASONS."""
+    import re
+    from pathlib import Path
+
+    from kdwatch.collector.records import DEAD_LETTER_REASONS
+
+    pattern = re.compile(r'(?:ContractError|reject|DeadLetter)\([^"\n]*"([a-z0-9_]+)"|counters\[\([a-z_"]+, "([a-z0-9_]+)"\)\]'
+                         r'|reason = "([a-z0-9_]+)" if .* else "([a-z0-9_]+)"')
+    found = set()
+    for path in (Path(__file__).resolve().parents[3] / "collector").glob("*.py"):
+        for match in pattern.finditer(path.read_text()):
+            found |= {g for g in match.groups() if g}
+    assert {"invalid_json", "invalid_utf8", "late", "unmatched", "missing_field"} <= found  # the scan itself works
+    assert found - {"valid", "duplicate"} <= set(DEAD_LETTER_REASONS), found - set(DEAD_LETTER_REASONS)
