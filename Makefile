@@ -40,6 +40,7 @@ bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own vir
 	cd benchmarks && ../$(PY) detection.py
 	cd benchmarks && ../$(PY) alert_quality.py
 	cd benchmarks && ../$(PY) freshness.py
+	cd benchmarks && ../$(PY) scrape_latency.py
 	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
 	cd benchmarks && ../$(PY) profile_collector.py
 	cd benchmarks && ../$(PY) profile_analyze.py

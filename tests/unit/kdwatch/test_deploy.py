@@ -57,7 +57,14 @@ def test_compose_services_run_real_commands_with_real_settings() -> None:
     assert engine["environment"]["KDWATCH_RETRAIN_WEBHOOK_URL"] == f"http://runner:{runner_port}/webhooks/retrain"
     assert runner["environment"]["KDWATCH_RUNNER_WEBHOOK_SECRET"] == engine["environment"]["KDWATCH_RETRAIN_WEBHOOK_SECRET"]
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"kdwatch-api:{port}"]
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape["scrape_configs"]}
+    assert jobs["kdwatch"] == [f"kdwatch-api:{port}"]
+    assert jobs["kdwatch-runner"] == [f"runner:{runner_port}"]
+    # Each collector and the engine serve their own metrics where Prometheus looks for them.
+    for job, services in (("kdwatch-collector", ("collector-1", "collector-2")), ("kdwatch-engine", ("engine",))):
+        for service in services:
+            command = ours[service]["command"]
+            assert f"{service}:{command[command.index('--metrics-port') + 1]}" in jobs[job], (job, service)
 
 
 def test_kubernetes_manifests_match_the_cli_and_settings() -> None:
