@@ -28,6 +28,16 @@ DECILES = np.arange(1, 10) / 10
 ZERO_PROPORTION = 1e-4
 CONFIDENCE = "_confidence"
 PREDICTED_CLASS = "_predicted_class"
+# The output features of a generative student: its sequence's length and mean log-probability.
+LENGTH = "_length"
+MEAN_LOGPROB = "_mean_logprob"
+
+
+def output_features(dist: Any, generation: Any) -> dict[str, float | str]:
+    """A prediction's output features for PSI: top-1 confidence and class, or length and mean log-probability."""
+    if generation is not None:
+        return {LENGTH: float(generation.logprobs.shape[0]), MEAN_LOGPROB: float(generation.logprobs.mean())}
+    return {CONFIDENCE: float(dist.probs.max()), PREDICTED_CLASS: str(int(np.argmax(dist.probs)))}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ a deterministic sample by request hash is kept instead (documented approximation
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,16 +131,27 @@ class MembershipState:
         loss = attack_result(columns["loss"][member], columns["loss"][~member])
         out = {**base, **loss}
         for name in ("confidence", "mentropy"):
-            out[name] = attack_result(columns[name][member], columns[name][~member])
+            scores = columns[name]
+            # Null for generative students: only the loss attack applies to a sequence's log-probabilities.
+            out[name] = None if np.isnan(scores).all() else attack_result(scores[member], scores[~member])
         return out
 
     def to_dict(self) -> dict[str, Any]:
         rows = sorted(self.rows)
         return {"threshold": str(self.threshold), "n_member_total": self.n_member_total,
                 "n_nonmember_total": self.n_nonmember_total,
-                "rows": [[str(h), m, a, b, c] for h, m, a, b, c in rows]}
+                "rows": [[str(h), m, a, _json(b), _json(c)] for h, m, a, b, c in rows]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MembershipState:
-        return cls([(int(h), bool(m), a, b, c) for h, m, a, b, c in data["rows"]], int(data["threshold"]),
+        return cls([(int(h), bool(m), a, _nan(b), _nan(c)) for h, m, a, b, c in data["rows"]], int(data["threshold"]),
                    data["n_member_total"], data["n_nonmember_total"])
+
+
+def _json(score: float) -> float | None:
+    """NaN (an attack that does not apply: generative audit records) is stored as null."""
+    return None if math.isnan(score) else score
+
+
+def _nan(score: float | None) -> float:
+    return math.nan if score is None else score

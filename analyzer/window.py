@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from kdwatch.analyzer.calibration import CalibrationState
-from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, DriftState, Reference
+from kdwatch.analyzer.drift import DriftState, Reference, output_features
 from kdwatch.analyzer.fidelity import FidelityState, student_log_probs, teacher_log_probs
+from kdwatch.analyzer.generative import GenerativeState
 from kdwatch.analyzer.membership import MembershipState, attack_scores
 from kdwatch.analyzer.sketch import QuantileSketch
 from kdwatch.timestamps import rfc3339
@@ -67,6 +68,7 @@ class WindowState:
     # segment -> SEGMENT_FIELDS counts. Exact up to MAX_SEGMENTS names per window; counts of further
     # names are kept under OTHER_SEGMENT (segments are meant to be few: regions, tenants, tiers).
     segments: dict[str, list[int]] = field(default_factory=dict)
+    generative: GenerativeState = field(default_factory=GenerativeState)  # a language-model student's
 
     def add_segments(self, counts: dict[str, list[int]]) -> None:
         for name, values in counts.items():
@@ -87,18 +89,16 @@ class WindowState:
         if latencies:
             self.latency.update(np.asarray(latencies))
         if reference is not None:
-            columns: dict[str, list[Any]] = {CONFIDENCE: [], PREDICTED_CLASS: []}
-            for name in reference.features:
-                if not name.startswith("_"):
-                    columns[name] = []
+            columns: dict[str, list[Any]] = {name: [] for name in reference.features}
             for p in predictions:
-                columns[CONFIDENCE].append(float(p.dist.probs.max()))
-                columns[PREDICTED_CLASS].append(str(int(np.argmax(p.dist.probs))))
+                outputs = output_features(p.dist, p.generation)
                 feats = p.features or {}
                 for name, col in columns.items():
-                    if not name.startswith("_"):
-                        col.append(feats.get(name))
+                    col.append(outputs.get(name) if name.startswith("_") else feats.get(name))
             self.drift.update(reference, columns)
+        lengths = [p.generation.logprobs.shape[0] for p in predictions if p.generation is not None]
+        if lengths:
+            self.generative.add_lengths(lengths)
 
     def add_pairs(self, teacher: Sequence[Any], student: Sequence[Any]) -> None:
         """Fidelity of joined (teacher replay, student prediction) distribution pairs."""
@@ -125,6 +125,21 @@ class WindowState:
         self.n_labeled_with_teacher += len(teacher)
         self.n_correct_student_lt += int((s_pred == y).sum())
         self.teacher_calibration.update(np.array([d.probs.max() for d in teacher]), t_pred == y)
+
+    def add_generations(self, student: Sequence[Any], teacher: Sequence[Any]) -> None:
+        """Token-level fidelity of joined (student, teacher) generations (analyzer.generative)."""
+        self.generative.add_pairs(student, teacher)
+
+    def add_generative_audit(self, request_ids: Sequence[str], student: Sequence[Any], member: Sequence[bool]) -> None:
+        """Membership inference on generative audit records: the loss attack on the sequence's mean log-probability
+        (a member's text is likelier: higher = member, as the classifier's ln p[label]); the other attacks are null."""
+        if not student:
+            return
+        self.n_audit += len(student)
+        self.generative.n_audit += len(student)
+        loss = np.array([float(g.logprobs.mean()) for g in student])
+        nan = np.full(len(student), np.nan)
+        self.membership.update(list(request_ids), np.asarray(member), {"loss": loss, "confidence": nan, "mentropy": nan})
 
     def add_audit(self, request_ids: Sequence[str], student: Sequence[Any], labels: Sequence[int], member: Sequence[bool]) -> None:
         """Membership-inference scores of audit replays."""
@@ -155,6 +170,7 @@ class WindowState:
         for version, count in other.teacher_versions.items():
             self.teacher_versions[version] = self.teacher_versions.get(version, 0) + count
         self.add_segments(other.segments)
+        self.generative.merge(other.generative)
         return self
 
     def result(self, reference: Reference | None = None) -> dict[str, Any]:
@@ -166,9 +182,9 @@ class WindowState:
         acc_teacher = sum(self.teacher_calibration.correct) / n_lt if n_lt else None
         out: dict[str, Any] = {
             "n": self.n,
-            "n_joined": self.fidelity.n_joined,
+            "n_joined": self.fidelity.n_joined + self.generative.n_seq,
             "n_labeled": n_labeled,
-            "teacher_sample_rate": self.fidelity.n_joined / self.n if self.n else None,
+            "teacher_sample_rate": (self.fidelity.n_joined + self.generative.n_seq) / self.n if self.n else None,
         }
         out.update(self.fidelity.result())
         out.update({
@@ -193,6 +209,7 @@ class WindowState:
         out["n_rejected"] = self.n_rejected
         out["n_late"] = self.n_late
         out["n_duplicate"] = self.n_duplicate
+        out.update(self.generative.result())
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +224,7 @@ class WindowState:
             "latency": self.latency.to_dict(),
             "teacher_versions": self.teacher_versions,
             "segments": self.segments,
+            **({"generative": self.generative.to_dict()} if self.generative.active else {}),
         }
 
     @classmethod
@@ -224,6 +242,7 @@ class WindowState:
             latency=QuantileSketch.from_dict(data["latency"]),
             teacher_versions=dict(data.get("teacher_versions", {})),
             segments={k: list(v) for k, v in data.get("segments", {}).items()},
+            generative=GenerativeState.from_dict(data.get("generative")),
         )
 
 

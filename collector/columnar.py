@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
 from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
@@ -459,6 +460,9 @@ def analyze_parquet(
     the least merge key read so far among the files still open, reading the file that is furthest
     behind. Memory: about one batch per input plus the open windows.
     """
+    for path in (predictions, teacher):
+        if path is not None and "generation" in pq.read_schema(path).names:
+            raise Fallback("generative predictions take the record path")
     analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)
     paths = {"prediction": predictions, "teacher": teacher, "label": labels}
     readers = {kind: prefetch(read_blocks(path, kind)) for kind, path in paths.items() if path is not None}

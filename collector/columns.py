@@ -78,6 +78,8 @@ def check_schema(schema: pa.Schema, kind: str, path: Path) -> None:
                     if not (pa.types.is_integer(st) or pa.types.is_floating(st) or pa.types.is_string(st)
                             or pa.types.is_large_string(st) or pa.types.is_null(st)):
                         raise SchemaError(f"{where}: feature {sub.name!r} has type {st}; numbers or strings only")
+        elif f.name == "generation":  # a generative student's: {tokens, logprobs}; its replay's: {logprobs, top1}
+            ok = pa.types.is_struct(t) or pa.types.is_null(t)
         else:  # pragma: no cover - every allowed name is handled above
             ok = False
         if not ok:

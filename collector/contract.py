@@ -26,6 +26,8 @@ MAX_VALUE_BYTES = 1024 * 1024
 MAX_STRING_CHARS = 256
 MAX_FEATURES = 256
 MAX_CLASSES = 10_000
+MAX_TOKENS = 4_096  # tokens of one generated sequence
+MAX_PROMPT_TOKENS = 8_192  # a generative prediction's prompt, for the teacher replayer
 # Probabilities must sum to 1 within this tolerance before they are renormalised.
 PROB_SUM_TOLERANCE = 1e-3
 # Event times outside [2000-01-01, 2100-01-01) are typos (seconds for milliseconds, say), not data.
@@ -34,9 +36,9 @@ MAX_TS_MS = 4_102_444_800_000
 
 PREDICTION_FIELDS = frozenset(
     {"v", "request_id", "model", "student_version", "ts", "probs", "logits", "latency_ms",
-     "features", "label", "audit", "segment"}
+     "features", "label", "audit", "segment", "generation", "prompt_tokens"}
 )
-TEACHER_FIELDS = frozenset({"v", "request_id", "model", "teacher_version", "ts", "probs", "logits"})
+TEACHER_FIELDS = frozenset({"v", "request_id", "model", "teacher_version", "ts", "probs", "logits", "generation"})
 LABEL_FIELDS = frozenset({"v", "request_id", "model", "label", "ts"})
 AUDIT_VALUES = ("member", "nonmember")
 
@@ -57,17 +59,33 @@ class Distribution:
 
 
 @dataclass(slots=True)
+class Generation:
+    """A generated sequence: the student's tokens with its log-probabilities of them, or the teacher's
+    log-probabilities of the student's tokens with its own most likely token at each position."""
+
+    logprobs: np.ndarray  # float64, (L,), each <= 0
+    tokens: np.ndarray | None = None  # int64, (L,): the student's output
+    top1: np.ndarray | None = None  # int64, (L,): the teacher's argmax per position
+
+    @property
+    def length(self) -> int:
+        return int(self.logprobs.shape[0])
+
+
+@dataclass(slots=True)
 class Prediction:
     request_id: str
     model: str
     student_version: str
     ts_ms: int
-    dist: Distribution
+    dist: Distribution | None  # None for a generative prediction (``generation`` instead)
     latency_ms: float | None = None
     features: Features | None = None
     label: int | None = None
     audit: str | None = None
     segment: str | None = None
+    generation: Generation | None = None
+    prompt_tokens: list[int] | None = None  # a generative prediction's prompt, for the teacher replayer
 
 
 @dataclass(slots=True)
@@ -76,7 +94,8 @@ class TeacherReplay:
     model: str
     teacher_version: str
     ts_ms: int
-    dist: Distribution
+    dist: Distribution | None  # None for the replay of a generative prediction
+    generation: Generation | None = None
 
 
 @dataclass(slots=True)
@@ -169,6 +188,47 @@ def _number_array(obj: dict[str, Any], field: str) -> np.ndarray:
     return array
 
 
+def _int_array(values: Any, field: str) -> np.ndarray:
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise ContractError("wrong_type", f"{field} must be an array of integer token ids >= 0")
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise ContractError("wrong_type", f"{field} holds a token id beyond 64 bits") from None
+
+
+def _generation(obj: dict[str, Any], teacher: bool) -> Generation:
+    """``generation``: the student's {tokens, logprobs}, or the teacher's {logprobs, top1}."""
+    value = obj["generation"]
+    ids = "top1" if teacher else "tokens"
+    if not isinstance(value, dict) or set(value) != {ids, "logprobs"}:
+        raise ContractError("bad_generation", f"generation must be an object with exactly {ids} and logprobs")
+    logprobs = value["logprobs"]
+    if not isinstance(logprobs, list) or not 1 <= len(logprobs) <= MAX_TOKENS:
+        raise ContractError("bad_generation", f"generation.logprobs must be an array of 1..{MAX_TOKENS} numbers")
+    if not all(type(v) in _NUMBER_TYPES for v in logprobs):
+        raise ContractError("wrong_type", "generation.logprobs must contain only numbers")
+    array = np.array(logprobs, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ContractError("not_finite", "generation.logprobs contains NaN or infinity")
+    if (array > 0).any():
+        raise ContractError("bad_generation", "generation.logprobs are log-probabilities: each must be <= 0")
+    tokens = _int_array(value[ids], f"generation.{ids}")
+    if tokens.shape[0] != array.shape[0]:
+        raise ContractError("bad_generation", f"generation.{ids} has {tokens.shape[0]} entries, logprobs {array.shape[0]}")
+    return Generation(array, top1=tokens) if teacher else Generation(array, tokens=tokens)
+
+
+def _output(obj: dict[str, Any], teacher: bool) -> tuple[Distribution | None, Generation | None]:
+    """Exactly one of probs, logits and generation."""
+    present = [name for name in ("probs", "logits", "generation") if name in obj]
+    if len(present) != 1:
+        raise ContractError("probs_or_logits", "exactly one of probs, logits or generation is required")
+    if present[0] == "generation":
+        return None, _generation(obj, teacher)
+    return _distribution(obj), None
+
+
 def _distribution(obj: dict[str, Any]) -> Distribution:
     has_probs, has_logits = "probs" in obj, "logits" in obj
     if has_probs == has_logits:
@@ -237,20 +297,22 @@ def decode_prediction(raw: bytes | str | dict[str, Any]) -> Prediction:
     model = _string(obj, "model")
     student_version = _string(obj, "student_version")
     ts_ms = parse_ts(obj.get("ts"))
-    dist = _distribution(obj)
+    dist, generation = _output(obj, teacher=False)
     latency = obj.get("latency_ms")
     if latency is not None:
         if isinstance(latency, bool) or not isinstance(latency, int | float) or not math.isfinite(latency) or latency < 0:
             raise ContractError("bad_latency", "latency_ms must be a finite number >= 0")
         latency = float(latency)
     label = _label(obj, required=False)
-    if label is not None and label >= dist.n_classes:
+    if label is not None and dist is None:
+        raise ContractError("generative_mismatch", "a generative prediction carries no label")
+    if label is not None and dist is not None and label >= dist.n_classes:
         raise ContractError("label_out_of_range", f"label {label} but only {dist.n_classes} classes")
     audit = obj.get("audit")
     if audit is not None:
         if audit not in AUDIT_VALUES:
             raise ContractError("bad_audit", f"audit must be one of {AUDIT_VALUES}, got {str(audit)[:40]!r}")
-        if label is None:
+        if label is None and generation is None:
             raise ContractError("missing_field", "label is required on an audit record")
     assert request_id is not None and model is not None and student_version is not None
     return Prediction(
@@ -264,7 +326,20 @@ def decode_prediction(raw: bytes | str | dict[str, Any]) -> Prediction:
         label=label,
         audit=audit,
         segment=_string(obj, "segment", required=False),
+        generation=generation,
+        prompt_tokens=_prompt_tokens(obj, generation is not None),
     )
+
+
+def _prompt_tokens(obj: dict[str, Any], generative: bool) -> list[int] | None:
+    value = obj.get("prompt_tokens")
+    if value is None:
+        return None
+    if not generative:
+        raise ContractError("generative_mismatch", "prompt_tokens belong to a generative prediction")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PROMPT_TOKENS:
+        raise ContractError("bad_generation", f"prompt_tokens must be an array of 1..{MAX_PROMPT_TOKENS} token ids")
+    return _int_array(value, "prompt_tokens").tolist()
 
 
 def decode_teacher(raw: bytes | str | dict[str, Any]) -> TeacherReplay:
@@ -274,7 +349,9 @@ def decode_teacher(raw: bytes | str | dict[str, Any]) -> TeacherReplay:
     model = _string(obj, "model")
     teacher_version = _string(obj, "teacher_version")
     assert request_id is not None and model is not None and teacher_version is not None
-    return TeacherReplay(request_id, model, teacher_version, parse_ts(obj.get("ts")), _distribution(obj))
+    ts_ms = parse_ts(obj.get("ts"))
+    dist, generation = _output(obj, teacher=True)
+    return TeacherReplay(request_id, model, teacher_version, ts_ms, dist, generation)
 
 
 def decode_label(raw: bytes | str | dict[str, Any]) -> Label:

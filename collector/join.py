@@ -27,9 +27,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.contract import Distribution, Label, Prediction, TeacherReplay
+from kdwatch.collector.contract import Distribution, Generation, Label, Prediction, TeacherReplay
 from kdwatch.collector.records import (
     INPUTS,
     LABEL,
@@ -63,6 +65,12 @@ class _Pending:
     audit_student: list[Distribution] = field(default_factory=list)
     audit_labels: list[int] = field(default_factory=list)
     audit_member: list[bool] = field(default_factory=list)
+    gen_student: list[Generation] = field(default_factory=list)  # joined generative pairs
+    gen_teacher: list[Generation] = field(default_factory=list)
+    gen_audit_ids: list[str] = field(default_factory=list)
+    gen_audit_student: list[Generation] = field(default_factory=list)
+    gen_audit_member: list[bool] = field(default_factory=list)
+    generative: bool | None = None  # what the window's predictions of this batch are
     rejected: int = 0
     duplicate: int = 0
     # segment -> [n, n_joined, n_agree, n_labeled, n_correct] (analyzer.window.SEGMENT_FIELDS)
@@ -206,15 +214,22 @@ class PartitionJoiner:
             self._changes.counters[("prediction", "duplicate")] += 1
             self._dead_letter_duplicate(source, event.request_id)
             return
+        if self._mixes_kinds(wkey, event.generation is not None, source):
+            return
         pending = self._pending[wkey]
         entry = Entry(PREDICTION, event.model, event.request_id, start, event.student_version, event.dist,
                       event.label, has_label=event.label is not None, audit=event.audit is not None, segment=event.segment,
                       features=event.features if self.transfer_per_window and event.audit is None else None,
-                      ts_ms=event.ts_ms)
+                      ts_ms=event.ts_ms, gen=event.generation)
         self._put(entry)
         self._touch(entry)
+        if entry.audit and entry.gen is not None:
+            pending.gen_audit_ids.append(event.request_id)
+            pending.gen_audit_student.append(entry.gen)
+            pending.gen_audit_member.append(event.audit == "member")
+            return
         if entry.audit:
-            assert event.label is not None  # the contract requires a label on audit records
+            assert event.label is not None and event.dist is not None  # the contract requires a label on audit records
             pending.audit_ids.append(event.request_id)
             pending.audit_student.append(event.dist)
             pending.audit_labels.append(event.label)
@@ -223,7 +238,7 @@ class PartitionJoiner:
         pending.predictions.append(event)
         counts = pending.segment(event.segment)
         counts[0] += 1
-        if event.label is not None:
+        if event.label is not None and event.dist is not None:
             pending.label_student.append(event.dist)
             pending.labels.append(event.label)
             counts[3] += 1
@@ -231,7 +246,7 @@ class PartitionJoiner:
         early_teacher = self._live(TEACHER, event.model, event.request_id)
         if early_teacher is not None:
             self._drop((TEACHER, event.model, event.request_id))
-            self._join_teacher(entry, early_teacher.dist, early_teacher.source, early_teacher.version)
+            self._join_teacher(entry, early_teacher.dist, early_teacher.source, early_teacher.version, early_teacher.gen)
         early_label = self._live(LABEL, event.model, event.request_id)
         if early_label is not None:
             self._drop((LABEL, event.model, event.request_id))
@@ -250,9 +265,10 @@ class PartitionJoiner:
             if prediction.has_teacher or prediction.audit:
                 self._count_duplicate(prediction, "teacher", source)
                 return
-            self._join_teacher(prediction, event.dist, source, event.teacher_version)
+            self._join_teacher(prediction, event.dist, source, event.teacher_version, event.generation)
             return
-        self._buffer_early(TEACHER, event.model, event.request_id, event.ts_ms, source, dist=event.dist, version=event.teacher_version)
+        self._buffer_early(TEACHER, event.model, event.request_id, event.ts_ms, source, dist=event.dist, version=event.teacher_version,
+                           gen=event.generation)
 
     def add_label(self, event: Label, source: Source | None = None) -> None:
         self._observe("label", event.ts_ms)
@@ -290,7 +306,8 @@ class PartitionJoiner:
             self._changes.dead_letters.append(DeadLetter(source, "duplicate", f"request_id {request_id[:80]!r} was already seen"))
 
     def _buffer_early(self, kind: str, model: str, request_id: str, ts_ms: int, source: Source | None,
-                      dist: Distribution | None = None, label: int | None = None, version: str = "") -> None:
+                      dist: Distribution | None = None, label: int | None = None, version: str = "",
+                      gen: Generation | None = None) -> None:
         topic = "teacher" if kind == TEACHER else "label"
         start = window_start_of(ts_ms, self.window_ms)
         if self._is_closed(start):
@@ -302,11 +319,41 @@ class PartitionJoiner:
             self._changes.counters[(topic, "duplicate")] += 1
             self._dead_letter_duplicate(source, request_id)
             return
-        entry = Entry(kind, model, request_id, start, version, dist, label, source=source)
+        entry = Entry(kind, model, request_id, start, version, dist, label, source=source, gen=gen)
         self._put(entry)
         self._touch(entry)
 
-    def _mismatch(self, prediction: Entry, dist: Distribution | None, label: int | None, source: Source | None, kind: str) -> bool:
+    def _mixes_kinds(self, wkey: WindowKey, generative: bool, source: Source | None) -> bool:
+        """Reject (True) a prediction whose kind (generative or classifier) differs from its window's so far."""
+        pending = self._pending.get(wkey)
+        known = pending.generative if pending is not None else None
+        if known is None:
+            state = self.windows.get(wkey)
+            if state is not None and state.generative.active:
+                known = True
+            elif state is not None and (state.n or state.n_audit):
+                known = False
+        if known is None or known == generative:
+            self._pending[wkey].generative = generative
+            return False
+        self.reject("prediction", source, "generative_mismatch", f"a {'generative' if generative else 'classifier'} prediction "
+                    f"in a window of {'generative' if known else 'classifier'} predictions of model {wkey.model!r}", wkey)
+        return True
+
+    def _mismatch(self, prediction: Entry, dist: Distribution | None, label: int | None, source: Source | None, kind: str,
+                  gen: Generation | None = None) -> bool:
+        if (prediction.gen is not None) != (gen is not None) or (prediction.gen is not None and label is not None):
+            what = "a label" if label is not None else ("a generative replay" if gen is not None else "a classifier replay")
+            self.reject(kind, source, "generative_mismatch", f"{what} for a {'generative' if prediction.gen is not None else 'classifier'} "
+                        f"prediction of model {prediction.model!r}")
+            return True
+        if prediction.gen is not None:
+            assert gen is not None
+            if gen.length != prediction.gen.length:
+                self.reject(kind, source, "generation_length_mismatch",
+                            f"the replay scores {gen.length} tokens, the prediction has {prediction.gen.length}")
+                return True
+            return False
         assert prediction.dist is not None
         k = prediction.dist.n_classes
         if dist is not None and dist.n_classes != k:
@@ -318,9 +365,8 @@ class PartitionJoiner:
         return False
 
     def _join_teacher(self, prediction: Entry, teacher: Distribution | None, source: Source | None,
-                      teacher_version: str) -> None:
-        assert teacher is not None and prediction.dist is not None
-        if self._mismatch(prediction, teacher, None, source, "teacher"):
+                      teacher_version: str, gen: Generation | None = None) -> None:
+        if self._mismatch(prediction, teacher, None, source, "teacher", gen):
             return
         pending = self._pending[WindowKey(prediction.model, prediction.version, prediction.window_start)]
         prediction.has_teacher = True
@@ -329,6 +375,14 @@ class PartitionJoiner:
         pending.teacher_versions[teacher_version] = pending.teacher_versions.get(teacher_version, 0) + 1
         counts = pending.segment(prediction.segment)
         counts[1] += 1
+        if prediction.gen is not None:
+            assert gen is not None and gen.top1 is not None and prediction.gen.tokens is not None
+            # A segment's agreement for a generative student is its sequence agreement (every token).
+            counts[2] += int(np.array_equal(gen.top1, prediction.gen.tokens))
+            pending.gen_student.append(prediction.gen)
+            pending.gen_teacher.append(gen)
+            return
+        assert teacher is not None and prediction.dist is not None
         counts[2] += int(int(teacher.probs.argmax()) == int(prediction.dist.probs.argmax()))
         pending.pair_teacher.append(teacher)
         pending.pair_student.append(prediction.dist)
@@ -338,9 +392,9 @@ class PartitionJoiner:
             pending.lt_labels.append(prediction.label)
 
     def _join_label(self, prediction: Entry, label: int, source: Source | None) -> None:
-        assert prediction.dist is not None
         if self._mismatch(prediction, None, label, source, "label"):
             return
+        assert prediction.dist is not None
         pending = self._pending[WindowKey(prediction.model, prediction.version, prediction.window_start)]
         prediction.has_label = True
         prediction.label = label
@@ -392,6 +446,8 @@ class PartitionJoiner:
             state.add_labels(p.label_student, p.labels)
             state.add_labels_with_teacher(p.lt_teacher, p.lt_student, p.lt_labels)
             state.add_audit(p.audit_ids, p.audit_student, p.audit_labels, p.audit_member)
+            state.add_generations(p.gen_student, p.gen_teacher)
+            state.add_generative_audit(p.gen_audit_ids, p.gen_audit_student, p.gen_audit_member)
             state.n_rejected += p.rejected
             state.n_duplicate += p.duplicate
             self._changes.windows[wkey] = state
@@ -425,7 +481,7 @@ class PartitionJoiner:
         """Entries of a window that closed: unmatched replays and labels are counted, joined predictions sampled."""
         candidates: list[Entry] = []
         for entry in closing:
-            if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None:
+            if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None and entry.gen is None:
                 candidates.append(entry)
             if entry.kind != PREDICTION:
                 topic = "teacher" if entry.kind == TEACHER else "label"

@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference, ReferenceBuilder
+import orjson
+
+from kdwatch.analyzer.drift import Reference, ReferenceBuilder, output_features
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.contract import decode_prediction
 from kdwatch.collector.ingest import ingest, merge_key
@@ -101,8 +103,8 @@ def build_references(lines: Iterable[bytes]) -> dict[str, tuple[Reference, int]]
         if event.audit is not None:
             continue
         builder = builders.setdefault(event.model, ReferenceBuilder())
-        builder.add(CONFIDENCE, float(event.dist.probs.max()))
-        builder.add(PREDICTED_CLASS, str(int(event.dist.probs.argmax())))
+        for name, value in output_features(event.dist, event.generation).items():
+            builder.add(name, value)
         for name, value in (event.features or {}).items():
             builder.add(name, value)
         counts[event.model] = counts.get(event.model, 0) + 1
@@ -111,11 +113,17 @@ def build_references(lines: Iterable[bytes]) -> dict[str, tuple[Reference, int]]
 
 def load_reference(path: Path) -> dict[str, Reference]:
     """Per-model references from a JSONL or Parquet file of (valid) baseline predictions."""
+    import pyarrow.parquet as pq
+
     from kdwatch.collector.columns import is_parquet
-    from kdwatch.collector.parquet_io import load_reference_parquet
+    from kdwatch.collector.parquet_io import load_reference_parquet, parquet_records
 
     if is_parquet(path):
-        return load_reference_parquet(path)
+        if "generation" not in pq.read_schema(path).names:
+            return load_reference_parquet(path)
+        # A generative student's baseline: its rows as the contract's objects, through the same builder as JSONL.
+        rows = (orjson.dumps(obj) for obj in parquet_records(path, "prediction"))
+        return {model: reference for model, (reference, _n) in build_references(rows).items()}
     with path.open("rb") as handle:
         return {model: reference for model, (reference, _n) in build_references(handle).items()}
 

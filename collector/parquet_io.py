@@ -171,18 +171,24 @@ def parquet_lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int,
 # ---- JSONL -> Parquet ----
 
 
-def _columns_for(kind: str, feature_types: dict[str, str]) -> pa.Schema:
-    text, floats = pa.string(), pa.list_(pa.float64())
+def _columns_for(kind: str, feature_types: dict[str, str], generative: bool = False) -> pa.Schema:
+    text, floats, ints = pa.string(), pa.list_(pa.float64()), pa.list_(pa.int64())
     base = [("request_id", text), ("model", text)]
     if kind == "prediction":
         fields = [*base, ("student_version", text), ("ts", pa.int64()), ("probs", floats), ("logits", floats),
+                  ("generation", pa.struct([("tokens", ints), ("logprobs", floats)])),
                   ("latency_ms", pa.float64()),
                   ("features", pa.struct([(n, pa.string() if t == "str" else pa.float64()) for n, t in feature_types.items()])),
                   ("label", pa.int64()), ("audit", text), ("segment", text)]
         if not feature_types:
             fields = [f for f in fields if f[0] != "features"]
+        if not generative:  # a classifier's file: no generation column (the columnar path takes it)
+            fields = [f for f in fields if f[0] != "generation"]
     elif kind == "teacher":
-        fields = [*base, ("teacher_version", text), ("ts", pa.int64()), ("probs", floats), ("logits", floats)]
+        fields = [*base, ("teacher_version", text), ("ts", pa.int64()), ("probs", floats), ("logits", floats),
+                  ("generation", pa.struct([("logprobs", floats), ("top1", ints)]))]
+        if not generative:
+            fields = fields[:-1]
     else:
         fields = [*base, ("label", pa.int64()), ("ts", pa.int64())]
     return pa.schema(fields)
@@ -198,20 +204,23 @@ def convert_jsonl(source: Path, target: Path, kind: str, rejected: Path | None =
 
     decode = DECODERS[kind]
     feature_types: dict[str, str] = {}
-    if kind == "prediction":
-        with source.open("rb") as handle:  # first pass: the feature columns and their types
+    generative = False
+    if kind in ("prediction", "teacher"):
+        with source.open("rb") as handle:  # first pass: the feature columns and their types, generations or not
             for line in handle:
                 try:
-                    features = orjson.loads(line).get("features")
+                    obj = orjson.loads(line)
+                    features = obj.get("features")
                 except (orjson.JSONDecodeError, AttributeError):
                     continue  # the second pass rejects it with its reason
+                generative = generative or "generation" in obj
                 if not isinstance(features, dict):
                     continue
                 for name, value in features.items():
                     t = "str" if isinstance(value, str) else "num"
                     if feature_types.setdefault(name, t) != t:
                         raise SchemaError(f"feature {name!r} holds both numbers and strings: one Parquet column cannot")
-    schema = _columns_for(kind, dict(sorted(feature_types.items())))
+    schema = _columns_for(kind, dict(sorted(feature_types.items())), generative)
     reasons: Counter[str] = Counter()
     written = 0
     rows: list[dict[str, Any]] = []

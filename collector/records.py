@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.contract import Distribution
+from kdwatch.collector.contract import Distribution, Generation
 
 PREDICTION, TEACHER, LABEL = "p", "t", "l"
 INPUTS = ("prediction", "teacher", "label")
@@ -26,7 +26,7 @@ DEAD_LETTER_REASONS = (
     "wrong_type", "empty_string", "string_too_long", "not_finite", "negative_probability", "probs_not_normalised",
     "probs_or_logits", "bad_class_count", "label_out_of_range", "bad_audit", "bad_latency", "bad_feature_name",
     "too_many_features", "invalid_timestamp", "timestamp_out_of_range", "future_timestamp", "class_count_mismatch",
-    "late", "unmatched",
+    "bad_generation", "generative_mismatch", "generation_length_mismatch", "late", "unmatched",
 )
 NO_SEGMENT = "_none"
 
@@ -67,6 +67,7 @@ class Entry:
     segment: str | None = None  # p: the prediction's segment, for the per-segment counts of later joins
     features: dict[str, Any] | None = None  # p: kept only when the transfer set is on
     ts_ms: int = 0  # p: the event time (for the transfer set)
+    gen: Generation | None = None  # a generative student's sequence (p), or the teacher's scoring of it (t)
 
 
 @dataclass(slots=True)
@@ -141,6 +142,20 @@ def dist_from_list(d: list[Any] | None) -> Distribution | None:
     return Distribution(np.asarray(d[0], dtype=np.float64), None if d[1] is None else np.asarray(d[1], dtype=np.float64))
 
 
+def gen_to_list(g: Generation | None) -> list[Any] | None:
+    """A JSON-able form of a generation: [logprobs, tokens or None, top1 or None]."""
+    if g is None:
+        return None
+    return [g.logprobs.tolist(), None if g.tokens is None else g.tokens.tolist(), None if g.top1 is None else g.top1.tolist()]
+
+
+def gen_from_list(g: list[Any] | None) -> Generation | None:
+    if g is None:
+        return None
+    ids = [None if v is None else np.asarray(v, dtype=np.int64) for v in g[1:]]
+    return Generation(np.asarray(g[0], dtype=np.float64), ids[0], ids[1])
+
+
 def transfer_to_dict(record: TransferRecord) -> dict[str, Any]:
     """The stored payload of a transfer record (the key columns hold model, request_id, ts and version)."""
     return {"features": record.features, "teacher": dist_to_list(record.teacher), "student": dist_to_list(record.student),
@@ -160,7 +175,7 @@ def entry_to_dict(entry: Entry) -> dict[str, Any]:
     return {
         "w": entry.window_start, "v": entry.version, "d": dist(entry.dist), "y": entry.label,
         "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit, "g": entry.segment,
-        "f": entry.features, "ts": entry.ts_ms,
+        "f": entry.features, "ts": entry.ts_ms, **({"G": gen_to_list(entry.gen)} if entry.gen is not None else {}),
         "s": None if src is None else [src.topic, src.partition, src.offset, src.timestamp_ms,
                                        src.key.decode("utf-8", "replace") if src.key is not None else None,
                                        src.value.decode("utf-8")],
@@ -172,4 +187,5 @@ def entry_from_dict(kind: str, model: str, request_id: str, data: dict[str, Any]
     s = data["s"]
     source = None if s is None else Source(s[0], s[1], s[2], s[3], None if s[4] is None else s[4].encode(), s[5].encode())
     return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], dist(data["t"]),
-                 data["ht"], data["hl"], data["a"], source, data.get("g"), data.get("f"), data.get("ts", 0))
+                 data["ht"], data["hl"], data["a"], source, data.get("g"), data.get("f"), data.get("ts", 0),
+                 gen_from_list(data.get("G")))

@@ -125,13 +125,21 @@ class Replayer:
         if event.audit is not None:
             self.m_skipped.labels("audit").inc()
             return None
+        generative = event.generation is not None
+        if generative != bool(getattr(self.teacher, "generative", False)):
+            # A classifier teacher cannot score token sequences, nor a language model class features.
+            self.m_skipped.labels("generative" if generative else "classifier").inc()
+            return None
         if not sampled(event.model, event.request_id, self.config.rate_of(event.model)):
             return None
-        if not event.features:
-            self.m_skipped.labels("no_features").inc()
+        row: dict[str, Any] | None = event.features
+        if event.generation is not None and event.generation.tokens is not None:
+            row = {"prompt_tokens": event.prompt_tokens, "tokens": event.generation.tokens.tolist()} if event.prompt_tokens else None
+        if not row:
+            self.m_skipped.labels("no_prompt" if generative else "no_features").inc()
             return None
         self.m_sampled.labels(event.model).inc()
-        return {"request_id": event.request_id, "model": event.model, "ts": event.ts_ms, "features": event.features}
+        return {"request_id": event.request_id, "model": event.model, "ts": event.ts_ms, "features": row}
 
     def _call(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         started = time.perf_counter()

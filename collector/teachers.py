@@ -1,8 +1,10 @@
-"""Teachers the replayer can run: a TorchScript file, or an HTTP endpoint.
+"""Teachers the replayer can run: a TorchScript file, or an HTTP endpoint; for classifiers or language models.
 
-A teacher takes a batch of feature maps and returns one output per row, as logits or as
-probabilities (``TeacherOutput``). Failures raise :class:`TeacherError` with a reason the replayer
-puts on the dead letter.
+A classifier teacher takes a batch of feature maps and returns one output per row, as logits or as
+probabilities (``TeacherOutput``). A sequence teacher (``generative = True``) takes rows of
+``{"prompt_tokens": [...], "tokens": [...]}`` and scores the student's tokens teacher-forced after the
+prompt: per token its log-probability and its own most likely token (``kind`` "generation").
+Failures raise :class:`TeacherError` with a reason the replayer puts on the dead letter.
 """
 
 from __future__ import annotations
@@ -26,12 +28,111 @@ class TeacherError(KdwatchError):
 
 @dataclass(frozen=True)
 class TeacherOutput:
-    values: list[float]
-    kind: str  # "logits" | "probs"
+    values: Any  # logits or probs: [float]; generation: {"logprobs": [float], "top1": [int]}
+    kind: str  # "logits" | "probs" | "generation"
 
 
 class Teacher(Protocol):
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[TeacherOutput]: ...
+
+
+def _sequence(row: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    prompt, tokens = row.get("prompt_tokens"), row.get("tokens")
+    if not prompt or not tokens:
+        raise TeacherError("a sequence teacher needs the prompt's and the student's token ids")
+    return list(prompt), list(tokens)
+
+
+class TorchScriptLanguageModel:
+    """A TorchScript causal language model: int64 token ids (1, T) to next-token logits (1, T, V).
+
+    The student's tokens are appended to the prompt and scored in one forward pass: the logits at
+    position P + j - 1 predict token j of the student's output (P = prompt length).
+    """
+
+    generative = True
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+
+    def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[TeacherOutput]:
+        import torch
+
+        out = []
+        for row in rows:
+            prompt, tokens = _sequence(row)
+            ids = torch.tensor([prompt + tokens], dtype=torch.int64, device=self.device)
+            try:
+                with torch.no_grad():
+                    logits = self.module(ids)[0, len(prompt) - 1 : len(prompt) - 1 + len(tokens)].double()
+            except RuntimeError as exc:  # a token id beyond the embedding, a sequence beyond the context
+                raise TeacherError(f"the teacher failed on the sequence: {str(exc).strip().splitlines()[-1][:200]}") from None
+            if max(tokens) >= logits.shape[-1]:
+                raise TeacherError(f"token id {max(tokens)} is beyond the teacher's vocabulary of {logits.shape[-1]}")
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0]
+            out.append(TeacherOutput({"logprobs": [min(v, 0.0) for v in chosen.cpu().tolist()],
+                                      "top1": logp.argmax(dim=-1).cpu().tolist()}, "generation"))
+        return out
+
+
+class CompletionsTeacher:
+    """An OpenAI-compatible completions server that returns prompt log-probabilities, as vLLM does.
+
+    One POST to ``url`` (…/v1/completions) per batch: ``{"model": M, "prompt": [[prompt + tokens], …],
+    "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}``. Each choice (matched by ``index``)
+    carries ``prompt_logprobs``: one entry per prompt token, the first null, each other a map from
+    token id (as a string) to ``{"logprob": …, "rank": …}`` holding the actual token and the rank-1
+    token. The student's tokens are the last ones of each prompt.
+    """
+
+    generative = True
+
+    def __init__(self, url: str, model: str, timeout_s: float = 30.0, headers: Mapping[str, str] | None = None,
+                 client: httpx.Client | None = None) -> None:
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.client = client or httpx.Client(headers=dict(headers or {}))
+
+    def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[TeacherOutput]:
+        sequences = [_sequence(row) for row in rows]
+        body = {"model": self.model, "prompt": [p + t for p, t in sequences], "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 1}
+        try:
+            response = self.client.post(self.url, json=body, timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise TeacherError(f"teacher unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise TeacherError(f"teacher answered HTTP {response.status_code}")
+        try:
+            choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        except (ValueError, KeyError, TypeError):
+            raise TeacherError("teacher answer has no 'choices' with an 'index'") from None
+        if len(choices) != len(sequences):
+            raise TeacherError(f"teacher answered {len(choices)} choices for {len(sequences)} prompts")
+        return [self._scored(choice, prompt, tokens) for choice, (prompt, tokens) in zip(choices, sequences, strict=True)]
+
+    @staticmethod
+    def _scored(choice: Any, prompt: list[int], tokens: list[int]) -> TeacherOutput:
+        entries = choice.get("prompt_logprobs") if isinstance(choice, dict) else None
+        if not isinstance(entries, list) or len(entries) != len(prompt) + len(tokens):
+            raise TeacherError("a choice has no prompt_logprobs for every prompt token")
+        logprobs, top1 = [], []
+        for token, entry in zip(tokens, entries[len(prompt):], strict=True):
+            try:
+                logprob = float(entry[str(token)]["logprob"])
+                best = min(entry.items(), key=lambda item: item[1]["rank"])[0]
+                top1.append(int(best))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise TeacherError("a prompt_logprobs entry lacks the token's logprob or a rank-1 token") from None
+            if not math.isfinite(logprob):
+                raise TeacherError("a prompt log-probability is not finite")
+            logprobs.append(min(logprob, 0.0))
+        return TeacherOutput({"logprobs": logprobs, "top1": top1}, "generation")
 
 
 class TorchScriptTeacher:

@@ -466,6 +466,11 @@ def runner(
 def replayer(
     teacher_torchscript: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="TorchScript teacher")] = None,
     teacher_url: Annotated[str | None, typer.Option(help="HTTP teacher: POST {instances: [{features}]}")] = None,
+    teacher_lm_torchscript: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                               help="generative students: a TorchScript causal LM")] = None,
+    teacher_completions_url: Annotated[str | None, typer.Option(
+        help="generative students: an OpenAI-compatible /v1/completions returning prompt_logprobs (vLLM)")] = None,
+    teacher_model: Annotated[str | None, typer.Option(help="the model name sent to --teacher-completions-url")] = None,
     features: Annotated[str | None, typer.Option(help="feature order for TorchScript, comma-separated")] = None,
     teacher_version: Annotated[str, typer.Option()] = "teacher",
     sample_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of predictions replayed")] = 0.1,
@@ -479,27 +484,12 @@ def replayer(
     from prometheus_client import CollectorRegistry
 
     from kdwatch.collector.replayer import Replayer, ReplayerConfig
-    from kdwatch.collector.teachers import HttpTeacher, Teacher, TorchScriptTeacher
-    from kdwatch.errors import ConfigError
+    from kdwatch.wiring import build_teacher, model_rates_of
 
-    if (teacher_torchscript is None) == (teacher_url is None):
-        raise ConfigError("--teacher-torchscript/--teacher-url", "give exactly one teacher")
-    model_rates: dict[str, float] = {}
-    for item in rate or []:
-        model_name, _, value = item.rpartition("=")
-        try:
-            model_rates[model_name] = float(value)
-        except ValueError:
-            raise ConfigError("--rate", f"{item!r} is not MODEL=RATE") from None
-        if not model_name or not 0.0 <= model_rates[model_name] <= 1.0:
-            raise ConfigError("--rate", f"{item!r} is not MODEL=RATE with a rate in [0, 1]")
+    teacher = build_teacher(torchscript=teacher_torchscript, url=teacher_url, lm_torchscript=teacher_lm_torchscript,
+                            completions_url=teacher_completions_url, model=teacher_model, features=features)
+    model_rates = model_rates_of(rate or [])
     settings = _settings()
-    teacher: Teacher
-    if teacher_torchscript is not None:
-        teacher = TorchScriptTeacher(teacher_torchscript, features.split(",") if features else None)
-    else:
-        assert teacher_url is not None
-        teacher = HttpTeacher(teacher_url)
     registry = _metrics_server(metrics_port) or CollectorRegistry()
     config = ReplayerConfig(settings.bootstrap_servers, settings.topic_predictions, settings.topic_teacher, group_id,
                             teacher_version, sample_rate, model_rates, max_per_second, kafka_options=settings.kafka_options())

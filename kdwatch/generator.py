@@ -114,3 +114,55 @@ def generate(spec: TrafficSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
                          orjson.dumps({"request_id": rid, "model": spec.model, "label": label, "ts": ts + delay}))
         yield from pending.due(ts)
     yield from pending.drain()
+
+
+@dataclass(frozen=True)
+class GenerativeSpec:
+    """Traffic of a generative (language-model) student: token sequences, teacher-forced replays."""
+
+    model: str = "support-chat"
+    student_version: str = "s1"
+    teacher_version: str = "t1"
+    vocab: int = 32_000
+    mean_length: float = 64.0
+    start_ms: int = 1_795_000_000_000
+    events_per_second: float = 20.0
+    teacher_rate: float = 0.25
+    # Share of positions where the teacher prefers another token (a shift in the prompts raises it).
+    disagreement: float = 0.03
+    audit_rate: float = 0.0
+    seed: int = 0
+
+
+def generate_generative(spec: GenerativeSpec, n: int) -> Iterator[tuple[str, str, bytes]]:
+    """(kind, request_id, value) for ``n`` generative predictions and their teacher replays, in arrival order."""
+    rng = np.random.default_rng(spec.seed)
+    step_ms = 1000.0 / spec.events_per_second
+    pending = ArrivalQueue()
+    for i in range(n):
+        ts = spec.start_ms + int(i * step_ms)
+        rid = f"{spec.model}-{spec.seed}-{i}"
+        length = int(min(max(rng.poisson(spec.mean_length), 1), 4096))
+        tokens = rng.integers(0, spec.vocab, length)
+        student = -rng.exponential(0.6, length)
+        prediction = {"request_id": rid, "model": spec.model, "student_version": spec.student_version, "ts": ts,
+                      "latency_ms": round(float(rng.lognormal(4.0, 0.3)), 3),
+                      "features": {"prompt_tokens": int(rng.integers(8, 512)), "channel": ("web", "app")[i % 2]},
+                      "generation": {"tokens": tokens.tolist(), "logprobs": [round(float(x), 6) for x in student]}}
+        yield "prediction", rid, orjson.dumps(prediction)
+        if spec.audit_rate and rng.random() < spec.audit_rate:
+            member = bool(rng.random() < 0.5)
+            audit_lp = -rng.exponential(0.45 if member else 0.6, length)
+            audit = {"request_id": f"audit-{rid}", "model": spec.model, "student_version": spec.student_version, "ts": ts,
+                     "audit": "member" if member else "nonmember",
+                     "generation": {"tokens": tokens.tolist(), "logprobs": [round(float(x), 6) for x in audit_lp]}}
+            yield "prediction", f"audit-{rid}", orjson.dumps(audit)
+        if rng.random() < spec.teacher_rate:
+            differ = rng.random(length) < spec.disagreement
+            top1 = np.where(differ, (tokens + 1 + rng.integers(0, spec.vocab - 1, length)) % spec.vocab, tokens)
+            teacher_lp = np.minimum(student + rng.normal(0.05, 0.3, length) - np.where(differ, 1.5, 0.0), 0.0)
+            teacher = {"request_id": rid, "model": spec.model, "teacher_version": spec.teacher_version, "ts": ts + 2_000,
+                       "generation": {"logprobs": [round(float(x), 6) for x in teacher_lp], "top1": top1.tolist()}}
+            pending.push(ts + 2_000, "teacher", rid, orjson.dumps(teacher))
+        yield from pending.due(ts)
+    yield from pending.drain()

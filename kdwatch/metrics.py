@@ -32,6 +32,15 @@ WINDOW_GAUGES = {
     "accuracy_student": "Student accuracy over labelled events",
     "accuracy_delta": "Student minus teacher accuracy over events with label and replay",
     "teacher_sample_rate": "Share of predictions with a teacher replay",
+    # generative (language-model) students
+    "token_agreement": "Share of the student's tokens that are the teacher's top-1 token",
+    "seq_agreement": "Share of joined sequences agreeing with the teacher at every token",
+    "teacher_ppl": "Teacher perplexity of the student's tokens (exp of the mean teacher NLL)",
+    "teacher_nll_mean": "Mean teacher negative log-likelihood per student token, nats",
+    "student_nll_mean": "Mean student negative log-likelihood per token, nats",
+    "kl_rev_mean": "Per-token reverse KL(student||teacher) on the student's samples (k1 estimator), nats",
+    "kl_rev_k3_mean": "Per-token reverse KL, non-negative k3 estimator, nats",
+    "len_mean": "Mean generated length, tokens",
 }
 
 
@@ -45,8 +54,8 @@ class KdwatchCollector(Collector):
         self.jobs = JobStore(store.engine)
         # What a scrape reports of the stored windows, kept between scrapes: each scrape reads only the windows
         # written since the previous one (reading a month of windows took 4.6 s per scrape).
-        # (model, version, window start) -> (final, agreeing, joined, correct, labelled)
-        self._sli_per_window: dict[tuple[str, str, int], tuple[bool, int, int, int, int]] = {}
+        # (model, version, window start) -> (final, agreeing, joined, correct, labelled, agreeing tokens, tokens)
+        self._sli_per_window: dict[tuple[str, str, int], tuple[bool, int, int, int, int, int, int]] = {}
         self._latest_final: dict[tuple[str, str], tuple[Any, Any, int]] = {}  # (model, version) -> (key, state, window_ms)
         self._versions: dict[tuple[str, str, int], tuple[int, int]] = {}  # window -> (rows, newest write) as folded in
         self._seen_ms = 0  # the newest window write folded in
@@ -74,7 +83,8 @@ class KdwatchCollector(Collector):
         for key, (state, final, window_ms) in self.store.windows_of(moved).items():
             # Plain tuples of atoms: the garbage collector untracks them (a month of windows adds no GC work).
             self._sli_per_window[(key.model, key.student_version, key.window_start)] = (
-                final, state.fidelity.n_agree, state.fidelity.n_joined, sum(state.calibration.correct), state.calibration.n)
+                final, state.fidelity.n_agree, state.fidelity.n_joined, sum(state.calibration.correct), state.calibration.n,
+                state.generative.n_tokens_agree, state.generative.n_tokens)
             if final:
                 current = self._latest_final.get((key.model, key.student_version))
                 if current is None or current[0].window_start <= key.window_start:
@@ -164,13 +174,16 @@ class KdwatchCollector(Collector):
 
     def _sli_counters(self) -> Iterator[Any]:
         """Good and bad events of the counter SLIs over every final window (for Prometheus-native burn rates)."""
-        family = CounterMetricFamily("kdwatch_sli_events", "Events of the agreement and accuracy SLIs in final windows",
-                                     labels=["model", "student_version", "sli", "outcome"])
+        family = CounterMetricFamily("kdwatch_sli_events", "Events of the agreement, accuracy and token_agreement SLIs "
+                                     "in final windows", labels=["model", "student_version", "sli", "outcome"])
         totals: dict[tuple[str, str, str, str], int] = {}
-        for (model, version, _start), (final, agree, joined, correct, labelled) in self._sli_per_window.items():
+        for (model, version, _start), (final, agree, joined, correct, labelled, tokens_agree, tokens) in self._sli_per_window.items():
             if not final:
                 continue
-            for sli, good, total in (("agreement", agree, joined), ("accuracy", correct, labelled)):
+            for sli, good, total in (("agreement", agree, joined), ("accuracy", correct, labelled),
+                                     ("token_agreement", tokens_agree, tokens)):
+                if sli == "token_agreement" and not tokens:
+                    continue  # a classifier's windows: no token series
                 for outcome, count in (("good", good), ("bad", total - good)):
                     k = (model, version, sli, outcome)
                     totals[k] = totals.get(k, 0) + count

@@ -111,14 +111,20 @@ class PredictionLogger:
 
     def log(self, request_id: str, *, probs: Any = None, logits: Any = None, features: Mapping[str, Any] | None = None,
             latency_ms: float | None = None, label: int | None = None, segment: str | None = None,
-            ts_ms: int | None = None) -> bool:
-        """A prediction; True when queued (False: dropped as invalid in production mode)."""
+            ts_ms: int | None = None, generation: Mapping[str, Any] | None = None) -> bool:
+        """A prediction; True when queued (False: dropped as invalid in production mode).
+
+        A generative student passes ``generation={"tokens": [...], "logprobs": [...]}`` (its output token ids
+        and its log-probability of each) instead of ``probs``/``logits``.
+        """
         record: dict[str, Any] = {"request_id": request_id, "model": self.model, "student_version": self.student_version,
                                   "ts": self._now() if ts_ms is None else ts_ms}
         if probs is not None:
             record["probs"] = _as_list(probs)
         if logits is not None:
             record["logits"] = _as_list(logits)
+        if generation is not None:
+            record["generation"] = {name: _as_list(values) for name, values in generation.items()}
         if features is not None:
             record["features"] = dict(features)
         if latency_ms is not None:
@@ -129,12 +135,19 @@ class PredictionLogger:
             record["segment"] = segment
         return self._enqueue("prediction", request_id, record)
 
-    def log_audit(self, request_id: str, *, member: bool, label: int, probs: Any = None, logits: Any = None,
-                  ts_ms: int | None = None) -> bool:
-        """An audit replay: the student's output on a known training member (or a known outsider)."""
+    def log_audit(self, request_id: str, *, member: bool, label: int | None = None, probs: Any = None, logits: Any = None,
+                  ts_ms: int | None = None, generation: Mapping[str, Any] | None = None) -> bool:
+        """An audit replay: the student's output on a known training member (or a known outsider).
+
+        A classifier's carries the record's ``label``; a generative student's the audited text's ``generation``
+        (its tokens and the student's log-probabilities of them) and no label.
+        """
         record: dict[str, Any] = {"request_id": request_id, "model": self.model, "student_version": self.student_version,
-                                  "ts": self._now() if ts_ms is None else ts_ms, "label": label,
-                                  "audit": "member" if member else "nonmember"}
+                                  "ts": self._now() if ts_ms is None else ts_ms, "audit": "member" if member else "nonmember"}
+        if label is not None:
+            record["label"] = label
+        if generation is not None:
+            record["generation"] = {name: _as_list(values) for name, values in generation.items()}
         if probs is not None:
             record["probs"] = _as_list(probs)
         if logits is not None:

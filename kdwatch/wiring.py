@@ -34,6 +34,7 @@ from kdwatch.storage.sql import SqlStore
 if TYPE_CHECKING:  # the API pulls in FastAPI and the runner PyTorch: imported when built, not before
     from fastapi import FastAPI
 
+    from kdwatch.collector.teachers import Teacher
     from kdwatch.runner.distill import TrainConfig
     from kdwatch.runner.service import Runner
 
@@ -150,3 +151,39 @@ def runner_app(runner: Runner) -> FastAPI:
 
     return create_runner_app(runner)
 
+
+
+def build_teacher(*, torchscript: Path | None = None, url: str | None = None, lm_torchscript: Path | None = None,
+                  completions_url: str | None = None, model: str | None = None, features: str | None = None) -> Teacher:
+    """The replayer's teacher: exactly one of a TorchScript or HTTP classifier, a TorchScript causal LM, or an
+    OpenAI-compatible completions server (``model`` names what it runs); ``ConfigError`` naming the options otherwise."""
+    from kdwatch.collector.teachers import CompletionsTeacher, HttpTeacher, TorchScriptLanguageModel, TorchScriptTeacher
+
+    given = [t for t in (torchscript, url, lm_torchscript, completions_url) if t is not None]
+    if len(given) != 1:
+        raise ConfigError("--teacher-torchscript/--teacher-url/--teacher-lm-torchscript/--teacher-completions-url",
+                          "give exactly one teacher")
+    if torchscript is not None:
+        return TorchScriptTeacher(torchscript, features.split(",") if features else None)
+    if lm_torchscript is not None:
+        return TorchScriptLanguageModel(lm_torchscript)
+    if completions_url is not None:
+        if not model:
+            raise ConfigError("--teacher-model", "name the model the completions server is to run")
+        return CompletionsTeacher(completions_url, model)
+    assert url is not None
+    return HttpTeacher(url)
+
+
+def model_rates_of(items: list[str]) -> dict[str, float]:
+    """Per-model sample rates from MODEL=RATE strings; ``ConfigError`` naming --rate on a bad one."""
+    rates: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            rates[name] = float(value)
+        except ValueError:
+            raise ConfigError("--rate", f"{item!r} is not MODEL=RATE") from None
+        if not name or not 0.0 <= rates[name] <= 1.0:
+            raise ConfigError("--rate", f"{item!r} is not MODEL=RATE with a rate in [0, 1]")
+    return rates

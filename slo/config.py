@@ -18,7 +18,9 @@ from kdwatch.slo.burn import DEFAULT_CONFIDENCE
 Duration = Annotated[str, Field(pattern=r"^\s*\d+\s*(ms|s|m|h|d|w)\s*$")]
 EVENT_METRICS = ("agreement", "accuracy", "latency", "kl")
 # Timeslice metrics and the direction that is good: "le" = good when metric <= threshold.
-TIMESLICE_METRICS = {"ece": "le", "kl_mean": "le", "mia.tpr_at_1pct_fpr": "le", "accuracy_delta": "ge", "agreement": "ge"}
+TIMESLICE_METRICS = {"ece": "le", "kl_mean": "le", "mia.tpr_at_1pct_fpr": "le", "accuracy_delta": "ge", "agreement": "ge",
+                     # generative students (README "Window fields")
+                     "teacher_ppl": "le", "kl_rev_mean": "le", "seq_agreement": "ge", "token_agreement": "ge"}
 
 
 class _Frozen(BaseModel):
@@ -28,14 +30,16 @@ class _Frozen(BaseModel):
 class EventsSli(_Frozen):
     """OpenSLO Occurrences: good events / total events."""
 
-    metric: Literal["agreement", "accuracy", "latency", "kl"]
-    threshold: float | None = Field(None, description="latency: ms; kl: nats (good = at or below)")
+    metric: Literal["agreement", "accuracy", "latency", "kl", "token_agreement", "kl_rev"]
+    threshold: float | None = Field(None, description="latency: ms; kl, kl_rev: nats (good = at or below)")
 
     @model_validator(mode="after")
     def _threshold(self) -> EventsSli:
-        if self.metric in ("latency", "kl") and self.threshold is None:
+        if self.metric in ("latency", "kl", "kl_rev") and self.threshold is None:
             raise ValueError(f"a {self.metric} SLI needs a threshold")
-        if self.metric in ("agreement", "accuracy") and self.threshold is not None:
+        if self.metric == "kl_rev" and self.threshold is not None and self.threshold < 0:
+            raise ValueError("a kl_rev SLI's threshold is >= 0 (nats per token of a sequence)")
+        if self.metric in ("agreement", "accuracy", "token_agreement") and self.threshold is not None:
             raise ValueError(f"a {self.metric} SLI takes no threshold")
         return self
 

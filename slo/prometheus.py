@@ -19,7 +19,7 @@ from kdwatch.durations import format_duration_ms
 from kdwatch.slo.burn import windows_from_config
 from kdwatch.slo.config import SloFile
 
-COUNTER_SLIS = ("agreement", "accuracy")
+COUNTER_SLIS = ("agreement", "accuracy", "token_agreement")
 
 
 def _ratio(slo_name: str, sli: str, model: str, window: str) -> dict[str, Any]:

@@ -9,9 +9,10 @@ from kdwatch.slo.burn import bad_fraction_lower_bound
 from kdwatch.slo.config import TIMESLICE_METRICS, EventsSli, TimeslicesSli
 
 # Timeslice metrics that are proportions of their sample count (a Wilson bound applies).
-_PROPORTIONS = ("agreement",)
+_PROPORTIONS = ("agreement", "seq_agreement", "token_agreement")
 # The sample count that decides "no data" for each timeslice metric.
-_SAMPLES = {"ece": "n_labeled", "kl_mean": "n_joined", "agreement": "n_joined", "accuracy_delta": "n_labeled_with_teacher"}
+_SAMPLES = {"ece": "n_labeled", "kl_mean": "n_joined", "agreement": "n_joined", "accuracy_delta": "n_labeled_with_teacher",
+            "teacher_ppl": "n_tokens", "kl_rev_mean": "n_tokens", "seq_agreement": "n_joined", "token_agreement": "n_tokens"}
 
 
 def events_good_total(sli: EventsSli, state: WindowState) -> tuple[int, int]:
@@ -23,7 +24,11 @@ def events_good_total(sli: EventsSli, state: WindowState) -> tuple[int, int]:
         return state.fidelity.n_agree, state.fidelity.n_joined
     if sli.metric == "accuracy":
         return sum(state.calibration.correct), state.calibration.n
+    if sli.metric == "token_agreement":  # good = agreeing tokens, over tokens
+        return state.generative.n_tokens_agree, state.generative.n_tokens
     assert sli.threshold is not None
+    if sli.metric == "kl_rev":  # good = a sequence whose mean s - p is at or below the threshold, over joined sequences
+        return state.generative.seq_kl.count_at_most(sli.threshold), state.generative.seq_kl.count
     sketch = state.latency if sli.metric == "latency" else state.fidelity.kl_sketch
     return sketch.count_at_most(sli.threshold), sketch.count
 

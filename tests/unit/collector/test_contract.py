@@ -28,6 +28,7 @@ def with_(**changes: Any) -> dict[str, Any]:
 
 
 DROP = object()
+GENERATION = {"tokens": [5, 9, 2], "logprobs": [-0.1, -1.5, -0.02]}
 
 VALID = [
     ("a minimal prediction", with_()),
@@ -37,6 +38,8 @@ VALID = [
     ("probabilities off by less than 1e-3", with_(probs=[0.7, 0.2, 0.1005])),
     ("all optional fields", with_(latency_ms=12.5, features={"a": 1, "b": "x"}, label=2, segment="eu", v=1)),
     ("an audit record", with_(audit="member", label=0)),
+    ("a generative prediction", with_(probs=DROP, generation=GENERATION)),
+    ("a generative audit record", with_(probs=DROP, audit="nonmember", generation=GENERATION)),
 ]
 
 INVALID = [
@@ -62,6 +65,11 @@ INVALID = [
     ("a reserved feature name", with_(features={"_confidence": 1.0}), "bad_feature_name"),
     ("an unknown field", with_(latency=3), "unknown_field"),
     ("version 2", with_(v=2), "unsupported_version"),
+    ("probs and a generation", with_(generation=GENERATION), "probs_or_logits"),
+    ("a generation without logprobs", with_(probs=DROP, generation={"tokens": [1]}), "bad_generation"),
+    ("a positive log-probability", with_(probs=DROP, generation={"tokens": [1], "logprobs": [0.5]}), "bad_generation"),
+    ("a negative token id", with_(probs=DROP, generation={"tokens": [-1], "logprobs": [-0.5]}), "wrong_type"),
+    ("a label on a generative prediction", with_(probs=DROP, label=1, generation=GENERATION), "generative_mismatch"),
 ]
 
 
@@ -69,7 +77,10 @@ INVALID = [
 def test_a_valid_prediction_is_accepted_by_decoder_and_schema(case: str, event: dict[str, Any]) -> None:
     decoded = decode_prediction(orjson.dumps(event))
     assert decoded.request_id == "r1"
-    assert abs(decoded.dist.probs.sum() - 1.0) < 1e-12
+    if decoded.generation is not None:
+        assert decoded.dist is None and decoded.generation.length == 3
+    else:
+        assert decoded.dist is not None and abs(decoded.dist.probs.sum() - 1.0) < 1e-12
     jsonschema.validate(event, schema("prediction"))
 
 
@@ -83,7 +94,7 @@ def test_an_invalid_prediction_is_rejected_with_its_reason(case: str, event: dic
 
 SCHEMA_CHECKABLE = {"missing_field", "wrong_type", "empty_string", "string_too_long", "probs_or_logits",
                     "bad_class_count", "negative_probability", "timestamp_out_of_range", "bad_audit", "bad_latency",
-                    "bad_feature_name", "unknown_field", "unsupported_version"}
+                    "bad_feature_name", "unknown_field", "unsupported_version", "bad_generation", "generative_mismatch"}
 
 
 @pytest.mark.parametrize(("case", "event", "reason"), [c for c in INVALID if c[2] in SCHEMA_CHECKABLE],
@@ -138,7 +149,8 @@ def test_every_reason_in_the_code_is_listed_for_the_exporter() -> None:
 
     from kdwatch.collector.records import DEAD_LETTER_REASONS
 
-    pattern = re.compile(r'(?:ContractError|reject|DeadLetter)\([^"\n]*"([a-z0-9_]+)"|counters\[\([a-z_"]+, "([a-z0-9_]+)"\)\]'
+    pattern = re.compile(r'(?:ContractError|reject|DeadLetter)\((?:"(?:prediction|teacher|label)", )?[^"\n]*"([a-z0-9_]+)"'
+                         r'|counters\[\([a-z_"]+, "([a-z0-9_]+)"\)\]'
                          r'|reason = "([a-z0-9_]+)" if .* else "([a-z0-9_]+)"')
     found = set()
     for path in (Path(__file__).resolve().parents[3] / "collector").glob("*.py"):
