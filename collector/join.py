@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -219,8 +220,7 @@ class PartitionJoiner:
         pending = self._pending[wkey]
         entry = Entry(PREDICTION, event.model, event.request_id, start, event.student_version, event.dist,
                       event.label, has_label=event.label is not None, audit=event.audit is not None, segment=event.segment,
-                      features=event.features if self.transfer_per_window and event.audit is None else None,
-                      ts_ms=event.ts_ms, gen=event.generation)
+                      features=self._transfer_features(event), ts_ms=event.ts_ms, gen=event.generation)
         self._put(entry)
         self._touch(entry)
         if entry.audit and entry.gen is not None:
@@ -323,6 +323,14 @@ class PartitionJoiner:
         self._put(entry)
         self._touch(entry)
 
+    def _transfer_features(self, event: Prediction) -> dict[str, Any] | None:
+        """What the transfer set keeps of a prediction: its features, or a generative one's prompt (None: nothing)."""
+        if not self.transfer_per_window or event.audit is not None:
+            return None
+        if event.generation is not None:
+            return {"prompt_tokens": event.prompt_tokens} if event.prompt_tokens else None
+        return event.features
+
     def _mixes_kinds(self, wkey: WindowKey, generative: bool, source: Source | None) -> bool:
         """Reject (True) a prediction whose kind (generative or classifier) differs from its window's so far."""
         pending = self._pending.get(wkey)
@@ -381,6 +389,7 @@ class PartitionJoiner:
             counts[2] += int(np.array_equal(gen.top1, prediction.gen.tokens))
             pending.gen_student.append(prediction.gen)
             pending.gen_teacher.append(gen)
+            prediction.teacher = gen  # for the transfer set
             return
         assert teacher is not None and prediction.dist is not None
         counts[2] += int(int(teacher.probs.argmax()) == int(prediction.dist.probs.argmax()))
@@ -404,7 +413,7 @@ class PartitionJoiner:
         counts[4] += int(int(prediction.dist.probs.argmax()) == label)
         pending.label_student.append(prediction.dist)
         pending.labels.append(label)
-        if prediction.teacher is not None:
+        if isinstance(prediction.teacher, Distribution):
             pending.lt_teacher.append(prediction.teacher)
             pending.lt_student.append(prediction.dist)
             pending.lt_labels.append(label)
@@ -481,7 +490,7 @@ class PartitionJoiner:
         """Entries of a window that closed: unmatched replays and labels are counted, joined predictions sampled."""
         candidates: list[Entry] = []
         for entry in closing:
-            if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None and entry.gen is None:
+            if entry.kind == PREDICTION and entry.has_teacher and entry.features is not None:
                 candidates.append(entry)
             if entry.kind != PREDICTION:
                 topic = "teacher" if entry.kind == TEACHER else "label"
@@ -501,9 +510,10 @@ class PartitionJoiner:
         for entries in by_window.values():
             entries.sort(key=lambda e: transfer_rank(e.model, e.request_id))
             for e in entries[: self.transfer_per_window]:
-                assert e.dist is not None and e.teacher is not None and e.features is not None
+                student = e.gen if e.gen is not None else e.dist
+                assert student is not None and e.teacher is not None and e.features is not None
                 self._changes.transfer.append(TransferRecord(e.model, e.request_id, e.ts_ms, e.version, e.features,
-                                                             e.teacher, e.dist, e.label if e.has_label else None))
+                                                             e.teacher, student, e.label if e.has_label else None))
 
     def end_batch(self, caught_up: dict[str, bool] | None = None, close_all: bool = False) -> Changes:
         """Apply the batch's contributions, advance the watermark, close due windows, hand over changes.

@@ -59,7 +59,8 @@ class Entry:
     version: str = ""
     dist: Distribution | None = None  # the student's (p) or the teacher's (t)
     label: int | None = None
-    teacher: Distribution | None = None  # p: the joined replay, kept for a label that comes later
+    # p: the joined replay, kept for a label that comes later (a classifier's) or the transfer set (a generative one's)
+    teacher: Distribution | Generation | None = None
     has_teacher: bool = False
     has_label: bool = False
     audit: bool = False
@@ -79,15 +80,19 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class TransferRecord:
-    """One joined prediction kept for distillation: what the runner trains the next student on."""
+    """One joined prediction kept for distillation: what the runner trains the next student on.
+
+    A generative student's record holds its generation and the teacher's scoring of it (``Generation``),
+    with the prompt in ``features["prompt_tokens"]``.
+    """
 
     model: str
     request_id: str
     ts_ms: int
     student_version: str
     features: dict[str, Any]
-    teacher: Distribution
-    student: Distribution
+    teacher: Distribution | Generation
+    student: Distribution | Generation
     label: int | None
 
 
@@ -158,12 +163,22 @@ def gen_from_list(g: list[Any] | None) -> Generation | None:
 
 def transfer_to_dict(record: TransferRecord) -> dict[str, Any]:
     """The stored payload of a transfer record (the key columns hold model, request_id, ts and version)."""
+    if isinstance(record.student, Generation):
+        assert isinstance(record.teacher, Generation)
+        return {"features": record.features, "teacher_generation": gen_to_list(record.teacher),
+                "student_generation": gen_to_list(record.student), "label": None}
+    assert isinstance(record.teacher, Distribution)
     return {"features": record.features, "teacher": dist_to_list(record.teacher), "student": dist_to_list(record.student),
             "label": record.label}
 
 
 def transfer_from_row(model: str, request_id: str, ts_ms: int, student_version: str, payload: dict[str, Any]) -> TransferRecord:
-    teacher, student = dist_from_list(payload["teacher"]), dist_from_list(payload["student"])
+    teacher: Distribution | Generation | None
+    student: Distribution | Generation | None
+    if "student_generation" in payload:
+        teacher, student = gen_from_list(payload["teacher_generation"]), gen_from_list(payload["student_generation"])
+    else:
+        teacher, student = dist_from_list(payload["teacher"]), dist_from_list(payload["student"])
     assert teacher is not None and student is not None
     return TransferRecord(model, request_id, ts_ms, student_version, payload["features"], teacher, student, payload["label"])
 
@@ -174,8 +189,10 @@ def entry_to_dict(entry: Entry) -> dict[str, Any]:
     src = entry.source
     return {
         "w": entry.window_start, "v": entry.version, "d": dist(entry.dist), "y": entry.label,
-        "t": dist(entry.teacher), "ht": entry.has_teacher, "hl": entry.has_label, "a": entry.audit, "g": entry.segment,
+        "t": dist(entry.teacher) if not isinstance(entry.teacher, Generation) else None, "ht": entry.has_teacher,
+        "hl": entry.has_label, "a": entry.audit, "g": entry.segment,
         "f": entry.features, "ts": entry.ts_ms, **({"G": gen_to_list(entry.gen)} if entry.gen is not None else {}),
+        **({"T": gen_to_list(entry.teacher)} if isinstance(entry.teacher, Generation) else {}),
         "s": None if src is None else [src.topic, src.partition, src.offset, src.timestamp_ms,
                                        src.key.decode("utf-8", "replace") if src.key is not None else None,
                                        src.value.decode("utf-8")],
@@ -186,6 +203,7 @@ def entry_from_dict(kind: str, model: str, request_id: str, data: dict[str, Any]
     dist = dist_from_list
     s = data["s"]
     source = None if s is None else Source(s[0], s[1], s[2], s[3], None if s[4] is None else s[4].encode(), s[5].encode())
-    return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], dist(data["t"]),
+    teacher = gen_from_list(data["T"]) if "T" in data else dist(data["t"])
+    return Entry(kind, model, request_id, data["w"], data["v"], dist(data["d"]), data["y"], teacher,
                  data["ht"], data["hl"], data["a"], source, data.get("g"), data.get("f"), data.get("ts", 0),
                  gen_from_list(data.get("G")))

@@ -539,8 +539,14 @@ def demo(
     home: Path = DEFAULT_HOME,
     minutes: Annotated[int, typer.Option(min=60, help="event minutes of traffic (the first hour is clean)")] = 180,
     per_minute: Annotated[int, typer.Option(min=40, help="predictions per event minute")] = 100,
+    generative: Annotated[bool, typer.Option(help="a distilled language model instead, watched token by token")] = False,
 ) -> None:
     """The closed loop on scikit-learn's digits: broker, collector, SLO engine, API and runner; shift, page, retrain, recovery."""
+    if generative:
+        from kdwatch.demo_generative import run_generative_demo
+
+        run_generative_demo(home)
+        return
     from kdwatch.demo import DemoOptions, run_demo
 
     run_demo(home, DemoOptions(total_minutes=minutes, per_minute=per_minute))

@@ -111,11 +111,12 @@ class PredictionLogger:
 
     def log(self, request_id: str, *, probs: Any = None, logits: Any = None, features: Mapping[str, Any] | None = None,
             latency_ms: float | None = None, label: int | None = None, segment: str | None = None,
-            ts_ms: int | None = None, generation: Mapping[str, Any] | None = None) -> bool:
+            ts_ms: int | None = None, generation: Mapping[str, Any] | None = None, prompt_tokens: Any = None) -> bool:
         """A prediction; True when queued (False: dropped as invalid in production mode).
 
         A generative student passes ``generation={"tokens": [...], "logprobs": [...]}`` (its output token ids
-        and its log-probability of each) instead of ``probs``/``logits``.
+        and its log-probability of each) instead of ``probs``/``logits``, and ``prompt_tokens`` (the prompt's
+        token ids) when a teacher replayer is to score its output.
         """
         record: dict[str, Any] = {"request_id": request_id, "model": self.model, "student_version": self.student_version,
                                   "ts": self._now() if ts_ms is None else ts_ms}
@@ -125,6 +126,8 @@ class PredictionLogger:
             record["logits"] = _as_list(logits)
         if generation is not None:
             record["generation"] = {name: _as_list(values) for name, values in generation.items()}
+        if prompt_tokens is not None:
+            record["prompt_tokens"] = _as_list(prompt_tokens)
         if features is not None:
             record["features"] = dict(features)
         if latency_ms is not None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from kdwatch.analyzer.fidelity import agreement_mask, kl_divergence, student_log_probs
+from kdwatch.collector.contract import Distribution
 from kdwatch.collector.records import TransferRecord, transfer_rank
 from kdwatch.errors import ConfigError
 
@@ -51,6 +52,10 @@ class TrainConfig(BaseModel):
     min_records: int = Field(default=200, ge=10)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
+    # Entry points ("package.module:function", runner.trainers) a retrain request may name; ``trainer`` runs
+    # for every model whose request names none (None: the built-in MLP, for classifiers).
+    trainers: tuple[str, ...] = ()
+    trainer: str | None = None
 
 
 def load_train_config(path: Path | None) -> TrainConfig:
@@ -124,7 +129,11 @@ def to_arrays(records: Sequence[TransferRecord], holdout: float) -> TransferArra
     """
     if not records:
         raise ValueError("the transfer set is empty")
-    k = records[0].teacher.n_classes
+    if not all(isinstance(r.teacher, Distribution) and isinstance(r.student, Distribution) for r in records):
+        raise ValueError("the transfer set holds a generative student's records: the built-in MLP distils classifiers; "
+                         "name a trainer entry point for it (README \"Generative students\")")
+    classifier = [(r, r.teacher, r.student) for r in records if isinstance(r.teacher, Distribution) and isinstance(r.student, Distribution)]
+    k = classifier[0][1].n_classes
     names = sorted({name for r in records for name, v in r.features.items()
                     if isinstance(v, int | float) and not isinstance(v, bool)})
     if not names:
@@ -136,13 +145,13 @@ def to_arrays(records: Sequence[TransferRecord], holdout: float) -> TransferArra
             i = index.get(name)
             if i is not None and isinstance(v, int | float) and not isinstance(v, bool):
                 x[row, i] = float(v)
-    if any(r.teacher.n_classes != k or r.student.n_classes != k for r in records):
+    if any(t.n_classes != k or s.n_classes != k for _r, t, s in classifier):
         raise ValueError("the transfer set mixes class counts")
     x = np.where(np.isnan(x), np.nanmean(x, axis=0), x)  # every column has a value: its name came from a record
-    t_probs = np.stack([r.teacher.probs for r in records])
-    t_log = np.stack([np.maximum(np.log(np.maximum(r.teacher.probs, 1e-300)), LOG_FLOOR)
-                      if r.teacher.log_probs is None else r.teacher.log_probs for r in records])
-    s_probs = np.stack([r.student.probs for r in records])
+    t_probs = np.stack([t.probs for _r, t, _s in classifier])
+    t_log = np.stack([np.maximum(np.log(np.maximum(t.probs, 1e-300)), LOG_FLOOR) if t.log_probs is None else t.log_probs
+                      for _r, t, _s in classifier])
+    s_probs = np.stack([s.probs for _r, _t, s in classifier])
     labels = np.array([-1 if r.label is None else r.label for r in records], dtype=np.int64)
     cut = round(holdout * 10_000)
     held = np.array([transfer_rank(r.model, r.request_id) % 10_000 < cut for r in records])

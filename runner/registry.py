@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from kdwatch.runner.distill import StudentMLP
-
 ARTIFACTS = ("model.pt", "model.torchscript")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -77,7 +75,7 @@ class Registry:
             n += 1
         return f"{stem}{n}"
 
-    def register(self, model: str, version: str, module: StudentMLP, metadata: dict[str, Any]) -> Path:
+    def register(self, model: str, version: str, module: torch.nn.Module, metadata: dict[str, Any]) -> Path:
         folder = self._model_dir(model)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / _safe(version)

@@ -34,6 +34,7 @@ from rich.progress import Progress
 from kdwatch.httperrors import install_json_errors
 from kdwatch.runner.distill import TrainConfig, distil, to_arrays
 from kdwatch.runner.registry import Registry
+from kdwatch.runner.trainers import Candidate, promotes, run_trainer
 from kdwatch.slo.webhooks import WebhookVerificationError, verify
 from kdwatch.storage.jobs import FAILED, PROMOTED, REJECTED, JobStore, public_job
 from kdwatch.storage.sql import SqlStore
@@ -133,34 +134,27 @@ class Runner:
             note(f"transfer set {request['data']['from']} .. {request['data']['to']}: {len(records)} records")
             if len(records) < train.min_records:
                 raise ValueError(f"the transfer set holds {len(records)} records in the range; at least {train.min_records} needed")
-            data = to_arrays(records, train.holdout)
-            note(f"{len(data.feature_names)} numeric features, {int((~data.holdout).sum())} training and "
-                 f"{int(data.holdout.sum())} held-out records, {int((data.labels >= 0).sum())} labelled")
             with Progress(disable=not self.config.show_progress, transient=True) as progress:
                 task = progress.add_task(f"distilling {model}", total=train.epochs)
 
                 def on_epoch(row: dict[str, float]) -> None:
-                    note(f"epoch {int(row['epoch'])}/{train.epochs} loss {row['loss']:.4f} "
-                         f"held-out agreement {row['agreement']:.4f} kl_mean {row['kl_mean']:.4f}")
+                    note(f"epoch {int(row['epoch'])}/{train.epochs} " + " ".join(
+                        f"{k.replace('agreement', 'held-out agreement')} {v:.4f}" for k, v in row.items() if k != "epoch"))
                     progress.update(task, advance=1)
                     self.jobs.progress(job["id"], "\n".join(lines))
 
-                result = distil(data, train, on_epoch)
+                result = self._train(request, records, note, on_epoch)
             metrics = {"candidate": result.candidate, "current": result.current, "promote_margin": train.promote_margin}
             note(f"held-out agreement: candidate {result.candidate['agreement']:.4f}, current {result.current['agreement']:.4f}")
-            if not result.promoted:
+            if not promotes(result.candidate, result.current, train.promote_margin):
                 note(f"rejected: the candidate does not beat the current student by {train.promote_margin}")
                 self.jobs.finish(job["id"], REJECTED, self._now(), log="\n".join(lines), parent_version=parent, metrics=metrics)
                 return
             version = self.registry.next_version(model, parent)
-            n_classes = int(data.teacher_probs.shape[1])
             self.registry.register(model, version, result.module, {
-                "parent_version": parent, "job_id": job["id"], "metrics": metrics,
-                "architecture": {"type": "mlp", "n_features": len(data.feature_names), "hidden": list(train.hidden),
-                                 "n_classes": n_classes},
-                "features": data.feature_names, "training_config": train.model_dump(mode="json"),
-                "data": request["data"], "n_train": int((~data.holdout).sum()), "n_holdout": int(data.holdout.sum()),
-                "epochs": result.epochs,
+                "parent_version": parent, "job_id": job["id"], "metrics": metrics, "architecture": result.architecture,
+                "features": result.features, "training_config": train.model_dump(mode="json"),
+                "data": request["data"], "n_train": result.n_train, "n_holdout": result.n_holdout, "epochs": result.epochs,
             })
             self.registry.promote(model, version)
             note(f"promoted {version} (parent {parent})")
@@ -170,6 +164,25 @@ class Runner:
             note(f"failed: {type(exc).__name__}: {exc}")
             self.jobs.finish(job["id"], FAILED, self._now(), log="\n".join(lines), parent_version=parent,
                              error=f"{type(exc).__name__}: {exc}")
+
+    def _train(self, request: dict[str, Any], records: list[Any], note: Callable[[str], None],
+               on_epoch: Callable[[dict[str, float]], None]) -> Candidate:
+        """The candidate student: from the request's (or the config's) trainer entry point, else the built-in MLP."""
+        train = self.config.train
+        trainer = request.get("trainer") or train.trainer
+        if trainer is not None:
+            if trainer not in (*train.trainers, train.trainer):
+                raise ValueError(f"trainer {trainer!r} is not among the runner's trainers (training config `trainers`)")
+            note(f"training with {trainer}")
+            return run_trainer(trainer, records, train, on_epoch)
+        data = to_arrays(records, train.holdout)
+        note(f"{len(data.feature_names)} numeric features, {int((~data.holdout).sum())} training and "
+             f"{int(data.holdout.sum())} held-out records, {int((data.labels >= 0).sum())} labelled")
+        result = distil(data, train, on_epoch)
+        return Candidate(result.module, result.candidate, result.current,
+                         {"type": "mlp", "n_features": len(data.feature_names), "hidden": list(train.hidden),
+                          "n_classes": int(data.teacher_probs.shape[1])}, data.feature_names, result.epochs,
+                         int((~data.holdout).sum()), int(data.holdout.sum()))
 
     def serve_forever(self, stop: threading.Event) -> None:
         requeued = self.jobs.requeue_stale(self._now() - self.config.stale_after_ms)

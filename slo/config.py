@@ -129,6 +129,9 @@ class RetrainPolicy(_Frozen):
     model: str
     when: tuple[RetrainCondition, ...] = Field(min_length=1)
     cooldown: Duration = "6h"
+    # A training entry point, "package.module:function", sent with the retrain webhook; the runner runs it
+    # (instead of its built-in MLP) when its own config lists it. Generative students need one.
+    trainer: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class SloFile(_Frozen):

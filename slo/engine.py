@@ -293,8 +293,10 @@ class SloEngine:
             self.in_flight.add(policy.model)
             self._last_retrain[policy.model] = now
             webhook_id = "msg_" + uuid.uuid5(RETRAIN_NAMESPACE, f"{policy.model}|{now}|{reason}").hex
-            out.append({"type": "retrain", "model": policy.model, "at": rfc3339(now), "reason": reason,
-                        "webhook_id": webhook_id})
+            note = {"type": "retrain", "model": policy.model, "at": rfc3339(now), "reason": reason, "webhook_id": webhook_id}
+            if policy.trainer is not None:
+                note["trainer"] = policy.trainer
+            out.append(note)
         return out
 
     def _retrain_reason(self, policy: RetrainPolicy, now: int, windows: list[WindowInput],

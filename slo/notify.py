@@ -84,4 +84,5 @@ def retrain_payload(note: dict[str, Any], student_version: str | None, teacher_v
         "teacher_version": teacher_version,
         "trigger": {"reason": note["reason"], "at": note["at"], **numbers},
         "data": {"from": rfc3339(data_from_ms), "to": rfc3339(data_to_ms)},
+        **({"trainer": note["trainer"]} if note.get("trainer") else {}),
     }
