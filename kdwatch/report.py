@@ -25,6 +25,11 @@ from kdwatch.analyzer.window import WindowState
 from kdwatch.timestamps import rfc3339
 
 PSI_CHART_FEATURES = 20
+# What the fidelity chart and the summary cards show: a classifier's fields, or a generative student's.
+CLASSIFIER_PANELS = (("agreement", "agreement"), ("kl_mean", "KL(teacher‖student)"), ("ece", "ECE"),
+                     ("accuracy_delta", "accuracy delta"))
+GENERATIVE_PANELS = (("token_agreement", "token agreement"), ("teacher_ppl", "teacher perplexity"),
+                     ("kl_rev_mean", "reverse KL per token"), ("seq_agreement", "sequence agreement"))
 
 plt.rcParams.update({"svg.fonttype": "path", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
 
@@ -51,14 +56,13 @@ def _times(buckets: list[Bucket]) -> np.ndarray:
     return np.array([b.start_ms for b in buckets], dtype="datetime64[ms]")
 
 
-def _fidelity_chart(data: ReportData) -> str:
+def _fidelity_chart(data: ReportData, generative: bool) -> str:
     # One line per student version, so a retrained student shows as a new series.
     versions: dict[str, list[Bucket]] = {}
     for b in data.buckets:
         versions.setdefault(b.student_version, []).append(b)
     fig, axes = plt.subplots(4, 1, figsize=(9, 7), sharex=True)
-    for ax, field_name, label in zip(axes, ("agreement", "kl_mean", "ece", "accuracy_delta"),
-                                     ("agreement", "KL(teacher‖student)", "ECE", "accuracy delta"), strict=True):
+    for ax, (field_name, label) in zip(axes, GENERATIVE_PANELS if generative else CLASSIFIER_PANELS, strict=True):
         for version, buckets in versions.items():
             results = [b.state.result(data.reference) for b in buckets]
             values = [r[field_name] if r[field_name] is not None else np.nan for r in results]
@@ -159,8 +163,10 @@ def render(data: ReportData) -> str:
         return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
 
     generated = rfc3339(int(datetime.now(UTC).timestamp()) * 1000)
-    cards = "".join(f"<div class=card><b>{fmt(summary[k])}</b><span>{k}</span></div>"
-                    for k in ("n", "n_joined", "agreement", "kl_mean", "ece", "accuracy_delta"))
+    generative = merged.generative.active
+    shown = ("n", "n_joined", "n_tokens", "token_agreement", "teacher_ppl", "kl_rev_mean") if generative else (
+        "n", "n_joined", "agreement", "kl_mean", "ece", "accuracy_delta")
+    cards = "".join(f"<div class=card><b>{fmt(summary[k])}</b><span>{k}</span></div>" for k in shown)
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>kdwatch report: {html.escape(data.model)}</title>
 <style>
@@ -173,7 +179,7 @@ table{{border-collapse:collapse}} td,th{{border-bottom:1px solid #eee;padding:4p
 <h1>{html.escape(data.model)}</h1>
 <div class=meta>windows {first} … {last}, step {html.escape(data.step)}, generated {generated}</div>
 <div class=cards>{cards}</div>
-<h2>Fidelity over time</h2><figure id=fidelity>{_fidelity_chart(data)}</figure>
+<h2>Fidelity over time</h2><figure id=fidelity>{_fidelity_chart(data, generative)}</figure>
 <div class=grid>
 <figure id=reliability>{_reliability_chart(merged)}</figure>
 <figure id=psi>{_psi_chart(merged, data.reference)}</figure>

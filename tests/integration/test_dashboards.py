@@ -3,6 +3,7 @@ kdwatch fed through the real broker."""
 
 from __future__ import annotations
 
+import heapq
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -20,7 +22,7 @@ from kdwatch.api import ApiSettings, create_app
 from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.collector.offline import load_reference
 from kdwatch.devkafka import free_port
-from kdwatch.generator import TrafficSpec, generate
+from kdwatch.generator import GenerativeSpec, TrafficSpec, generate, generate_generative
 from kdwatch.lag import kafka_readiness, lag_source
 from kdwatch.loadgen import produce_records
 from kdwatch.slo.config import load_slo_file
@@ -37,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def api_url(kafka: str, tmp_path: Path) -> Iterator[str]:
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
     store.migrate()
-    records = list(generate(TrafficSpec(events_per_second=2, audit_rate=0.2, teacher_rate=0.3), 3_000))
+    # A generative student beside the classifier, interleaved in arrival order: the token-level panels need its windows.
+    records = list(heapq.merge(generate(TrafficSpec(events_per_second=2, audit_rate=0.2, teacher_rate=0.3), 3_000),
+                               generate_generative(GenerativeSpec(events_per_second=0.5, teacher_rate=0.5), 400),
+                               key=lambda record: orjson.loads(record[2])["ts"]))
     records += [("prediction", "poison-1", b"{not json"), ("label", "poison-2", b'{"request_id": "x"}')]
     refs = load_reference(write_jsonl(list(generate(TrafficSpec(seed=4), 1_000)), tmp_path / "ref")["prediction"])
     store.put_reference("fraud-distil", refs["fraud-distil"])

@@ -62,6 +62,15 @@ POISON: list[tuple[str, bytes, str]] = [
     ("prediction", _p(probs=[0.5, 0.5], features={"f": float("inf")}).replace(b"null", b"Infinity"), "invalid_json"),
     ("teacher", orjson.dumps({"request_id": "x", "model": "m", "ts": TS, "probs": [1.0, 0.0]}), "missing_field"),
     ("label", orjson.dumps({"request_id": "x", "model": "m", "label": -1, "ts": TS}), "label_out_of_range"),
+    # Generative students (contract v1, additive): a broken generation, a label on a generative prediction,
+    # a generation beside probs, a replay generation without the teacher's top-1.
+    ("prediction", _p(probs=None, generation={"tokens": [1, 2], "logprobs": [-0.1]}).replace(b'"probs":null,', b""),
+     "bad_generation"),
+    ("prediction", _p(probs=None, label=1, generation={"tokens": [1], "logprobs": [-0.1]}).replace(b'"probs":null,', b""),
+     "generative_mismatch"),
+    ("prediction", _p(generation={"tokens": [1], "logprobs": [-0.1]}), "probs_or_logits"),
+    ("teacher", orjson.dumps({"request_id": "x", "model": "m", "teacher_version": "t", "ts": TS,
+                              "generation": {"logprobs": [-0.1], "tokens": [1]}}), "bad_generation"),
 ]
 
 

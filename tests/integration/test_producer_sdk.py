@@ -26,7 +26,7 @@ def test_strict_mode_raises_on_an_invalid_record_and_queues_nothing(kafka: str) 
         with pytest.raises(ContractError) as caught:
             logger.log("r1", probs=[0.7, 0.7])
         assert caught.value.reason == "probs_not_normalised"
-        with pytest.raises(ContractError, match="exactly one of probs or logits"):
+        with pytest.raises(ContractError, match="exactly one of probs, logits or generation"):
             logger.log("r2")
         assert logger.stats.queued == 0
 

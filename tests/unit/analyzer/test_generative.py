@@ -173,3 +173,20 @@ def test_jsonl_and_parquet_give_the_same_generative_windows(tmp_path: Path) -> N
                            references=refs_pq)
     assert c1 == c2 and {k: s.to_dict() for k, s in w1.items()} == {k: s.to_dict() for k, s in w2.items()}
     assert sum(s.generative.n_seq for s in w1.values()) > 500
+
+
+def test_the_report_shows_a_generative_students_token_level_fields() -> None:
+    from kdwatch.analyzer.rollup import Bucket
+    from kdwatch.report import ReportData, render
+
+    buckets = []
+    for i, version in enumerate(["s1", "s1", "s2"]):
+        students, teachers = pairs(10 + i, 40)
+        state = WindowState(n=40)
+        state.add_generations(students, teachers)
+        state.generative.add_lengths([g.length for g in students])
+        buckets.append(Bucket("lm", version, TS + i * 60_000, state, True, 1))
+    page = render(ReportData("lm", "1m", buckets, None))
+    for card in ("n_tokens", "token_agreement", "teacher_ppl", "kl_rev_mean"):
+        assert f"<span>{card}</span>" in page
+    assert "<span>ece</span>" not in page and page.count("<svg") >= 4
