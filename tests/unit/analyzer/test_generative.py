@@ -190,3 +190,39 @@ def test_the_report_shows_a_generative_students_token_level_fields() -> None:
     for card in ("n_tokens", "token_agreement", "teacher_ppl", "kl_rev_mean"):
         assert f"<span>{card}</span>" in page
     assert "<span>ece</span>" not in page and page.count("<svg") >= 4
+
+
+def test_the_generative_slis_alert_in_the_backtest(tmp_path: Path) -> None:
+    """`kdwatch analyze --slo` on a language-model student whose agreement with its teacher drops after an hour:
+    the token-agreement and reverse-KL events SLIs and the perplexity timeslices page; a healthy hour pages nothing."""
+    import subprocess
+    import sys
+
+    from kdwatch.generator import GenerativeSpec, generate_generative
+
+    hour = 3_600 * 5  # predictions of an hour at 5 a second
+    healthy = GenerativeSpec(seed=1, events_per_second=5, mean_length=24, teacher_rate=0.5, disagreement=0.02)
+    shifted = GenerativeSpec(seed=2, events_per_second=5, mean_length=24, teacher_rate=0.5, disagreement=0.5,
+                             start_ms=healthy.start_ms + 3_600_000)
+    lines: dict[str, list[bytes]] = {"prediction": [], "teacher": []}
+    for spec in (healthy, shifted):
+        for kind, _rid, value in generate_generative(spec, hour):
+            lines[kind].append(value)
+    for kind, values in lines.items():
+        (tmp_path / f"{kind}.jsonl").write_bytes(b"\n".join(values) + b"\n")
+    slo = tmp_path / "slo.yaml"
+    slo.write_text(
+        "slos:\n"
+        "  - {name: tokens, model: support-chat, objective: 0.95, period: 1d, sli: {events: {metric: token_agreement}}}\n"
+        "  - {name: kl-rev, model: support-chat, objective: 0.9, period: 1d, sli: {events: {metric: kl_rev, threshold: 0.4}}}\n"
+        "  - {name: ppl, model: support-chat, objective: 0.9, period: 1d,"
+        " sli: {timeslices: {metric: teacher_ppl, threshold: 3.0, min_samples: 100}}}\n")
+    out = subprocess.run([sys.executable, "-m", "kdwatch.cli", "analyze", "--predictions", str(tmp_path / "prediction.jsonl"),
+                          "--teacher", str(tmp_path / "teacher.jsonl"), "--slo", str(slo)], capture_output=True, check=True, text=True)
+    rows = [orjson.loads(line) for line in out.stdout.splitlines()]
+    windows = [r for r in rows if "window_start" in r]
+    assert max(w["teacher_ppl"] for w in windows[:55]) < 3.0 < min(w["teacher_ppl"] for w in windows[65:115])
+    pages = [r for r in rows if r.get("type") == "alert" and r["severity"] == "page" and r["status"] == "firing"]
+    assert {p["slo"] for p in pages} == {"tokens", "kl-rev", "ppl"}, [r for r in rows if "type" in r]
+    shift_at = "2026-11-18T12:06:40Z"  # healthy.start_ms + 1 h
+    assert all(p["at"] > shift_at for p in pages)
