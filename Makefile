@@ -41,6 +41,8 @@ bench: setup ## benchmarks (see benchmarks/RESULTS.md); Evidently in its own vir
 	cd benchmarks && ../$(PY) alert_quality.py
 	cd benchmarks && ../$(PY) freshness.py
 	cd benchmarks && ../$(PY) scrape_latency.py
+	cd benchmarks && ../$(PY) generative_throughput.py
+	cd benchmarks && ../$(PY) spark_scale.py
 	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy
 	cd benchmarks && ../$(PY) profile_collector.py
 	cd benchmarks && ../$(PY) profile_analyze.py

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from common import ROOT, dataset, measure, median, parquet_dataset
+from common import FLOOR, ROOT, dataset, measure, median, parquet_dataset
 
 KDWATCH = str(ROOT / ".venv" / "bin" / "kdwatch")
 BENCH_PY = str(ROOT / ".venv-bench" / "bin" / "python")
@@ -30,16 +30,7 @@ def kdwatch_cmd(paths: Mapping[str, object], reference: object) -> list[str]:
             "--labels", str(paths["label"]), "--reference", str(reference)]
 
 
-FLOOR = """
-import sys, orjson
-n = 0
-for path in sys.argv[1:]:
-    with open(path, "rb") as handle:
-        for line in handle:
-            orjson.loads(line)
-            n += 1
-print(n)
-"""
+
 
 
 def floor_cmd(paths: Mapping[str, object], reference: object) -> list[str]:

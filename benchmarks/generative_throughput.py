@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import DATA, ROOT, measure, median
+from common import DATA, FLOOR, ROOT, measure, median
 
 sys.path.insert(0, str(ROOT))
 
 from kdwatch.generator import GenerativeSpec, generate_generative
 
 KDWATCH = str(ROOT / ".venv" / "bin" / "kdwatch")
-FLOOR = """
-import sys, orjson
-n = 0
-for path in sys.argv[1:]:
-    with open(path, "rb") as handle:
-        for line in handle:
-            orjson.loads(line)
-            n += 1
-print(n)
-"""
+
 
 
 def dataset(n: int, seed: int) -> dict[str, object]:

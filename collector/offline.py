@@ -7,7 +7,7 @@ the grace, the result equals the Kafka path's stored windows (tests/integration/
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -65,17 +65,26 @@ def merged_events(
     no file): they no longer hold the watermark back. ``partition`` keeps only the records it
     accepts (one Kafka partition's share of the files).
     """
-    streams = _streams(predictions, teacher, labels)
+    streams = {kind: ((key, raw, obj) for key, _order, _lineno, _kind, raw, obj in stream
+                      if partition is None or partition(obj))
+               for kind, stream in _streams(predictions, teacher, labels).items()}
+    return merge_inputs(streams)
+
+
+def merge_inputs(streams: Mapping[str, Iterable[tuple[int, bytes, dict[str, Any] | None]]]
+                 ) -> Iterator[tuple[str, bytes, dict[str, Any] | None, dict[str, bool]]]:
+    """(kind, raw, parsed, idle) of each input's (merge key, raw, parsed) entries, in input order, merged by event time."""
+    iterators = {kind: iter(stream) for kind, stream in streams.items()}
     # Files are never late: a file at its end has nothing more to come, so an input idles at once.
     merge: EventTimeMerge[tuple[bytes, dict[str, Any] | None]] = EventTimeMerge(0.0)
 
     def refill(kind: str) -> None:
-        stream = streams.get(kind)
-        for key, _order, _lineno, _kind, raw, obj in stream or ():
-            if partition is None or partition(obj):
-                merge.push(kind, key, (raw, obj))
-                return
-        merge.set_at_end(kind, True)
+        entry = next(iterators[kind], None) if kind in iterators else None
+        if entry is None:
+            merge.set_at_end(kind, True)
+            return
+        key, raw, obj = entry
+        merge.push(kind, key, (raw, obj))
 
     for kind in INPUTS:
         refill(kind)
@@ -180,6 +189,16 @@ def analyze_files(
     refs = references() if callable(references) else references
     windows: dict[WindowKey, WindowState] = {}
     counters: dict[tuple[str, str], int] = {}
+    for p in range(partitions):
+        accept = None if partitions == 1 else _partition_filter(p, partitions, partitioner)
+        analyze_partition(merged_events(predictions, teacher, labels, accept), window_ms, grace_ms, refs, windows, counters)
+    return windows, counters
+
+
+def analyze_partition(events: Iterable[tuple[str, bytes, dict[str, Any] | None, dict[str, bool]]], window_ms: int,
+                      grace_ms: int, refs: dict[str, Reference] | None, windows: dict[WindowKey, WindowState],
+                      counters: dict[tuple[str, str], int]) -> None:
+    """Join and window one co-partition's merged events (``merged_events``), adding its final windows and counters."""
 
     def collect(changes: Changes) -> None:
         for wkey, state in changes.closed.items():
@@ -189,20 +208,17 @@ def analyze_files(
         for key, count in changes.counters.items():
             counters[key] = counters.get(key, 0) + count
 
-    for p in range(partitions):
-        accept = None if partitions == 1 else _partition_filter(p, partitions, partitioner)
-        joiner = PartitionJoiner(window_ms, grace_ms, refs)
-        idle = dict.fromkeys(INPUTS, True)
-        for i, (kind, raw, obj, idle) in enumerate(merged_events(predictions, teacher, labels, accept), start=1):
-            if raw:
-                ingest(joiner, kind, raw, parsed=obj)
-            # The watermark moves after every record, windows close every BATCH records: the result does not
-            # depend on BATCH (the columnar path follows the same rule).
-            joiner.advance_watermark(idle)
-            if i % BATCH == 0:
-                collect(joiner.end_batch(idle))
-        collect(joiner.end_batch(idle, close_all=True))
-    return windows, counters
+    joiner = PartitionJoiner(window_ms, grace_ms, refs)
+    idle = dict.fromkeys(INPUTS, True)
+    for i, (kind, raw, obj, idle) in enumerate(events, start=1):
+        if raw:
+            ingest(joiner, kind, raw, parsed=obj)
+        # The watermark moves after every record, windows close every BATCH records: the result does not
+        # depend on BATCH (the columnar path follows the same rule).
+        joiner.advance_watermark(idle)
+        if i % BATCH == 0:
+            collect(joiner.end_batch(idle))
+    collect(joiner.end_batch(idle, close_all=True))
 
 
 def _partition_filter(p: int, partitions: int, partitioner: Partitioner | None) -> Callable[[dict[str, Any] | None], bool]:

@@ -57,6 +57,8 @@ def analyze(
     reference: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="PSI baseline (.jsonl or .parquet)")] = None,
     slo: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="SLO YAML: backtest it on these windows")] = None,
     partitions: Annotated[int, typer.Option(min=1, help="reproduce a topic's layout: join per Kafka partition of request_id")] = 1,
+    engine: Annotated[str, typer.Option(help="local (this process) or spark (README: History on Spark)")] = "local",
+    master: Annotated[str, typer.Option(help="with --engine spark: the Spark master URL")] = "local[2]",
 ) -> None:
     """Analyse JSONL or Parquet files with no broker and no database; one JSON object per window on stdout.
 
@@ -76,10 +78,15 @@ def analyze(
     references = reference_loader(reference) if reference is not None else dict
     from kdwatch.collector.consumer import kafka_partition
 
-    windows, counters = analyze_files(
-        predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=references,
-        partitions=partitions, partitioner=kafka_partition,
-        on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
+    if engine not in ("local", "spark"):
+        raise typer.BadParameter("local or spark", param_hint="--engine")
+    if engine == "spark":
+        windows, counters = _analyze_on_spark(master, predictions, teacher, labels, window_ms, grace_ms, references(), partitions)
+    else:
+        windows, counters = analyze_files(
+            predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=references,
+            partitions=partitions, partitioner=kafka_partition,
+            on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
     refs = references()
     inputs = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
@@ -92,6 +99,22 @@ def analyze(
     rejected = {f"{kind}.{reason}": count for (kind, reason), count in sorted(counters.items()) if reason != "valid"}
     if rejected:
         err.print(f"[yellow]not counted in any window metric:[/] {rejected}")
+
+
+def _analyze_on_spark(master: str, predictions: Path, teacher: Path | None, labels: Path | None, window_ms: int,
+                      grace_ms: int, refs: dict[str, Any], partitions: int) -> tuple[dict[Any, Any], dict[tuple[str, str], int]]:
+    try:
+        from kdwatch import spark as on_spark
+    except ImportError as exc:
+        err.print(f"--engine spark needs PySpark ({exc.name} is missing): pip install 'kdwatch[spark]'")
+        raise typer.Exit(2) from None
+    session = on_spark.session(master)
+    try:
+        rows, counters = on_spark.collect(*on_spark.analyze(session, predictions, teacher, labels, window_ms=window_ms,
+                                                            grace_ms=grace_ms, references=refs, partitions=partitions))
+    finally:
+        session.stop()
+    return {key: state for key, state, _result in rows}, counters
 
 
 @app.command()

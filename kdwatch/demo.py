@@ -81,7 +81,7 @@ class DemoOutcome:
         return next(p for p in self.phases if p["phase"] == name)
 
 
-class _Server:
+class LocalServer:
     """A uvicorn server in a thread, on a free loopback port."""
 
     def __init__(self, app: FastAPI) -> None:
@@ -95,7 +95,7 @@ class _Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> LocalServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -164,8 +164,8 @@ def closed_loop(home: Path, bootstrap: str, options: DemoOptions, console: Conso
     db_url = f"sqlite:///{workdir / 'kdwatch.db'}"
     store = open_store(db_url)
     secret = new_secret()
-    with _Server(build_api(open_store(db_url))) as api, \
-            _Server(runner_app(build_runner(open_store(db_url), secret, workdir / "registry", options.student,
+    with LocalServer(build_api(open_store(db_url))) as api, \
+            LocalServer(runner_app(build_runner(open_store(db_url), secret, workdir / "registry", options.student,
                                             poll_interval_s=0.2))) as runner_server:
         stack = _build_stack(run, bootstrap, store, models, options, retrain_url=runner_server.url + "/webhooks/retrain",
                              secret=secret)

@@ -36,7 +36,7 @@ from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.consumer import DLT_SUFFIX, CollectorConfig, Topics, ensure_topics
 from kdwatch.collector.replayer import Replayer, ReplayerConfig
 from kdwatch.collector.teachers import TorchScriptLanguageModel
-from kdwatch.demo import MIN, _parse_ms, _print_note, _Server, _wait
+from kdwatch.demo import MIN, LocalServer, _parse_ms, _print_note, _wait
 from kdwatch.devkafka import DevKafka
 from kdwatch.producer import PredictionLogger
 from kdwatch.runner.distill import TrainConfig
@@ -142,7 +142,7 @@ def story(workdir: Path, bootstrap: str, options: GenerativeOptions, console: Co
     db_url = f"sqlite:///{workdir / 'kdwatch.db'}"
     store = open_store(db_url)
     secret = new_webhook_secret()
-    with _Server(runner_app(build_runner(open_store(db_url), secret, workdir / "registry", options.runner,
+    with LocalServer(runner_app(build_runner(open_store(db_url), secret, workdir / "registry", options.runner,
                                          poll_interval_s=0.2))) as runner:
         run = _start(workdir.name, bootstrap, store, teacher, student, texts, clean, teacher_file, options,
                      runner.url + "/webhooks/retrain", secret, console)

@@ -36,7 +36,7 @@ fi
 stamp="$VENV/.kdwatch-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[dev,runner,demo]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,runner,demo,spark]"
   touch "$stamp"
 fi
 

@@ -7,7 +7,6 @@ import heapq
 import json
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,12 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry
 
 from kdwatch.api import ApiSettings, create_app
 from kdwatch.collector.consumer import CollectorConfig
 from kdwatch.collector.offline import load_reference
+from kdwatch.demo import LocalServer
 from kdwatch.devkafka import free_port
 from kdwatch.generator import GenerativeSpec, TrafficSpec, generate, generate_generative
 from kdwatch.lag import kafka_readiness, lag_source
@@ -60,16 +59,8 @@ def api_url(kafka: str, tmp_path: Path) -> Iterator[str]:
     engine.close()
 
     app = create_app(store, ApiSettings(), CollectorRegistry(), readiness=kafka_readiness(kafka), lag=lag_source(kafka, store))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with LocalServer(app) as server:
+        yield f"127.0.0.1:{server.port}"
     store.close()
 
 

@@ -29,7 +29,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import yaml
 from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
@@ -37,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from kdwatch.analyzer.window import WindowState
 from kdwatch.api import ApiSettings, create_app
 from kdwatch.collector.records import Changes, WindowKey
+from kdwatch.demo import LocalServer
 from kdwatch.devkafka import DevKafka, free_port
 from kdwatch.generator import TrafficSpec, generate
 from kdwatch.lag import LagSource, kafka_readiness
@@ -135,18 +135,10 @@ def api(tmp_path: Path) -> Iterator[tuple[SqlStore, str, DevKafka, Callable[[], 
     store.migrate()
     lag = LagSource(bootstrap, store, interval_s=1.0, timeout_ms=2_000).start()
     app = create_app(store, ApiSettings(), CollectorRegistry(), readiness=kafka_readiness(bootstrap, timeout_s=2.0), lag=lag)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
     try:
-        yield store, f"127.0.0.1:{port}", broker, lambda: lag
+        with LocalServer(app) as server:
+            yield store, f"127.0.0.1:{server.port}", broker, lambda: lag
     finally:
-        server.should_exit = True
-        thread.join(10)
         lag.stop()
         store.close()
         broker.stop()
