@@ -3,10 +3,10 @@
 The benchmark's traffic (10 classes, 10 features, 10 % replays and labels) as JSONL; partitions scale
 with the data (one co-partition per 250,000 predictions, as a job would size them). Reported: wall
 seconds of the whole job (start-up excluded: the session is warm) on local[1] and local[2], records per
-second per core, the largest resident memory of a Python worker at N and at 2N predictions, and the
+second per core, the largest resident memory of a Python worker at N and at 5N predictions (``--memory-factor``), and the
 estimate for a month of traffic from the measured per-core rate.
 
-    python benchmarks/spark_scale.py [--n 10000000] [--runs 2]
+    python benchmarks/spark_scale.py [--n 10000000] [--runs 2] [--memory-factor 5]
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--memory-factor", type=float, default=5.0, help="memory is also measured at this many times N")
     args = parser.parse_args()
     small = dataset(args.n)
     one, peak_one, records = job("local[1]", small, args.n, args.runs)
     two, peak_two, _ = job("local[2]", small, args.n, args.runs)
-    big_n = 2 * args.n
+    big_n = int(args.memory_factor * args.n)
     _, peak_big, _ = job("local[2]", dataset(big_n), big_n, 1)
     per_core = records / one
     print(f"\nkdwatch.spark.analyze, {args.n:,} predictions ({records:,} records with replays and labels), "

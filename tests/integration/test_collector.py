@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -24,20 +25,22 @@ from tests.integration.helpers import (
 )
 
 
-def test_windows_stored_from_kafka_equal_the_offline_analysis(kafka: str, store: SqlStore, tmp_path: Path) -> None:
-    records = list(generate(TrafficSpec(seed=7, events_per_second=20, audit_rate=0.1), 3_000))
-    reference_records = list(generate(TrafficSpec(seed=8), 2_000))
+def through_kafka_and_offline(kafka: str, store: SqlStore, tmp_path: Path, records: list[tuple[str, str, bytes]],
+                              reference_records: list[tuple[str, str, bytes]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
+    """The windows a collector stores from ``records`` produced to Kafka, and `kdwatch analyze`'s on the same events."""
     paths = write_jsonl(records, tmp_path / "events")
     refs = load_reference(write_jsonl(reference_records, tmp_path / "ref")["prediction"])
     topics = new_topics(kafka, partitions=3)
     produce_records(kafka, topic_map(topics), records)
+    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS, group_id="g-" + topics.predictions,
+                                        topics=topics), store, len(records), references=refs)
+    return stored_results(store, refs), offline_results(paths, refs)
 
-    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
-                                        group_id="g-" + topics.predictions, topics=topics), store, len(records),
-                        references=refs)
 
-    stored = stored_results(store, refs)
-    expected = offline_results(paths, refs)
+def test_windows_stored_from_kafka_equal_the_offline_analysis(kafka: str, store: SqlStore, tmp_path: Path) -> None:
+    records = list(generate(TrafficSpec(seed=7, events_per_second=20, audit_rate=0.1), 3_000))
+    reference_records = list(generate(TrafficSpec(seed=8), 2_000))
+    stored, expected = through_kafka_and_offline(kafka, store, tmp_path, records, reference_records)
     assert sum(r["n"] for r in stored.values()) == 3_000
     assert sum(r["n_audit"] for r in stored.values()) == sum(1 for _k, rid, _v in records if rid.startswith("audit-"))
     assert all(r["mia"] is not None and r["mia"]["auc"] is not None for r in stored.values() if r["n_audit"] > 10)
@@ -58,17 +61,7 @@ def test_generative_windows_stored_from_kafka_equal_the_offline_analysis(kafka: 
              "generation": {"logprobs": [-0.5] * (length - 1), "top1": [7] * (length - 1)}}
     label = {"request_id": lonely["request_id"], "model": "support-chat", "label": 1, "ts": lonely["ts"] + 1_500}
     records += [("teacher", short["request_id"], orjson.dumps(short)), ("label", label["request_id"], orjson.dumps(label))]
-    paths = write_jsonl(records, tmp_path / "events")
-    refs = load_reference(write_jsonl(reference_records, tmp_path / "ref")["prediction"])
-    topics = new_topics(kafka, partitions=3)
-    produce_records(kafka, topic_map(topics), records)
-
-    run_collector_until(CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS,
-                                        group_id="g-" + topics.predictions, topics=topics), store, len(records),
-                        references=refs)
-
-    stored = stored_results(store, refs)
-    expected = offline_results(paths, refs)
+    stored, expected = through_kafka_and_offline(kafka, store, tmp_path, records, reference_records)
     assert sum(r["n"] for r in stored.values()) == 1_500
     assert sum(r["n_tokens"] for r in stored.values()) > 1_500 * 0.4 * 50
     assert all(r["token_agreement"] is not None and r["psi"]["_length"] is not None for r in stored.values() if r["n_joined"] > 20)
