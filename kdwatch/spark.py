@@ -53,13 +53,20 @@ def session(master: str = "local[2]", app: str = "kdwatch", **conf: str) -> Any:
     return builder.getOrCreate()
 
 
-def _rows(spark: Any, path: str | Path, kind: str, partitions: int) -> Any:
-    """One input as (input, row, partition, raw) rows, ``row`` in file order."""
+def _rows(spark: Any, source: Any, kind: str, partitions: int) -> Any:
+    """One input as (input, row, partition, raw) rows, ``row`` in file order.
+
+    ``source``: a JSONL path, a Parquet path, or a DataFrame with the contract's columns (a table:
+    ``spark.table("logs.predictions")``, Delta or Iceberg alike), read in its own order.
+    """
+    from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
     order = INPUTS.index(kind)
-    text = str(path)
-    if text.endswith(".parquet") or (Path(text).is_dir() and any(Path(text).glob("*.parquet"))):
+    text = str(source)
+    if isinstance(source, DataFrame):
+        frame = source.select(F.to_json(F.struct(*source.columns)).alias("value"))
+    elif text.endswith(".parquet") or (Path(text).is_dir() and any(Path(text).glob("*.parquet"))):
         frame = spark.read.parquet(text)
         frame = frame.select(F.to_json(F.struct(*frame.columns)).alias("value"))
     else:
@@ -132,10 +139,12 @@ def _schema(ddl: str) -> pa.Schema:
     return pa.schema([(name, types[kind]) for name, kind in (field.split() for field in ddl.split(", "))])
 
 
-def analyze(spark: Any, predictions: str | Path, teacher: str | Path | None = None, labels: str | Path | None = None, *,
+def analyze(spark: Any, predictions: Any, teacher: Any = None, labels: Any = None, *,
             window_ms: int = 60_000, grace_ms: int = 600_000, references: dict[str, Reference] | None = None,
             partitions: int = 8) -> tuple[Any, Any]:
     """Window rows (model, student_version, window_start, state, result: `kdwatch analyze`'s JSON) and counters.
+
+    Each input is a JSONL or Parquet path, or a DataFrame (a table) with the contract's columns.
 
     Both are DataFrames; ``result`` holds exactly the fields `kdwatch analyze` prints for the window
     (``spark.read.json(windows.select("result").rdd.map(lambda r: r.result))`` gives them as columns).

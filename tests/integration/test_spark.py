@@ -87,7 +87,7 @@ def test_spark_equals_analyze_field_by_field_and_the_backtest_is_identical(spark
     assert mine == theirs
 
 
-def test_spark_reads_parquet_as_kdwatch_convert_writes_it(spark: Any, tmp_path: Path) -> None:
+def test_spark_reads_parquet_files_and_dataframes(spark: Any, tmp_path: Path) -> None:
     paths = write_jsonl(adversarial(5)[:-1], tmp_path / "events")  # Parquet holds valid events only: no poison
     parquet = {}
     for kind, path in paths.items():
@@ -96,6 +96,11 @@ def test_spark_reads_parquet_as_kdwatch_convert_writes_it(spark: Any, tmp_path: 
     expected, _counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"], partitions=2,
                                         partitioner=kafka_partition)
     rows, _ = spark_module.collect(*spark_module.analyze(spark, parquet["prediction"], parquet["teacher"], parquet["label"],
+                                                         partitions=2))
+    assert {k: s.to_dict() for k, s, _r in rows} == {k: s.to_dict() for k, s in expected.items()}
+    # Tables come in as DataFrames (here read from the same files; a catalog table reads the same way).
+    frames = {kind: spark.read.parquet(str(path)) for kind, path in parquet.items()}
+    rows, _ = spark_module.collect(*spark_module.analyze(spark, frames["prediction"], frames["teacher"], frames["label"],
                                                          partitions=2))
     assert {k: s.to_dict() for k, s, _r in rows} == {k: s.to_dict() for k, s in expected.items()}
 
