@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import random
 import statistics
 import subprocess
 import sys
@@ -36,18 +38,32 @@ def measure(cmd: list[str]) -> Measure:
     return Measure(seconds, peak_kb / 1024.0, "\n".join(lines[:-1]))
 
 
-def dataset(n: int, seed: int = 0) -> dict[str, Path]:
-    """predictions/teacher/labels JSONL of ``n`` predictions (10 classes, 10 features, 10 % replays and labels)."""
-    directory = DATA / f"n{n}-s{seed}"
+def dataset(n: int, seed: int = 0, duplicates: float = 0.0) -> dict[str, Path]:
+    """predictions/teacher/labels JSONL of ``n`` predictions (10 classes, 10 features, 10 % replays and labels).
+
+    ``duplicates``: the share of records sent twice, as at-least-once producers do (the copy written
+    1 to 200 records later in its file).
+    """
+    directory = DATA / (f"n{n}-s{seed}" + (f"-d{duplicates:g}" if duplicates else ""))
     paths = {k: directory / f"{k}.jsonl" for k in ("prediction", "teacher", "label")}
     if (directory / ".complete").exists():
         return paths
     directory.mkdir(parents=True, exist_ok=True)
     handles = {k: p.open("wb") for k, p in paths.items()}
     spec = TrafficSpec(n_classes=10, n_features=10, teacher_rate=0.10, label_rate=0.10, events_per_second=200.0, seed=seed)
+    rng = random.Random(seed)
+    written = dict.fromkeys(paths, 0)
+    again: dict[str, list[tuple[int, bytes]]] = {k: [] for k in paths}  # (due after this many records, value)
     for kind, _rid, value in generate(spec, n):
         handles[kind].write(value + b"\n")
-    for handle in handles.values():
+        written[kind] += 1
+        if duplicates and rng.random() < duplicates:
+            heapq.heappush(again[kind], (written[kind] + rng.randint(1, 200), value))
+        while again[kind] and again[kind][0][0] <= written[kind]:
+            handles[kind].write(heapq.heappop(again[kind])[1] + b"\n")
+    for kind, handle in handles.items():
+        for _due, value in sorted(again[kind]):
+            handle.write(value + b"\n")
         handle.close()
     (directory / ".complete").touch()
     return paths

@@ -20,10 +20,12 @@ file, not on batch sizes. Joins look up 64-bit hashes of ``request_id`` (each ma
 strings); each window's state is computed once, when the watermark closes it. Memory: about one
 batch per input plus the open windows.
 
-What the vectorised join does not model, it hands back: a ``request_id`` seen twice in the same
-input while the first is still open (a duplicate), a model whose events have different class counts
-(different models may), a label record for an audit prediction or for a prediction that carried its own label,
-more than :data:`analyzer.window.MAX_SEGMENTS` segments in a window. Then the run restarts on the
+Duplicates (a ``request_id`` repeated while the first is open, partners for audit records, a label
+record for a prediction that carried its own) are decided first, row by row for the few request_ids
+involved (:mod:`collector.column_repeats`). What the vectorised join does not model, it hands back: a
+prediction's ``request_id`` used again after the first one's window closed, a model whose events have
+different class counts (different models may), a label outside the student's classes, more than
+:data:`analyzer.window.MAX_SEGMENTS` segments in a window. Then the run restarts on the
 per-record path (the same decoder and joiner as JSONL and Kafka) and says why on stderr, so the
 result is always the stream joiner's.
 """
@@ -48,6 +50,7 @@ from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
 from kdwatch.analyzer.membership import attack_scores
 from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
 from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, concat_open, duplicate, lookup
+from kdwatch.collector.column_repeats import find_repeats, without
 from kdwatch.collector.column_rules import Hint, read_blocks, trim
 from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, to_numpy
 from kdwatch.collector.parquet_io import prefetch
@@ -71,6 +74,7 @@ class ColumnarAnalyzer:
         self.observed: dict[str, int] = {}
         self.buffers: dict[str, JoinBuffer] = {}
         self.rejected: dict[WindowKey, int] = {}  # open windows' n_rejected
+        self.duplicates: dict[WindowKey, int] = {}  # open windows' n_duplicate (collector.column_repeats)
         self.windows: dict[WindowKey, WindowState] = {}  # final states
         self.counters: Counter[tuple[str, str]] = Counter()
         self.k: dict[str, int] = {}  # class count per model
@@ -178,6 +182,7 @@ class ColumnarAnalyzer:
                 k = block.probs.shape[1]
                 if self.k.setdefault(model, k) != k:
                     raise Fallback(f"model {model!r} has events with {self.k[model]} and with {k} classes")
+        starts = np.zeros(0, dtype=np.int64)
         if preds is not None and preds.n:
             assert preds.arrival_wm is not None
             starts = self._starts(preds.ts)
@@ -189,8 +194,22 @@ class ColumnarAnalyzer:
                     self.windows.setdefault(WindowKey(model, ver, start), WindowState()).n_late += 1
                 keep = np.flatnonzero(~late)
                 preds, starts = preds.take(keep), starts[keep]
-            if preds.n:
-                self._add_predictions(model, buf, preds, starts)
+        present = {kind: b for kind, b in (("prediction", preds), ("teacher", teacher), ("label", labels))
+                   if b is not None and b.n}
+        repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms) if present else None
+        if repeats is not None:
+            self.counters.update(repeats.counters)
+            for key, count in repeats.windows.items():
+                self.duplicates[key] = self.duplicates.get(key, 0) + count
+            if repeats.drop["prediction"] and preds is not None:
+                keep = np.ones(preds.n, dtype=bool)
+                keep[repeats.drop["prediction"]] = False
+                preds, starts = preds.take(np.flatnonzero(keep)), starts[keep]
+            teacher, labels = without(teacher, repeats.drop["teacher"]), without(labels, repeats.drop["label"])
+            buf.early_teacher = without(buf.early_teacher, repeats.drop_early["teacher"])
+            buf.early_label = without(buf.early_label, repeats.drop_early["label"])
+        if preds is not None and preds.n:
+            self._add_predictions(model, buf, preds, starts)
         if teacher is not None and teacher.n:
             self._add_partners(model, buf, teacher, "teacher")
         if labels is not None and labels.n:
@@ -215,6 +234,8 @@ class ColumnarAnalyzer:
             at = lookup(early, preds)
             matched = at >= 0
             matched[matched] &= self._starts(early.ts[matched]) + self.window_ms + self.grace_ms > preds.arrival_wm[at[matched]]
+            assert preds.audit is not None
+            matched[matched] &= preds.audit[at[matched]] == 0  # an audit record joins nothing: its partners wait
             if not matched.any():
                 continue
             rows = at[matched]
@@ -245,18 +266,11 @@ class ColumnarAnalyzer:
                 raise Fallback(f"a label record of model {model!r} outside the student's classes")
 
     def _add_partners(self, model: str, buf: JoinBuffer, block: Block, kind: str) -> None:
-        dup = duplicate(block)
-        early = buf.early_teacher if kind == "teacher" else buf.early_label
-        if dup is None and early is not None and early.n:
-            hits = lookup(block, early)
-            if (hits >= 0).any():
-                dup = str(block.request_id[int(np.argmax(hits >= 0))].as_py())
-        if dup is not None:
-            raise Fallback(f"{kind} request_id {dup[:80]!r} of model {model!r} appears twice")
         assert block.arrival_wm is not None and block.position is not None
         span = self.window_ms + self.grace_ms
         # Open at its own arrival: else it is late, whatever else it would have joined.
         own_open = self._starts(block.ts) + span > block.arrival_wm
+        early = buf.early_teacher if kind == "teacher" else buf.early_label
         pending = np.arange(block.n)  # rows not yet found among the open predictions
         for chunk in buf.chunks:
             if not pending.size:
@@ -297,11 +311,23 @@ class ColumnarAnalyzer:
             waiting = pending[~late]
             if waiting.size:
                 rest = block.take(waiting)
+                self._check_unique(model, rest, early, kind)
                 merged = rest if early is None or not early.n else concat([early, rest])
                 if kind == "teacher":
                     buf.early_teacher = merged
                 else:
                     buf.early_label = merged
+
+    @staticmethod
+    def _check_unique(model: str, rows: Block, early: Block | None, kind: str) -> None:
+        """Rows about to wait are unique and not waiting already (collector.column_repeats took the duplicates)."""
+        dup = duplicate(rows)
+        if dup is None and early is not None and early.n:
+            hits = lookup(rows, early)
+            if (hits >= 0).any():
+                dup = str(rows.request_id[int(np.argmax(hits >= 0))].as_py())
+        if dup is not None:
+            raise Fallback(f"{kind} request_id {dup[:80]!r} of model {model!r} waits twice")
 
     def advance(self, close_all: bool = False) -> None:
         """Move the watermark to where the last step left it and compute every window it closes."""
@@ -313,6 +339,10 @@ class ColumnarAnalyzer:
             if close_all or self._closed(key.window_start):
                 state = self.windows.setdefault(key, WindowState())
                 state.n_rejected += self.rejected.pop(key)
+        for key in sorted(self.duplicates):
+            if close_all or self._closed(key.window_start):
+                state = self.windows.setdefault(key, WindowState())
+                state.n_duplicate += self.duplicates.pop(key)
 
     def _close(self, model: str, buf: JoinBuffer, everything: bool) -> None:
         for kind in ("teacher", "label"):
@@ -358,6 +388,7 @@ class ColumnarAnalyzer:
             key = WindowKey(model, ver, start)
             state = self._window_state(model, rows.slice(begin, end))
             state.n_rejected += self.rejected.pop(key, 0)
+            state.n_duplicate += self.duplicates.pop(key, 0)
             prior = self.windows.get(key)
             self.windows[key] = prior.merge(state) if prior is not None else state
 

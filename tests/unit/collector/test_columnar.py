@@ -332,20 +332,62 @@ def test_not_finite_values_are_rejected(tmp_path: Path) -> None:
     assert sum(s.n for s in windows.values()) == 1
 
 
-def test_duplicates_fall_back_to_the_record_joiner(tmp_path: Path) -> None:
+def with_retries(paths: dict[str, Path], rate: float, seed: int) -> None:
+    """Send a share of each file's records again, as an at-least-once producer does: a copy some rows later."""
+    rng = np.random.default_rng(seed)
+    for path in paths.values():
+        lines = path.read_bytes().splitlines()
+        out: list[bytes] = []
+        again: list[tuple[int, bytes]] = []
+        for i, line in enumerate(lines):
+            out.append(line)
+            if rng.random() < rate:
+                again.append((i + int(rng.integers(0, 200)), line))
+            while again and again[0][0] <= i:
+                out.append(again.pop(0)[1])
+                again.sort()
+        out.extend(line for _, line in again)
+        path.write_bytes(b"\n".join(out) + b"\n")
+
+
+@pytest.mark.parametrize(("rate", "batch"), [(0.005, 65_536), (0.05, 700), (0.2, 97)])
+def test_retried_records_are_duplicates_on_the_columnar_path_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  rate: float, batch: int) -> None:
+    """At-least-once duplicates stay on the columnar path (no fallback) and count as the record joiner counts them."""
+    _batch_rows(monkeypatch, batch)
+    spec = TrafficSpec(seed=11, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3, audit_rate=0.05)
+    own = [{"request_id": f"own-{i}", "model": spec.model, "student_version": "s1", "ts": START + 25 * i,
+            "probs": [0.1] * 10, "label": 2} for i in range(0, 4_000, 61)]
+    paths = write_jsonl(tmp_path, spec, 4_000, {
+        "prediction": own,  # predictions that carry their label, then a label record for some of them
+        "label": [{"request_id": f"own-{i}", "model": spec.model, "label": 1, "ts": START + 25 * i + 500}
+                  for i in range(0, 4_000, 122)]
+        + [{"request_id": f"audit-{spec.model}-11-{i}", "model": spec.model, "label": 1, "ts": START + 25 * i}
+           for i in range(4_000)],
+        "teacher": [{"request_id": f"audit-{spec.model}-11-{i}", "model": spec.model, "teacher_version": "t1",
+                     "ts": START + 25 * i, "probs": [0.1] * 10} for i in range(4_000)],
+    })
+    with_retries(paths, rate, seed=int(rate * 1000))
+    _r, counters = compare(paths, to_parquet(paths), None, window_ms=10_000, grace_ms=20_000)
+    assert counters[("prediction", "duplicate")] > 0 and counters[("teacher", "duplicate")] > 0
+    assert counters[("label", "duplicate")] > 0
+
+
+def test_a_request_id_used_again_after_its_window_closed_falls_back(tmp_path: Path) -> None:
     spec = TrafficSpec(seed=7, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3)
-    dup = {"request_id": f"{spec.model}-7-10", "model": spec.model, "student_version": "s1", "ts": START + 300,
-           "probs": [0.1] * 10}
-    paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": [dup]})
+    again = {"request_id": f"{spec.model}-7-10", "model": spec.model, "student_version": "s1", "ts": START + 3_000_000,
+             "probs": [0.1] * 10}
+    paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": [again]})
     parquet = to_parquet(paths)
-    with pytest.raises(Fallback, match="appears twice"):
-        analyze_parquet(parquet["prediction"], parquet["teacher"], parquet["label"])
+    with pytest.raises(Fallback, match="after its window closed"):
+        analyze_parquet(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000)
     reasons: list[str] = []
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"])
-    w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], on_fallback=reasons.append)
-    assert reasons and "appears twice" in reasons[0]
-    assert c1 == c2 and c1[("prediction", "duplicate")] == 1
-    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
+    w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000,
+                           on_fallback=reasons.append)
+    assert reasons and "after its window closed" in reasons[0]
+    assert c1 == c2
+    assert_same(results(w1, {}, 10_000), results(w2, {}, 10_000))
 
 
 def test_schema_errors_name_the_column(tmp_path: Path) -> None:

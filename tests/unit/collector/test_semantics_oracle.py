@@ -47,14 +47,15 @@ def _jumbled(events: list[dict[str, Any]], rng: random.Random) -> list[dict[str,
     return out
 
 
-def random_stream(seed: int, n: int) -> dict[str, list[dict[str, Any]]]:
+def random_stream(seed: int, n: int, retries_only: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """``retries_only``: a request_id repeats only as a producer's retry (a copy soon after), never as a new request."""
     rng = random.Random(seed)
     ids = [f"r{i}" for i in range(int(n * 0.85))]  # fewer ids than predictions: some repeat
     predictions, teacher, labels = [], [], []
     for i in range(n):
         model = rng.choice(list(CLASSES))
         k = CLASSES[model]
-        rid = rng.choice(ids)
+        rid = f"r{i}" if retries_only else rng.choice(ids)
         ts = T0 + i * 150 + rng.randint(-3_000, 3_000)
         p: dict[str, Any] = {"request_id": rid, "model": model, "student_version": rng.choice(["s1", "s2"]), "ts": ts,
                              "probs": _probs(rng, k)}
@@ -65,6 +66,8 @@ def random_stream(seed: int, n: int) -> dict[str, list[dict[str, Any]]]:
         elif rng.random() < 0.1:
             p["label"] = rng.randrange(k)
         predictions.append(p)
+        if retries_only and rng.random() < 0.05:
+            p["_retry"] = True  # sent again just after it (below, once the file is jumbled)
         if "audit" in p:
             continue
         for _ in range(2 if rng.random() < 0.05 else 1):  # sometimes a second replay or label
@@ -79,7 +82,12 @@ def random_stream(seed: int, n: int) -> dict[str, list[dict[str, Any]]]:
         teacher.append({"request_id": f"orphan-{rng.random()}", "model": model, "teacher_version": "t1", "ts": ts,
                         "probs": _probs(rng, CLASSES[model])})
         labels.append({"request_id": f"orphan-{rng.random()}", "model": model, "label": 0, "ts": ts})
-    return {"prediction": _jumbled(predictions, rng), "teacher": _jumbled(teacher, rng), "label": _jumbled(labels, rng)}
+    sent: list[dict[str, Any]] = []
+    for p in _jumbled(predictions, rng):
+        sent.append(p)
+        if p.pop("_retry", False):
+            sent.append(dict(p, ts=p["ts"] + rng.randint(0, 2_000)))
+    return {"prediction": sent, "teacher": _jumbled(teacher, rng), "label": _jumbled(labels, rng)}
 
 
 def _write(stream: dict[str, list[dict[str, Any]]], directory: Path) -> dict[str, Path]:
@@ -100,17 +108,21 @@ def _fields(windows: dict[WindowKey, WindowState]) -> dict[tuple[str, str, int],
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31), n=st.integers(20, 400))
-def test_jsonl_parquet_and_the_oracle_agree_on_random_streams(tmp_path: Path, seed: int, n: int) -> None:
-    stream = random_stream(seed, n)
-    paths = _write(stream, tmp_path / f"s{seed}-{n}")
+@given(seed=st.integers(0, 2**31), n=st.integers(20, 400), retries_only=st.booleans())
+def test_jsonl_parquet_and_the_oracle_agree_on_random_streams(tmp_path: Path, seed: int, n: int, retries_only: bool) -> None:
+    """Retries only: Parquet stays on the columnar path (duplicates decided there); ids reused: it may fall back."""
+    stream = random_stream(seed, n, retries_only)
+    paths = _write(stream, tmp_path / f"s{seed}-{n}-{retries_only}")
     jsonl_windows, jsonl_counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
                                                   window_ms=WINDOW_MS, grace_ms=GRACE_MS)
     parquet = {kind: path.with_suffix(".parquet") for kind, path in paths.items()}
     for kind in INPUTS:
         convert_jsonl(paths[kind], parquet[kind], kind)
+    fallbacks: list[str] = []
     parquet_windows, parquet_counters = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"],
-                                                      window_ms=WINDOW_MS, grace_ms=GRACE_MS)
+                                                      window_ms=WINDOW_MS, grace_ms=GRACE_MS, on_fallback=fallbacks.append)
+    if retries_only:
+        assert fallbacks == []
     oracle = Oracle(WINDOW_MS, GRACE_MS)
     oracle.run(stream)
     expected = {key: w.fields() for key, w in oracle.windows.items()}

@@ -1,0 +1,236 @@
+"""Repeated request_ids on the columnar path: the rows the record joiner counts as duplicates.
+
+At-least-once producers send some records twice. The record joiner (collector.join) decides record
+by record: a second prediction while the first's window is open, a second replay or label for a
+prediction that has one (or is an audit record), a label for a prediction that carried its own,
+and a second early replay or label while the first waits, are duplicates: counted, dead-lettered,
+and otherwise without effect. Those decisions depend only on the rows of the same ``request_id``,
+their order in the merge and the watermark each arrived at, so they are taken here for the few
+request_ids involved, one row at a time, before the vectorised join; what is left has at most one
+row per request_id and kind, which is what the vectorised join models.
+
+A replay or label waiting for its prediction whose window closed is unmatched; one for the same
+request_id arriving after that waits in its place (the record joiner counts the first when its
+window closes: the same totals). What is not modelled still goes back to the record joiner
+(Fallback): a prediction's request_id used again after the first one's window closed (a new request
+under an old id, not a retry).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kdwatch.collector.column_join import JoinBuffer
+from kdwatch.collector.columns import Block, Fallback
+from kdwatch.collector.records import WindowKey
+
+PARTNERS = ("teacher", "label")
+
+
+@dataclass
+class Repeats:
+    """What the record joiner's duplicate rules decide for one model's stretch."""
+
+    drop: dict[str, list[int]] = field(default_factory=lambda: {"prediction": [], "teacher": [], "label": []})
+    drop_early: dict[str, list[int]] = field(default_factory=lambda: {"teacher": [], "label": []})
+    windows: Counter[WindowKey] = field(default_factory=Counter)  # n_duplicate per window
+    counters: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+@dataclass
+class _Prediction:
+    start: int
+    version: str
+    audit: bool
+    own_label: bool
+    has: dict[str, bool]
+
+
+@dataclass
+class _Early:
+    start: int
+    where: tuple[str, int]  # ("buffer", row of the early block) or ("step", row of the stretch's block)
+
+
+def _repeated(keys: np.ndarray) -> np.ndarray:
+    """Mask of the keys that occur more than once."""
+    out = np.zeros(keys.size, dtype=bool)
+    if keys.size < 2:
+        return out
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    same = ordered[1:] == ordered[:-1]
+    mask = np.zeros(keys.size, dtype=bool)
+    mask[1:] |= same
+    mask[:-1] |= same
+    out[order] = mask
+    return out
+
+
+def _buffered(buf: JoinBuffer) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Keys of the buffered predictions, and which ones a replay or a label can no longer join."""
+    if not buf.chunks:
+        empty = np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=np.uint64), {"teacher": empty, "label": empty}
+    keys = np.concatenate([c.preds.key for c in buf.chunks])
+    audit = np.concatenate([c.preds.audit > 0 for c in buf.chunks])  # type: ignore[operator]
+    teacher = np.concatenate([c.has_teacher for c in buf.chunks])
+    label = np.concatenate([(c.preds.label >= 0) | (c.label_joined >= 0) for c in buf.chunks])  # type: ignore[operator]
+    return keys, {"teacher": audit | teacher, "label": audit | label}
+
+
+def _early_keys(block: Block | None) -> np.ndarray:
+    return np.zeros(0, dtype=np.uint64) if block is None or not block.n else block.key
+
+
+def conflict_keys(buf: JoinBuffer, blocks: dict[str, Block]) -> np.ndarray:
+    """Keys of the request_ids whose rows may hold a duplicate (a superset: hashes, not strings)."""
+    keys = {kind: b.key for kind, b in blocks.items()}
+    empty = np.zeros(0, dtype=np.uint64)
+    buffered, taken = _buffered(buf)
+    early = {"teacher": _early_keys(buf.early_teacher), "label": _early_keys(buf.early_label)}
+    found: list[np.ndarray] = []
+    preds = blocks.get("prediction")
+    if preds is not None:
+        assert preds.audit is not None and preds.label is not None
+        p = keys["prediction"]
+        audit, labelled = preds.audit > 0, preds.label >= 0
+        candidate = _repeated(p) | np.isin(p, buffered)
+        for kind, closed in (("teacher", audit), ("label", audit | labelled)):
+            if closed.any():
+                candidate |= closed & np.isin(p, np.concatenate([early[kind], keys.get(kind, empty)]))
+        found.append(p[candidate])
+    for kind in PARTNERS:
+        if kind not in keys:
+            continue
+        k = keys[kind]
+        candidate = _repeated(k) | np.isin(k, early[kind]) | np.isin(k, buffered[taken[kind]])
+        if preds is not None:
+            assert preds.audit is not None and preds.label is not None
+            closed = (preds.audit > 0) if kind == "teacher" else (preds.audit > 0) | (preds.label >= 0)
+            candidate |= np.isin(k, keys["prediction"][closed])
+        found.append(k[candidate])
+    return np.unique(np.concatenate(found)) if found else empty
+
+
+def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of: Callable[[int], int]
+                    ) -> tuple[dict[str, _Prediction], dict[tuple[str, str], _Early]]:
+    """The buffered rows of the conflicting request_ids: their open predictions and early partners."""
+    preds: dict[str, _Prediction] = {}
+    early: dict[tuple[str, str], _Early] = {}
+    for chunk in buf.chunks:
+        rows = np.flatnonzero(np.isin(chunk.preds.key, conflict))
+        p = chunk.preds
+        assert p.audit is not None and p.label is not None
+        for rid, ver, r in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(), strict=True):
+            if rid in preds:
+                raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} is buffered twice")
+            preds[rid] = _Prediction(int(chunk.starts[r]), ver, bool(p.audit[r] > 0), bool(p.label[r] >= 0),
+                                     {"teacher": bool(chunk.has_teacher[r]),
+                                      "label": bool(p.label[r] >= 0 or chunk.label_joined[r] >= 0)})
+    for kind in PARTNERS:
+        block = buf.early_teacher if kind == "teacher" else buf.early_label
+        if block is None or not block.n:
+            continue
+        rows = np.flatnonzero(np.isin(block.key, conflict))
+        for rid, r in zip(block.request_id.take(rows).to_pylist(), rows.tolist(), strict=True):
+            if (kind, rid) in early:
+                raise Fallback(f"{kind} request_id {rid[:80]!r} of model {model!r} is buffered twice")
+            early[(kind, rid)] = _Early(start_of(int(block.ts[r])), ("buffer", r))
+
+    return preds, early
+
+
+def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_ms: int, grace_ms: int) -> Repeats | None:
+    """The duplicates of one model's stretch (rows already stepped: positions and arrival watermarks set).
+
+    Predictions in ``blocks`` are the ones not late. None when no request_id can hold a duplicate,
+    the usual case, decided on hashes without a Python loop.
+    """
+    conflict = conflict_keys(buf, blocks)
+    if not conflict.size:
+        return None
+    span = window_ms + grace_ms
+
+    def start_of(ts: int) -> int:
+        return ts - ts % window_ms
+
+    preds, early = _buffered_state(model, buf, conflict, start_of)
+    # The stretch's rows of those request_ids, in merge order.
+    events: list[tuple[int, str, int, str, int, int]] = []  # (position, kind, row, request_id, start, arrival watermark)
+    for kind, block in blocks.items():
+        rows = np.flatnonzero(np.isin(block.key, conflict))
+        if not rows.size:
+            continue
+        assert block.position is not None and block.arrival_wm is not None
+        ids = block.request_id.take(rows).to_pylist()
+        for rid, r in zip(ids, rows.tolist(), strict=True):
+            events.append((int(block.position[r]), kind, r, rid, start_of(int(block.ts[r])), int(block.arrival_wm[r])))
+    events.sort()
+    out = Repeats()
+    for _position, kind, row, rid, start, wm in events:
+        pred = preds.get(rid)
+        live = pred is not None and pred.start + span > wm
+        if kind == "prediction":
+            block = blocks["prediction"]
+            assert block.audit is not None and block.label is not None
+            version = str(block.version[row].as_py())
+            if pred is not None and live:
+                out.drop[kind].append(row)
+                out.windows[WindowKey(model, version, start)] += 1
+                out.counters[(kind, "duplicate")] += 1
+                continue
+            if pred is not None:
+                raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} comes again after its window closed")
+            audit, own_label = bool(block.audit[row] > 0), bool(block.label[row] >= 0)
+            pred = preds[rid] = _Prediction(start, version, audit, own_label, {"teacher": False, "label": own_label})
+            if audit:  # an audit record joins nothing; early partners wait for their window to close
+                continue
+            for partner in PARTNERS:
+                waiting = early.get((partner, rid))
+                if waiting is None or waiting.start + span <= wm:
+                    continue
+                del early[(partner, rid)]
+                if partner == "label" and own_label:  # the label came twice: with the prediction and on its own
+                    where, at = waiting.where
+                    (out.drop_early[partner] if where == "buffer" else out.drop[partner]).append(at)
+                    out.windows[WindowKey(model, version, start)] += 1
+                    out.counters[(partner, "duplicate")] += 1
+                else:
+                    pred.has[partner] = True
+            continue
+        if pred is not None and live:
+            if pred.has[kind] or pred.audit:
+                out.drop[kind].append(row)
+                out.windows[WindowKey(model, pred.version, pred.start)] += 1
+                out.counters[(kind, "duplicate")] += 1
+            else:
+                pred.has[kind] = True
+            continue
+        if start + span <= wm:  # late: its own window closed and no open prediction (counted by the join)
+            continue
+        waiting = early.get((kind, rid))
+        if waiting is not None and waiting.start + span > wm:
+            out.drop[kind].append(row)
+            out.counters[(kind, "duplicate")] += 1
+        else:
+            if waiting is not None:  # the one waiting saw its window close: unmatched now, this one waits instead
+                where, at = waiting.where
+                (out.drop_early[kind] if where == "buffer" else out.drop[kind]).append(at)
+                out.counters[(kind, "unmatched")] += 1
+            early[(kind, rid)] = _Early(start, ("step", row))
+    return out
+
+
+def without(block: Block | None, rows: list[int]) -> Block | None:
+    """The block less ``rows``."""
+    if block is None or not rows:
+        return block
+    keep = np.ones(block.n, dtype=bool)
+    keep[rows] = False
+    return block.take(np.flatnonzero(keep))
+
