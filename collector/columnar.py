@@ -52,7 +52,7 @@ from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
 from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, concat_open, duplicate, lookup
 from kdwatch.collector.column_repeats import find_repeats, without
 from kdwatch.collector.column_rules import Hint, read_blocks, trim
-from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, to_numpy
+from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, is_parquet, to_numpy
 from kdwatch.collector.parquet_io import prefetch
 from kdwatch.collector.records import INPUTS, NO_SEGMENT, WindowKey
 
@@ -474,7 +474,7 @@ class ColumnarAnalyzer:
         return state
 
 
-def analyze_parquet(
+def analyze_columnar(
     predictions: Path,
     teacher: Path | None = None,
     labels: Path | None = None,
@@ -483,7 +483,7 @@ def analyze_parquet(
     grace_ms: int = 600_000,
     references: References | Callable[[], References] | None = None,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
-    """Final window states and per-(kind, reason) counters; raises Fallback when the data needs the joiner.
+    """Final window states and per-(kind, reason) counters of JSONL or Parquet files; raises Fallback when the data needs the joiner.
 
     The inputs are read as the record path merges them (collector.offline.merged_events: by event
     time, ties by input and row; a file out of order is merged as a heap merge would, which is the
@@ -491,12 +491,15 @@ def analyze_parquet(
     the least merge key read so far among the files still open, reading the file that is furthest
     behind. Memory: about one batch per input plus the open windows.
     """
+    from kdwatch.collector.jsonl_columns import read_jsonl_blocks
+
     for path in (predictions, teacher):
-        if path is not None and "generation" in pq.read_schema(path).names:
+        if path is not None and is_parquet(path) and "generation" in pq.read_schema(path).names:
             raise Fallback("generative predictions take the record path")
     analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)
     paths = {"prediction": predictions, "teacher": teacher, "label": labels}
-    readers = {kind: prefetch(read_blocks(path, kind)) for kind, path in paths.items() if path is not None}
+    readers = {kind: prefetch(read_blocks(path, kind) if is_parquet(path) else read_jsonl_blocks(path, kind))
+               for kind, path in paths.items() if path is not None}
     carry: dict[str, list[Block]] = {kind: [] for kind in INPUTS}
     hints: list[Hint] = []
     read_to = dict.fromkeys(INPUTS, NEVER)  # merge key after the last row read

@@ -231,7 +231,7 @@ class Block:
     audit: np.ndarray | None = None  # 0 none, 1 member, 2 nonmember
     segment: pa.Array | None = None  # null: none
     features: dict[str, np.ndarray] = field(default_factory=dict)
-    # Where each row stands in the merge of the inputs (see analyze_parquet): its merge key and row
+    # Where each row stands in the merge of the inputs (see analyze_columnar): its merge key and row
     # number in its file; once stepped, its position in the merge and the watermark when it arrived.
     mkey: np.ndarray | None = None
     rowno: np.ndarray | None = None

@@ -40,16 +40,24 @@ def merge_key(raw: bytes) -> tuple[int, dict[str, Any] | None]:
     return UNREADABLE, obj
 
 
+def window_hint_fields(obj: Any) -> tuple[str, str, int] | None:
+    """(model, student_version, event time) of a rejected prediction's parsed JSON, when that much is readable."""
+    try:
+        model, version = obj["model"], obj["student_version"]
+        if isinstance(model, str) and isinstance(version, str) and 0 < len(model) <= 256 and 0 < len(version) <= 256:
+            return model, version, parse_ts(obj["ts"])
+    except (KeyError, TypeError, ContractError):
+        pass  # no window to attribute it to: it is still counted per topic and dead-lettered
+    return None
+
+
 def _window_hint(raw: bytes, window_ms: int) -> WindowKey | None:
     """The window a rejected prediction would have counted in, when that much of it is readable."""
     try:
-        obj: Any = orjson.loads(raw)
-        model, version = obj["model"], obj["student_version"]
-        if isinstance(model, str) and isinstance(version, str) and 0 < len(model) <= 256 and 0 < len(version) <= 256:
-            return WindowKey(model, version, window_start_of(parse_ts(obj["ts"]), window_ms))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ContractError):
-        pass  # no window to attribute it to: it is still counted per topic and dead-lettered
-    return None
+        fields = window_hint_fields(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        return None
+    return None if fields is None else WindowKey(fields[0], fields[1], window_start_of(fields[2], window_ms))
 
 
 def ingest(joiner: PartitionJoiner, kind: str, raw: bytes, source: Source | None = None,

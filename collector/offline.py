@@ -133,6 +133,11 @@ def load_reference(path: Path) -> dict[str, Reference]:
         # A generative student's baseline: its rows as the contract's objects, through the same builder as JSONL.
         rows = (orjson.dumps(obj) for obj in parquet_records(path, "prediction"))
         return {model: reference for model, (reference, _n) in build_references(rows).items()}
+    from kdwatch.collector.jsonl_columns import load_reference_jsonl
+
+    columnar = load_reference_jsonl(path)
+    if columnar is not None:
+        return columnar
     with path.open("rb") as handle:
         return {model: reference for model, (reference, _n) in build_references(handle).items()}
 
@@ -171,26 +176,29 @@ def analyze_files(
     on_fallback: Callable[[str], None] | None = None,
     partitions: int = 1,
     partitioner: Partitioner | None = None,
+    columnar: bool = True,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
     """Final window states and per-(kind, reason) counters of the files.
 
-    Parquet inputs take the columnar path (collector.columnar); when the data needs the per-record
-    joiner, ``on_fallback`` hears why and the rows go through the same loop as JSONL lines.
+    JSONL and Parquet inputs take the columnar path (collector.columnar); when the data needs the
+    per-record joiner, ``on_fallback`` hears why and the records go through it (collector.join), as
+    they do with ``columnar=False`` (the reference the columnar path is tested against).
 
     ``partitions`` > 1 reproduces a topic's layout: each record goes to the partition ``partitioner``
     gives its ``request_id`` (the Kafka key), each partition is merged and joined on its own, as a
     collector does, and the windows are merged. A record without a readable ``request_id`` changes
     only counters and goes to partition 0.
     """
-    from kdwatch.collector.columnar import analyze_parquet
-    from kdwatch.collector.columns import Fallback, is_parquet
+    from kdwatch.collector.columnar import analyze_columnar
+    from kdwatch.collector.columns import Fallback
 
     if partitions < 1 or (partitions > 1 and partitioner is None):
         raise ValueError("partitions must be >= 1, and a partitioner is needed for more than one")
-    if is_parquet(predictions) and partitions == 1:
+    if partitions == 1 and columnar:
+        _streams(predictions, teacher, labels)  # all JSONL or all Parquet
         try:
-            return analyze_parquet(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms,
-                                   references=references)
+            return analyze_columnar(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms,
+                                    references=references)
         except Fallback as exc:
             if on_fallback is not None:
                 on_fallback(str(exc))

@@ -5,7 +5,7 @@ Parquet rows as contract records for the per-record path, and `kdwatch convert` 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +90,33 @@ def load_reference_parquet(path: Path) -> dict[str, Reference]:
 
     An invalid row fails the load naming its row number and reason, like the JSONL reference.
     """
-    strings: dict[str, dict[str, Counter[str]]] = {}
-    row0 = 0
     file = pq.ParquetFile(path, pre_buffer=False)
     check_schema(file.schema_arrow, "prediction", path)
+
+    def invalid(row: int, reason: str) -> Exception:
+        return ContractError(reason, f"row {row}: {reason}")
+
+    return reference_from_batches(file.iter_batches(batch_size=BATCH_ROWS), file.metadata.num_rows, invalid)
+
+
+def reference_from_batches(batches: Iterable[pa.RecordBatch], capacity: int,
+                           invalid: Callable[[int, str], Exception]) -> dict[str, Reference]:
+    """Per-model references from record batches of baseline predictions (audit rows skipped).
+
+    ``capacity`` bounds the row count (each model's numbers fill arrays of that size, pages touched as
+    written); the first invalid row raises ``invalid(row number, reason)``.
+    """
+    strings: dict[str, dict[str, Counter[str]]] = {}
+    row0 = 0
     numbers: dict[str, dict[str, _Filling]] = {}
-    capacity = file.metadata.num_rows  # each model's numbers fill arrays of this size (pages touched as written)
-    for batch in file.iter_batches(batch_size=BATCH_ROWS):
+    for batch in batches:
         block, reasons, _hints, _end = validate(batch, "prediction", keys=False)
         if reasons:
             # Re-validate to find the first bad row (rare: a reference is expected to be clean).
             for i in range(batch.num_rows):
                 _one, bad, _h, _e = validate(batch.slice(i, 1), "prediction", keys=False)
                 if bad:
-                    reason = next(iter(bad))
-                    raise ContractError(reason, f"row {row0 + i + 1}: {reason}")
+                    raise invalid(row0 + i + 1, next(iter(bad)))
         row0 += batch.num_rows
         if block is None:
             continue
@@ -171,7 +183,7 @@ def parquet_lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int,
 # ---- JSONL -> Parquet ----
 
 
-def _columns_for(kind: str, feature_types: dict[str, str], generative: bool = False) -> pa.Schema:
+def columns_for(kind: str, feature_types: dict[str, str], generative: bool = False) -> pa.Schema:
     text, floats, ints = pa.string(), pa.list_(pa.float64()), pa.list_(pa.int64())
     base = [("request_id", text), ("model", text)]
     if kind == "prediction":
@@ -220,7 +232,7 @@ def convert_jsonl(source: Path, target: Path, kind: str, rejected: Path | None =
                     t = "str" if isinstance(value, str) else "num"
                     if feature_types.setdefault(name, t) != t:
                         raise SchemaError(f"feature {name!r} holds both numbers and strings: one Parquet column cannot")
-    schema = _columns_for(kind, dict(sorted(feature_types.items())), generative)
+    schema = columns_for(kind, dict(sorted(feature_types.items())), generative)
     reasons: Counter[str] = Counter()
     written = 0
     rows: list[dict[str, Any]] = []

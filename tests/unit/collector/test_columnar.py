@@ -15,9 +15,9 @@ import pytest
 
 from kdwatch.analyzer.window import window_result
 from kdwatch.collector import column_rules, columns, parquet_io
-from kdwatch.collector.columnar import analyze_parquet
+from kdwatch.collector.columnar import analyze_columnar
 from kdwatch.collector.columns import Fallback
-from kdwatch.collector.offline import analyze_files, load_reference
+from kdwatch.collector.offline import analyze_files, build_references, load_reference
 from kdwatch.collector.parquet_io import convert_jsonl, load_reference_parquet
 from kdwatch.errors import ContractError, SchemaError
 from kdwatch.generator import TrafficSpec, generate
@@ -76,17 +76,26 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 
 def compare(paths: dict[str, Path], parquet: dict[str, Path], reference: Path | None, window_ms: int = 60_000,
             grace_ms: int = 600_000) -> tuple[dict[Any, Any], dict[tuple[str, str], int]]:
-    refs = load_reference(reference) if reference is not None else {}
-    refs_pq = load_reference(reference.with_suffix(".parquet")) if reference is not None else {}
-    assert {m: r.to_dict() for m, r in refs.items()} == {m: r.to_dict() for m, r in refs_pq.items()}
+    """The record path on JSONL against the columnar engine on JSONL and on Parquet (references likewise)."""
+    refs = record_reference(reference) if reference is not None else {}
+    for columnar_reference in ([reference, reference.with_suffix(".parquet")] if reference is not None else []):
+        assert {m: r.to_dict() for m, r in load_reference(columnar_reference).items()} == \
+            {m: r.to_dict() for m, r in refs.items()}
     w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=window_ms, grace_ms=grace_ms,
-                           references=refs)
-    w2, c2 = analyze_parquet(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=window_ms,
-                             grace_ms=grace_ms, references=refs_pq)
-    assert c1 == c2
-    r1, r2 = results(w1, refs, window_ms), results(w2, refs_pq, window_ms)
-    assert_same(r1, r2, "windows")
+                           references=refs, columnar=False)
+    r1 = results(w1, refs, window_ms)
+    for source in (paths, parquet):
+        w2, c2 = analyze_columnar(source["prediction"], source["teacher"], source["label"], window_ms=window_ms,
+                                  grace_ms=grace_ms, references=refs)
+        assert c1 == c2
+        assert_same(r1, results(w2, refs, window_ms), "windows")
     return r1, c1
+
+
+def record_reference(path: Path) -> dict[str, Any]:
+    """A JSONL reference through the record path's builder."""
+    with path.open("rb") as handle:
+        return {model: reference for model, (reference, _n) in build_references(handle).items()}
 
 
 @pytest.mark.parametrize("logits", [False, True])
@@ -176,9 +185,9 @@ def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytes
     for records, rows in ((5_000, 65_536), (7, 40), (333, 1_000)):
         monkeypatch.setattr(offline, "BATCH", records)
         _batch_rows(monkeypatch, rows)
-        for source in (paths, parquet):
+        for source, columnar in ((paths, False), (paths, True), (parquet, True)):
             windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"],
-                                              window_ms=10_000, grace_ms=60_000)
+                                              window_ms=10_000, grace_ms=60_000, columnar=columnar)
             runs.append((counters, results(windows, {}, 10_000)))
     assert 0 < runs[0][0][("label", "unmatched")] < runs[0][0][("label", "valid")]
     for counters, r in runs[1:]:
@@ -253,7 +262,7 @@ def test_a_join_key_shared_by_two_request_ids_falls_back(tmp_path: Path, monkeyp
     monkeypatch.setattr(column_rules, "string_keys",
                         lambda values: np.array([hash(v) & 0xFFF for v in values.to_pylist()], dtype=np.uint64))
     reasons: list[str] = []
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"])
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], columnar=False)
     w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], on_fallback=reasons.append)
     assert reasons == ["two request_ids share a 64-bit join key"]
     assert c1 == c2
@@ -294,8 +303,11 @@ def test_invalid_rows_are_rejected_with_the_decoders_reasons(tmp_path: Path) -> 
                         ("label", pa.int64()), ("audit", pa.string()), ("segment", pa.string())])
     parquet = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(good + rows, schema=schema), parquet)
-    w1, c1 = analyze_files(jsonl)
-    w2, c2 = analyze_parquet(parquet)
+    w1, c1 = analyze_files(jsonl, columnar=False)
+    w2, c2 = analyze_columnar(parquet)
+    w3, c3 = analyze_columnar(jsonl)
+    assert c3 == c1
+    assert_same(results(w1, {}, 60_000), results(w3, {}, 60_000))
     assert c1 == c2
     expected: dict[str, int] = {}
     for reason, _change in BAD_PREDICTIONS:
@@ -312,8 +324,11 @@ def test_a_label_is_checked_against_its_own_rows_class_count(tmp_path: Path) -> 
     jsonl, parquet = tmp_path / "p.jsonl", tmp_path / "p.parquet"
     jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), parquet)
-    w1, c1 = analyze_files(jsonl)
-    w2, c2 = analyze_parquet(parquet)
+    w1, c1 = analyze_files(jsonl, columnar=False)
+    w2, c2 = analyze_columnar(parquet)
+    w3, c3 = analyze_columnar(jsonl)
+    assert c3 == c1
+    assert_same(results(w1, {}, 60_000), results(w3, {}, 60_000))
     assert c1 == c2 and c2[("prediction", "label_out_of_range")] == 1
     assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
 
@@ -327,7 +342,7 @@ def test_not_finite_values_are_rejected(tmp_path: Path) -> None:
              "features": {"x": 1.0}}]
     path = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    windows, counters = analyze_parquet(path)
+    windows, counters = analyze_columnar(path)
     assert counters[("prediction", "not_finite")] == 2
     assert sum(s.n for s in windows.values()) == 1
 
@@ -380,9 +395,10 @@ def test_a_request_id_used_again_after_its_window_closed_falls_back(tmp_path: Pa
     paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": [again]})
     parquet = to_parquet(paths)
     with pytest.raises(Fallback, match="after its window closed"):
-        analyze_parquet(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000)
+        analyze_columnar(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000)
     reasons: list[str] = []
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
+                           columnar=False)
     w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000,
                            on_fallback=reasons.append)
     assert reasons and "after its window closed" in reasons[0]
@@ -395,11 +411,11 @@ def test_schema_errors_name_the_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"request_id": ["a"], "model": ["m"], "student_version": ["s"], "ts": [START],
                              "probs": [[0.5, 0.5]], "colour": ["red"]}), path)
     with pytest.raises(SchemaError, match="'colour' is not a field"):
-        analyze_parquet(path)
+        analyze_columnar(path)
     pq.write_table(pa.table({"request_id": ["a"], "model": ["m"], "student_version": ["s"], "ts": ["yesterday"],
                              "probs": [[0.5, 0.5]]}), path)
     with pytest.raises(SchemaError, match="column 'ts' has type string"):
-        analyze_parquet(path)
+        analyze_columnar(path)
 
 
 def test_mixing_jsonl_and_parquet_inputs_is_refused(tmp_path: Path) -> None:
@@ -424,7 +440,7 @@ def test_timestamp_columns_are_read_as_event_time(tmp_path: Path) -> None:
                       "ts": pa.array(ts, type=pa.timestamp("ms", tz="UTC")), "probs": [[0.5, 0.5], [0.2, 0.8]]})
     path = tmp_path / "p.parquet"
     pq.write_table(table, path)
-    windows, _c = analyze_parquet(path)
+    windows, _c = analyze_columnar(path)
     assert sorted(k.window_start for k in windows) == [START - START % 60_000, START + 61_000 - (START + 61_000) % 60_000]
 
 
@@ -439,3 +455,89 @@ def test_convert_keeps_rejected_lines_with_their_reason(tmp_path: Path) -> None:
     assert rejected == [{"line": 2, "reason": "invalid_json", "message": rejected[0]["message"], "value": "not json"}]
     table = pq.read_table(tmp_path / "p.parquet")
     assert table.column("ts").to_pylist() == [1795000000000, 1795000000000]
+
+
+POISON_LINES = [
+    b"not json", b"[1, 2]", b"42", b'"text"', b"{", b"\xff\xfe{}",
+    b'{"request_id": 7, "model": "m", "student_version": "s1", "ts": 1795000000000, "probs": [1.0]}',
+    b'{"request_id": "p1", "model": "m", "student_version": "s1", "ts": "2026-11-18T11:06:41Z", "probs": [0.5, 0.5]}',
+    b'{"request_id": "p2", "model": "m", "student_version": "s1", "ts": "2026-11-18T11:06:41", "probs": [0.5, 0.5]}',
+    b'{"request_id": "p3", "model": "m", "student_version": "s1", "ts": 1795000001000.0, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p4", "model": "m", "student_version": "s1", "ts": true, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p5", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "label": 1.0}',
+    b'{"request_id": "p6", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "label": null}',
+    b'{"request_id": "p7", "model": "m", "student_version": null, "ts": 1795000001000, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p8", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "x": 1}',
+    b'{"request_id": "p9", "model": "m", "model": "n", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p10", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [NaN, 0.5]}',
+    b'{"request_id": "p11", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, "0.5"]}',
+    b'{"request_id": "p12", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "features": {"_x": 1}}',
+    b'{"request_id": "p13", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "features": {"f": true}}',
+    b'{"request_id": "p14", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "features": [1]}',
+    b'{"request_id": "p15", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "v": 2}',
+    b'{"request_id": "p16", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "v": 1}',
+    b'{"request_id": "p17", "model": "m", "student_version": "s1", "ts": 99999999999999999999, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p18", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "segment": 3}',
+    b'{"request_id": "p19\\u0000", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p20", "model": "m", "student_version": "s1", "ts": 1795000001000, "logits": [1, 2]}',
+    b'{"request_id": "p22\xff", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p23", "model": "m\xc3\xa9", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p21", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [1, 0], "latency_ms": 3}',
+    b'{"request_id": "big", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "segment": "'
+    + b"x" * (1024 * 1024) + b'"}',
+]
+
+
+@pytest.mark.parametrize("rows", [4, 65_536])
+def test_jsonl_lines_of_every_kind_give_the_record_paths_reasons_and_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                              rows: int) -> None:
+    """Poison, odd JSON and valid lines mixed: Arrow's reader where it can, the decoder line by line where it must."""
+    _batch_rows(monkeypatch, rows)
+    spec = TrafficSpec(seed=5, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3, n_classes=2)
+    paths = write_jsonl(tmp_path, spec, 600)
+    lines = paths["prediction"].read_bytes().splitlines()
+    for i, poison in enumerate(POISON_LINES):
+        lines.insert(7 + 19 * i, poison)
+    lines.insert(300, b"")  # blank lines are skipped
+    paths["prediction"].write_bytes(b"\n".join(lines) + b"\n")
+    labels = paths["label"].read_bytes().splitlines()
+    labels[3:3] = [b'{"request_id": "q", "model": "fraud-distil", "label": "1", "ts": 1795000001000}',
+                   b'{"request_id": "q", "model": "fraud-distil", "label": -1, "ts": 1795000001000}']
+    paths["label"].write_bytes(b"\n".join(labels) + b"\n")
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
+                           columnar=False)
+    w2, c2 = analyze_columnar(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
+    assert c1 == c2
+    assert_same(results(w1, {}, 10_000), results(w2, {}, 10_000))
+    rejected = sum(c for (kind, reason), c in c1.items() if kind == "prediction" and reason != "valid")
+    assert rejected >= 20  # some odd lines are valid (RFC 3339 ts, integer probabilities, v: 1, a null label)
+    assert sum(s.n_rejected for s in w1.values()) > 5
+
+
+def test_arrows_reader_takes_the_usual_lines_and_leaves_odd_ones_to_the_decoder() -> None:
+    from kdwatch.collector.jsonl_columns import fast_batch
+
+    good = [b'{"request_id": "a", "model": "m", "student_version": "s", "ts": 1795000000000, "probs": [0.5, 0.5],'
+            b' "features": {"f": 1, "g": "x"}}'] * 3
+    batch = fast_batch(good, "prediction")
+    assert batch is not None and batch.num_rows == 3
+    arrow_reads = {b'"p23"', b'"p15"', b'"p16"', b'"p19', b'"p20"', b'"p21"'}  # v: 2 (the rules reject it), v: 1, integer numbers
+    for odd in POISON_LINES:
+        read = fast_batch([*good, odd], "prediction")
+        assert (read is not None) == any(name in odd for name in arrow_reads), odd[:60]
+    with pytest.raises(Fallback, match="generative"):
+        fast_batch([b'{"request_id": "a", "model": "m", "student_version": "s", "ts": 1795000000000, '
+                    b'"generation": {"tokens": [1], "logprobs": [-0.1]}}'], "prediction")
+
+
+def test_a_feature_holding_numbers_and_strings_falls_back(tmp_path: Path) -> None:
+    rows = [{"request_id": f"r{i}", "model": "m", "student_version": "s", "ts": START + i, "probs": [0.5, 0.5],
+             "features": {"f": 1.0 if i % 2 else "x"}} for i in range(10)]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    reasons: list[str] = []
+    w1, c1 = analyze_files(jsonl, columnar=False)
+    w2, c2 = analyze_files(jsonl, on_fallback=reasons.append)
+    assert reasons and "numbers and strings" in reasons[0]
+    assert c1 == c2
+    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
