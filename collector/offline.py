@@ -8,7 +8,6 @@ the grace, the result equals the Kafka path's stored windows (tests/integration/
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -143,23 +142,15 @@ def load_reference(path: Path) -> dict[str, Reference]:
 
 
 def reference_loader(path: Path) -> Callable[[], dict[str, Reference]]:
-    """Start loading a reference on a worker thread; the callable returned waits for it (re-raising its error).
+    """The reference, read before the inputs; the callable returned gives it.
 
-    A Parquet reference is read and binned mostly inside Arrow and numpy, which release the GIL, so
-    it overlaps the analysis on a second core; a JSONL reference gains nothing but loses nothing.
+    Read first, not beside the analysis: a reference read by Arrow on a second thread while the
+    inputs are read aborted the process at exit in about 1 run in 20 ("terminate called without an
+    active exception", pyarrow 26). Both formats are read and binned on columns (a JSONL file by
+    Arrow's JSON reader), so reading first costs little.
     """
-    from kdwatch.collector.columns import is_parquet
-
-    if is_parquet(path):
-        # Read now, not beside the analysis: a Parquet reference read by Arrow on a second thread while the
-        # inputs are read aborted the process at exit in about 1 run in 20 ("terminate called without an
-        # active exception", pyarrow 26); reading it first costs the overlap.
-        loaded = load_reference(path)
-        return lambda: loaded
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdwatch-reference")
-    future = pool.submit(load_reference, path)
-    pool.shutdown(wait=False)
-    return future.result
+    loaded = load_reference(path)
+    return lambda: loaded
 
 
 Partitioner = Callable[[bytes, int], int]  # (key, partition count) -> partition, as the producers' client computes it

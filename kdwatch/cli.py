@@ -74,7 +74,7 @@ def analyze(
     tune_gc()
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
     slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
-    # The reference loads on a second thread while the inputs are read; the first window to close waits for it.
+    # The reference is read first (collector.offline.reference_loader); the first window to close uses it.
     references = reference_loader(reference) if reference is not None else dict
     from kdwatch.collector.consumer import kafka_partition
 
