@@ -58,6 +58,13 @@ class OpenRows:
         confirm(values, self.preds, at)
         return at
 
+    def rows_with(self, keys: np.ndarray) -> np.ndarray:
+        """This chunk's rows whose join key is one of ``keys`` (hashes only: callers compare the strings)."""
+        if self.index is None:
+            self.index, self.index_offset = KeyIndex.of(self.preds.key), 0
+        at = self.index.find(keys, self.index_offset, self.n)
+        return np.unique(at[at >= 0])
+
     @classmethod
     def new(cls, preds: Block, starts: np.ndarray, k: int) -> OpenRows:
         n = preds.n

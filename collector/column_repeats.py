@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from kdwatch.collector.column_join import JoinBuffer
 from kdwatch.collector.columns import Block, Fallback
@@ -71,16 +72,30 @@ def _repeated(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def _buffered(buf: JoinBuffer) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Keys of the buffered predictions, and which ones a replay or a label can no longer join."""
-    if not buf.chunks:
-        empty = np.zeros(0, dtype=bool)
-        return np.zeros(0, dtype=np.uint64), {"teacher": empty, "label": empty}
-    keys = np.concatenate([c.preds.key for c in buf.chunks])
-    audit = np.concatenate([c.preds.audit > 0 for c in buf.chunks])  # type: ignore[operator]
-    teacher = np.concatenate([c.has_teacher for c in buf.chunks])
-    label = np.concatenate([(c.preds.label >= 0) | (c.label_joined >= 0) for c in buf.chunks])  # type: ignore[operator]
-    return keys, {"teacher": audit | teacher, "label": audit | label}
+def _rows_with(block: Block, keys: np.ndarray) -> np.ndarray:
+    """Rows of ``block`` whose join key is one of ``keys`` (a hash table of the few keys, not a sort of the block)."""
+    return np.flatnonzero(pd.Index(keys).get_indexer(block.key) >= 0)
+
+
+def _in_buffer(buf: JoinBuffer, values: Block) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per row of ``values``: found among the buffered predictions, and whether that one takes no more replays / labels.
+
+    Looked up in each chunk's hash index (built once per chunk, kept for the join's own lookups).
+    """
+    found = np.zeros(values.n, dtype=bool)
+    taken = {"teacher": np.zeros(values.n, dtype=bool), "label": np.zeros(values.n, dtype=bool)}
+    for chunk in buf.chunks:
+        at = chunk.find(values)
+        hit = at >= 0
+        if not hit.any():
+            continue
+        rows, p = at[hit], chunk.preds
+        assert p.audit is not None and p.label is not None
+        audit = p.audit[rows] > 0
+        found |= hit
+        taken["teacher"][hit] |= audit | chunk.has_teacher[rows]
+        taken["label"][hit] |= audit | (p.label[rows] >= 0) | (chunk.label_joined[rows] >= 0)
+    return found, taken
 
 
 def _early_keys(block: Block | None) -> np.ndarray:
@@ -91,7 +106,6 @@ def conflict_keys(buf: JoinBuffer, blocks: dict[str, Block]) -> np.ndarray:
     """Keys of the request_ids whose rows may hold a duplicate (a superset: hashes, not strings)."""
     keys = {kind: b.key for kind, b in blocks.items()}
     empty = np.zeros(0, dtype=np.uint64)
-    buffered, taken = _buffered(buf)
     early = {"teacher": _early_keys(buf.early_teacher), "label": _early_keys(buf.early_label)}
     found: list[np.ndarray] = []
     preds = blocks.get("prediction")
@@ -99,20 +113,23 @@ def conflict_keys(buf: JoinBuffer, blocks: dict[str, Block]) -> np.ndarray:
         assert preds.audit is not None and preds.label is not None
         p = keys["prediction"]
         audit, labelled = preds.audit > 0, preds.label >= 0
-        candidate = _repeated(p) | np.isin(p, buffered)
+        candidate = _repeated(p) | _in_buffer(buf, preds)[0]
         for kind, closed in (("teacher", audit), ("label", audit | labelled)):
             if closed.any():
-                candidate |= closed & np.isin(p, np.concatenate([early[kind], keys.get(kind, empty)]))
+                candidate[closed] |= np.isin(p[closed], np.concatenate([early[kind], keys.get(kind, empty)]))
         found.append(p[candidate])
     for kind in PARTNERS:
         if kind not in keys:
             continue
         k = keys[kind]
-        candidate = _repeated(k) | np.isin(k, early[kind]) | np.isin(k, buffered[taken[kind]])
+        candidate = _repeated(k) | _in_buffer(buf, blocks[kind])[1][kind]
+        if early[kind].size:
+            candidate |= np.isin(k, early[kind])
         if preds is not None:
             assert preds.audit is not None and preds.label is not None
             closed = (preds.audit > 0) if kind == "teacher" else (preds.audit > 0) | (preds.label >= 0)
-            candidate |= np.isin(k, keys["prediction"][closed])
+            if closed.any():
+                candidate |= np.isin(k, keys["prediction"][closed])
         found.append(k[candidate])
     return np.unique(np.concatenate(found)) if found else empty
 
@@ -123,7 +140,7 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
     preds: dict[str, _Prediction] = {}
     early: dict[tuple[str, str], _Early] = {}
     for chunk in buf.chunks:
-        rows = np.flatnonzero(np.isin(chunk.preds.key, conflict))
+        rows = chunk.rows_with(conflict)
         p = chunk.preds
         assert p.audit is not None and p.label is not None
         for rid, ver, r in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(), strict=True):
@@ -136,7 +153,7 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
         block = buf.early_teacher if kind == "teacher" else buf.early_label
         if block is None or not block.n:
             continue
-        rows = np.flatnonzero(np.isin(block.key, conflict))
+        rows = _rows_with(block, conflict)
         for rid, r in zip(block.request_id.take(rows).to_pylist(), rows.tolist(), strict=True):
             if (kind, rid) in early:
                 raise Fallback(f"{kind} request_id {rid[:80]!r} of model {model!r} is buffered twice")
@@ -163,7 +180,7 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
     # The stretch's rows of those request_ids, in merge order.
     events: list[tuple[int, str, int, str, int, int]] = []  # (position, kind, row, request_id, start, arrival watermark)
     for kind, block in blocks.items():
-        rows = np.flatnonzero(np.isin(block.key, conflict))
+        rows = _rows_with(block, conflict)
         if not rows.size:
             continue
         assert block.position is not None and block.arrival_wm is not None

@@ -216,12 +216,7 @@ class ColumnarAnalyzer:
             self._add_partners(model, buf, labels, "label")
 
     def _add_predictions(self, model: str, buf: JoinBuffer, preds: Block, starts: np.ndarray) -> None:
-        dup = duplicate(preds)
-        for chunk in buf.chunks if dup is None else ():
-            hits = chunk.find(preds)
-            if (hits >= 0).any():
-                dup = str(preds.request_id[int(np.argmax(hits >= 0))].as_py())
-                break
+        dup = duplicate(preds)  # repeats against the buffer were decided by collector.column_repeats
         if dup is not None:
             raise Fallback(f"prediction request_id {dup[:80]!r} of model {model!r} appears twice")
         assert preds.arrival_wm is not None

@@ -5,9 +5,9 @@ that a value of another JSON type (a string ``ts``, a float ``label``, a number 
 ``NaN``), a field named twice, a line that is not an object or an unknown field fails the parse:
 then that batch is read line by line with the contract's decoder (collector.contract), each line
 rejected with the decoder's reason or turned into the row it stands for (as `kdwatch convert`
-writes it). Lines holding ``null``, ``NaN`` or ``Inf`` (even inside a string) or over the size limit
-take the line-by-line way too, so the fast way only ever sees values whose meaning the two ways
-agree on. Either way the rows are then validated
+writes it). So does a batch where a row may mean something else to the two (an explicit ``null`` where
+the decoder tells it from an absent field, ``NaN`` or ``Infinity``, which Arrow reads as numbers) or
+a line over the size limit: the fast way only ever keeps values whose meaning the two agree on. Either way the rows are then validated
 on columns (collector.column_rules) and carry their merge keys and row numbers, so the engine sees
 the same rows, reasons and hints as the record path would.
 
@@ -30,7 +30,7 @@ import pyarrow.json as pj
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.collector.column_rules import Batch, Hint, validate
-from kdwatch.collector.columns import BATCH_ROWS, FIELDS, Block, Fallback
+from kdwatch.collector.columns import BATCH_ROWS, FIELDS, Block, Fallback, null_mask, to_numpy
 from kdwatch.collector.contract import DECODERS, MAX_FEATURES, MAX_STRING_CHARS, MAX_VALUE_BYTES, parse_ts
 from kdwatch.collector.ingest import merge_key, window_hint_fields
 from kdwatch.collector.parquet_io import columns_for, reference_from_batches
@@ -61,17 +61,54 @@ def _schema(kind: str) -> pa.Schema:
 
 
 _SCHEMAS = {kind: _schema(kind) for kind in FIELDS}
-# JSON Arrow reads otherwise than the decoder: null (absent to Arrow, a type error to some fields of the
-# decoder) and the non-standard NaN / Infinity (numbers to Arrow, invalid JSON to the decoder). A line
-# holding one of these words anywhere, even inside a string, is left to the decoder.
-_DECODER_WORDS = (b"null", b"NaN", b"Inf")
+# Fields where the decoder tells an explicit null from an absent field (Arrow cannot): v (null is an
+# unsupported version), probs and logits (present, of the wrong type).
+_NULL_MATTERS = ("v", "probs", "logits")
+
+
+def _finite(values: pa.Array) -> bool:
+    """No NaN or infinity among the numbers (Arrow's reader takes NaN / Infinity, the decoder calls them invalid JSON)."""
+    if values.null_count:
+        return False  # a null inside a list, or as a feature's value where the row has the feature: the decoder decides
+    if not pa.types.is_floating(values.type):
+        return True
+    return bool(np.isfinite(to_numpy(values)).all())
+
+
+def _read_otherwise(batch: pa.RecordBatch, lines: list[bytes], blob: bytes) -> bool:
+    """Whether some row may mean something else to the contract's decoder than to Arrow's reader.
+
+    Conservative: a null that may be explicit where it matters (the line names the field), a
+    number that is not finite, a feature null in a row that holds ``null`` anywhere.
+    """
+    names = batch.schema.names
+    for name in _NULL_MATTERS:
+        if name in names and batch.column(name).null_count:
+            token = f'"{name}"'.encode()
+            if token in blob and any(token in lines[i] for i in np.flatnonzero(null_mask(batch.column(name)))):
+                return True
+    for name in ("probs", "logits"):
+        if name in names and not _finite(batch.column(name).flatten()):
+            return True
+    if "latency_ms" in names and not _finite(batch.column("latency_ms").drop_null()):
+        return True
+    if "features" in names:
+        features = batch.column("features")
+        present = ~null_mask(features)
+        for child in features.flatten():  # each feature, null where the row lacks the struct or the feature
+            missing = null_mask(child) & present
+            if missing.any() and b"null" in blob and any(b"null" in lines[i] for i in np.flatnonzero(missing)):
+                return True
+            if not _finite(child.drop_null()):
+                return True
+    return False
 _FEATURE_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_string, pa.types.is_null)
 
 
 def fast_batch(lines: list[bytes], kind: str) -> pa.RecordBatch | None:
     """The lines as one record batch parsed by Arrow, or None where the line-by-line way must decide."""
     blob = b"\n".join(lines)
-    if any(word in blob for word in _DECODER_WORDS) or max(map(len, lines)) > MAX_VALUE_BYTES:
+    if max(map(len, lines)) > MAX_VALUE_BYTES:
         return None
     if not blob.isascii():
         try:
@@ -89,7 +126,7 @@ def fast_batch(lines: list[bytes], kind: str) -> pa.RecordBatch | None:
     names = set(table.schema.names)
     if "generation" in names:
         raise Fallback("generative events take the record path")
-    if not names <= FIELDS[kind]:
+    if not names <= FIELDS[kind] or "prompt_tokens" in names:
         return None  # an unknown field: the decoder names it
     if "features" in names:
         t = table.schema.field("features").type
@@ -99,7 +136,9 @@ def fast_batch(lines: list[bytes], kind: str) -> pa.RecordBatch | None:
             if not 0 < len(sub.name) <= MAX_STRING_CHARS or sub.name[0] == "_" or not any(ok(sub.type) for ok in _FEATURE_TYPES):
                 return None
     batches = table.combine_chunks().to_batches()
-    return batches[0] if batches else None
+    if not batches or _read_otherwise(batches[0], lines, blob):
+        return None
+    return batches[0]
 
 
 def _parsed(line: bytes) -> Any:

@@ -482,6 +482,14 @@ POISON_LINES = [
     b'{"request_id": "p20", "model": "m", "student_version": "s1", "ts": 1795000001000, "logits": [1, 2]}',
     b'{"request_id": "p22\xff", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5]}',
     b'{"request_id": "p23", "model": "m\xc3\xa9", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5]}',
+    b'{"request_id": "p24", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "v": null}',
+    b'{"request_id": "p25", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "logits": null}',
+    b'{"request_id": "p26", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "features": {"f": null}}',
+    b'{"request_id": "p27", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [null, 0.5]}',
+    b'{"request_id": "p28", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "latency_ms": NaN}',
+    b'{"request_id": "p29", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "features": {"f": -Infinity}}',
+    b'{"request_id": "p30", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [Infinity, 0.5]}',
+    b'{"request_id": "p31", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "segment": null}',
     b'{"request_id": "p21", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [1, 0], "latency_ms": 3}',
     b'{"request_id": "big", "model": "m", "student_version": "s1", "ts": 1795000001000, "probs": [0.5, 0.5], "segment": "'
     + b"x" * (1024 * 1024) + b'"}',
@@ -521,7 +529,9 @@ def test_arrows_reader_takes_the_usual_lines_and_leaves_odd_ones_to_the_decoder(
             b' "features": {"f": 1, "g": "x"}}'] * 3
     batch = fast_batch(good, "prediction")
     assert batch is not None and batch.num_rows == 3
-    arrow_reads = {b'"p23"', b'"p15"', b'"p16"', b'"p19', b'"p20"', b'"p21"'}  # v: 2 (the rules reject it), v: 1, integer numbers
+    # Read by Arrow and meaning the same to both: nulls where null is absence, v: 2 (the rules reject it), v: 1, a NUL
+    # inside a string, integer numbers, UTF-8
+    arrow_reads = {b'"p31"', b'"p6"', b'"p7"', b'"p23"', b'"p15"', b'"p16"', b'"p19', b'"p20"', b'"p21"'}
     for odd in POISON_LINES:
         read = fast_batch([*good, odd], "prediction")
         assert (read is not None) == any(name in odd for name in arrow_reads), odd[:60]

@@ -14,6 +14,7 @@ from kdwatch.analyzer.window import window_result
 from kdwatch.collector import column_rules, columns, parquet_io
 from kdwatch.collector.columnar import analyze_columnar
 from kdwatch.collector.offline import analyze_files
+from tests.unit.collector.test_columnar import POISON_LINES
 
 T0 = 1_795_000_000_000
 ODD = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.floats(allow_nan=False), st.integers(-3, 3),
@@ -58,7 +59,8 @@ def _record(draw: st.DrawFn, kind: str) -> dict[str, Any]:
 
 
 def _line(kind: str) -> st.SearchStrategy[bytes]:
-    raw = st.sampled_from([b"not json", b"[1]", b'{"ts": NaN}', b"{}", b'{"request_id": "a\xff"}'])
+    raw = st.sampled_from([b"not json", b"[1]", b'{"ts": NaN}', b"{}", b'{"request_id": "a\xff"}',
+                           *(line for line in POISON_LINES if len(line) < 1000)])
     return st.one_of(*[_record(kind).map(orjson.dumps)] * 10, raw)
 
 
