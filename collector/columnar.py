@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
@@ -51,7 +51,7 @@ from kdwatch.analyzer.membership import attack_scores
 from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
 from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, concat_open, duplicate, lookup
 from kdwatch.collector.column_repeats import find_repeats, without
-from kdwatch.collector.column_rules import Hint, read_blocks, trim
+from kdwatch.collector.column_rules import Batch, Hint, read_blocks, trim
 from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, is_parquet, to_numpy
 from kdwatch.collector.parquet_io import prefetch
 from kdwatch.collector.records import INPUTS, NO_SEGMENT, WindowKey
@@ -491,14 +491,25 @@ def analyze_columnar(
     for path in (predictions, teacher):
         if path is not None and is_parquet(path) and "generation" in pq.read_schema(path).names:
             raise Fallback("generative predictions take the record path")
-    analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)
     paths = {"prediction": predictions, "teacher": teacher, "label": labels}
     readers = {kind: prefetch(read_blocks(path, kind) if is_parquet(path) else read_jsonl_blocks(path, kind))
                for kind, path in paths.items() if path is not None}
+    return analyze_batches(readers, window_ms=window_ms, grace_ms=grace_ms, references=references)
+
+
+def analyze_batches(
+    readers: dict[str, Iterator[Batch]],
+    *,
+    window_ms: int,
+    grace_ms: int,
+    references: References | Callable[[], References] | None = None,
+) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
+    """analyze_columnar over each input's validated batches (a missing input: no key), in the merge's stretches."""
+    analyzer = ColumnarAnalyzer(window_ms, grace_ms, references)
     carry: dict[str, list[Block]] = {kind: [] for kind in INPUTS}
     hints: list[Hint] = []
     read_to = dict.fromkeys(INPUTS, NEVER)  # merge key after the last row read
-    ends = {kind: (NEVER, -1) for kind in INPUTS if paths[kind] is None}  # (merge key, row) of a file's last row
+    ends = {kind: (NEVER, -1) for kind in INPUTS if kind not in readers}  # (merge key, row) of a file's last row
 
     def pull(kind: str) -> None:
         batch = next(readers[kind], None)

@@ -203,8 +203,12 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
 
 def read_jsonl_blocks(path: Path, kind: str) -> Iterator[Batch]:
     """Validated batches of a JSONL file of ``kind`` events, as collector.column_rules.read_blocks gives Parquet's."""
+    return jsonl_batches(line_chunks(path), kind)
+
+
+def jsonl_batches(chunks: Iterator[list[bytes]], kind: str) -> Iterator[Batch]:
+    """Validated batches of ``kind`` events given as chunks of non-blank JSON lines in their input's order."""
     row0, key = 0, -1
-    chunks = line_chunks(path)
     chunk = next(chunks, None)
     while chunk is not None:
         following = next(chunks, None)
