@@ -551,3 +551,28 @@ def test_a_feature_holding_numbers_and_strings_falls_back(tmp_path: Path) -> Non
     assert reasons and "numbers and strings" in reasons[0]
     assert c1 == c2
     assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+
+
+def test_event_times_as_rfc3339_text_stay_on_arrows_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract's other form of ts: Arrow reads the text, the decoder's own parser turns it into milliseconds."""
+    from datetime import UTC, datetime
+
+    from kdwatch.collector.jsonl_columns import fast_batch
+
+    _batch_rows(monkeypatch, 500)
+    spec = TrafficSpec(seed=12, events_per_second=20.0, teacher_rate=0.5, label_rate=0.3)
+    paths = write_jsonl(tmp_path, spec, 2_000)
+    for i, path in enumerate(paths.values()):
+        rows = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        for j, row in enumerate(rows):
+            when = datetime.fromtimestamp(row["ts"] / 1000, tz=UTC)
+            row["ts"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z" if (i + j) % 2 else "+00:00")
+        if i == 0:
+            rows[700]["ts"] = "yesterday"  # one refused: its batch goes line by line
+        path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    lines = paths["prediction"].read_bytes().splitlines()
+    assert fast_batch(lines[:500], "prediction") is not None and fast_batch(lines[500:1000], "prediction") is None
+    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], columnar=False)
+    w2, c2 = analyze_columnar(paths["prediction"], paths["teacher"], paths["label"])
+    assert c1 == c2 and c1[("prediction", "invalid_timestamp")] == 1
+    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
