@@ -400,7 +400,7 @@ class Collector:
                 consumer.pause(tp)
                 unit.paused.add(topic)
             elif topic in unit.paused and queued < self.config.max_queued // 2:
-                consumer.resume(tp)
+                _resume(consumer, tp, unit.fetched[topic])
                 unit.paused.discard(topic)
 
     @staticmethod
@@ -431,6 +431,26 @@ class Collector:
             producer.flush(timeout=30)
         except KafkaError as exc:
             raise RuntimeError(f"could not write {len(changes.dead_letters)} dead letters: {exc}") from exc
+
+
+def _resume(consumer: KafkaConsumer, tp: TopicPartition, position: int) -> None:
+    """Resume a paused partition at ``position`` (the next offset to queue).
+
+    kafka-python 3.0 parks what it fetched for a paused partition and hands it back after the resume
+    only at a moment its current record slot is empty (``None``); until then the partition counts as
+    having data pending and is not fetched. Here that moment never came: with 25,000 predictions per
+    partition and empty replay and label topics, every partition stopped for good at the 20,000
+    queued (benchmarks/ingest.py hung; tests/integration/test_collector.py reproduces it). So the
+    parked data is dropped and the partition sought to where we stand: those records are fetched
+    again. With another client version lacking those attributes this is a plain resume and seek.
+    """
+    consumer.resume(tp)
+    fetcher = getattr(consumer, "_fetcher", None)
+    for parked in ("_paused_partition_records", "_paused_completed_fetches"):
+        held = getattr(fetcher, parked, None)
+        if isinstance(held, dict):
+            held.pop(tp, None)
+    consumer.seek(tp, position)
 
 
 def _offset_meta(offset: int) -> Any:
