@@ -110,8 +110,15 @@ def kafka_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, options: dict[str, Any] | None = None) -> None:
-    """Create the topics that are missing, with ``partitions`` partitions each."""
+def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, options: dict[str, Any] | None = None,
+                  timeout_s: float = 30.0) -> None:
+    """Create the topics that are missing, with ``partitions`` partitions each, and wait until the broker serves them.
+
+    A topic just created is not in the broker's metadata at once; a consumer that subscribed in that
+    moment was assigned nothing and, in kafka-python 3.0, waited for its next metadata refresh (up to
+    5 minutes) before rebalancing: the demo's replayer did, now and then. So this returns only when
+    every topic reports each partition with a leader.
+    """
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **(options or {}))
     try:
         existing = set(admin.list_topics())
@@ -121,8 +128,21 @@ def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int, opt
                 admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 log.debug("topics created concurrently by another member")
+            deadline = time.monotonic() + timeout_s
+            while not _served(admin, [t.name for t in missing]):
+                if time.monotonic() > deadline:
+                    raise ConfigError("topics", f"topics {[t.name for t in missing]} were created but not served within {timeout_s:.0f}s")
+                time.sleep(0.1)
     finally:
         admin.close()
+
+
+def _served(admin: KafkaAdminClient, names: list[str]) -> bool:
+    """Every topic known to the broker with all its partitions led."""
+    described = admin.describe_topics(names)
+    return len(described) == len(names) and all(
+        topic["error_code"] == 0 and topic["partitions"]
+        and all(p["error_code"] == 0 and p["leader_id"] >= 0 for p in topic["partitions"]) for topic in described)
 
 
 class Collector:
