@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,22 @@ from kdwatch.errors import ContractError
 
 def line_chunks(path: Path, rows: int | None = None) -> Iterator[list[bytes]]:
     """The file's non-blank lines (line ends stripped), ``rows`` at a time (the record path's lines, in order)."""
+    with path.open("rb") as handle:
+        yield from chunked(handle, rows)
+
+
+def chunked(values: Iterable[bytes], rows: int | None = None) -> Iterator[list[bytes]]:
+    """The non-blank ones of ``values``, line ends stripped, in lists of ``rows`` (default BATCH_ROWS)."""
     size = rows or BATCH_ROWS
     chunk: list[bytes] = []
-    with path.open("rb") as handle:
-        for line in handle:
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            chunk.append(line)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
+    for value in values:
+        line = value.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 

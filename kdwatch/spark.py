@@ -33,10 +33,10 @@ import pyarrow as pa
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState, window_result
 from kdwatch.collector.columnar import analyze_batches
-from kdwatch.collector.columns import BATCH_ROWS, Fallback
+from kdwatch.collector.columns import Fallback
 from kdwatch.collector.consumer import kafka_partition
 from kdwatch.collector.ingest import merge_key
-from kdwatch.collector.jsonl_columns import jsonl_batches
+from kdwatch.collector.jsonl_columns import chunked, jsonl_batches
 from kdwatch.collector.offline import analyze_partition, merge_inputs
 from kdwatch.collector.records import INPUTS, WindowKey
 
@@ -93,20 +93,6 @@ def _rows(spark: Any, source: Any, kind: str, partitions: int) -> Any:
     return frame.mapInArrow(keyed, "input int, row long, partition int, raw binary")
 
 
-def _chunks(raw: list[bytes]) -> Iterator[list[bytes]]:
-    """Non-blank lines, line ends stripped, in batches (collector.jsonl_columns.line_chunks for a list)."""
-    chunk: list[bytes] = []
-    for value in raw:
-        line = value.rstrip(b"\r\n")
-        if line.strip():
-            chunk.append(line)
-            if len(chunk) == BATCH_ROWS:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
-
-
 def _analyze_group(window_ms: int, grace_ms: int, references: dict[str, dict[str, Any]]) -> Callable[[pa.Table], pa.Table]:
     refs = {model: Reference.from_dict(data) for model, data in references.items()}
 
@@ -126,7 +112,7 @@ def _analyze_group(window_ms: int, grace_ms: int, references: dict[str, dict[str
         windows: dict[WindowKey, WindowState] = {}
         counters: dict[tuple[str, str], int] = {}
         try:  # kdwatch's columnar engine, as `kdwatch analyze` runs it
-            readers = {kind: jsonl_batches(_chunks(raw), kind) for kind, raw in lines.items() if raw}
+            readers = {kind: jsonl_batches(chunked(raw), kind) for kind, raw in lines.items() if raw}
             windows, counters = analyze_batches(readers, window_ms=window_ms, grace_ms=grace_ms, references=refs)
         except Fallback:  # what the engine leaves to the record joiner (see README, "Parquet input")
             windows, counters = {}, {}
