@@ -73,8 +73,8 @@ class ColumnarAnalyzer:
         self.watermark: int | None = None
         self.observed: dict[str, int] = {}
         self.buffers: dict[str, JoinBuffer] = {}
-        self.rejected: dict[WindowKey, int] = {}  # open windows' n_rejected
-        self.duplicates: dict[WindowKey, int] = {}  # open windows' n_duplicate (collector.column_repeats)
+        # Counts of windows still open, added to their state when they close: n_rejected, n_duplicate (column_repeats).
+        self.pending: dict[WindowKey, Counter[str]] = {}
         self.windows: dict[WindowKey, WindowState] = {}  # final states
         self.counters: Counter[tuple[str, str]] = Counter()
         self.k: dict[str, int] = {}  # class count per model
@@ -110,8 +110,7 @@ class ColumnarAnalyzer:
         for (m, ver, ts, _mkey, _row), wm in zip(hints, hint_wm.tolist(), strict=True):
             start = ts - ts % self.window_ms
             if start + self.window_ms + self.grace_ms > wm:  # its window was open: it counts there
-                key = WindowKey(m, ver, start)
-                self.rejected[key] = self.rejected.get(key, 0) + 1
+                self._count(WindowKey(m, ver, start), "n_rejected", 1)
         models: set[str] = set()
         for block in present.values():
             models.update(distinct(block.model))
@@ -200,11 +199,11 @@ class ColumnarAnalyzer:
         if repeats is not None:
             self.counters.update(repeats.counters)
             for key, count in repeats.windows.items():
-                self.duplicates[key] = self.duplicates.get(key, 0) + count
-            if repeats.drop["prediction"] and preds is not None:
-                keep = np.ones(preds.n, dtype=bool)
-                keep[repeats.drop["prediction"]] = False
-                preds, starts = preds.take(np.flatnonzero(keep)), starts[keep]
+                self._count(key, "n_duplicate", count)
+            if repeats.drop["prediction"]:
+                preds = without(preds, repeats.drop["prediction"])
+                assert preds is not None
+                starts = self._starts(preds.ts)
             teacher, labels = without(teacher, repeats.drop["teacher"]), without(labels, repeats.drop["label"])
             buf.early_teacher = without(buf.early_teacher, repeats.drop_early["teacher"])
             buf.early_label = without(buf.early_label, repeats.drop_early["label"])
@@ -330,14 +329,17 @@ class ColumnarAnalyzer:
             self.watermark = self.step_watermark
         for model, buf in self.buffers.items():
             self._close(model, buf, close_all)
-        for key in sorted(self.rejected):
+        for key in sorted(self.pending):
             if close_all or self._closed(key.window_start):
-                state = self.windows.setdefault(key, WindowState())
-                state.n_rejected += self.rejected.pop(key)
-        for key in sorted(self.duplicates):
-            if close_all or self._closed(key.window_start):
-                state = self.windows.setdefault(key, WindowState())
-                state.n_duplicate += self.duplicates.pop(key)
+                self._settle(key, self.windows.setdefault(key, WindowState()))
+
+    def _count(self, key: WindowKey, field: str, count: int) -> None:
+        self.pending.setdefault(key, Counter())[field] += count
+
+    def _settle(self, key: WindowKey, state: WindowState) -> None:
+        """Add the counts the window gathered while open (``pending``) to its state."""
+        for field, count in self.pending.pop(key, {}).items():
+            setattr(state, field, getattr(state, field) + count)
 
     def _close(self, model: str, buf: JoinBuffer, everything: bool) -> None:
         for kind in ("teacher", "label"):
@@ -382,8 +384,7 @@ class ColumnarAnalyzer:
         for start, ver, begin, end in groups:
             key = WindowKey(model, ver, start)
             state = self._window_state(model, rows.slice(begin, end))
-            state.n_rejected += self.rejected.pop(key, 0)
-            state.n_duplicate += self.duplicates.pop(key, 0)
+            self._settle(key, state)
             prior = self.windows.get(key)
             self.windows[key] = prior.merge(state) if prior is not None else state
 

@@ -39,18 +39,23 @@ def _lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, s
 Stream = Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]
 
 
-def _streams(predictions: Path, teacher: Path | None, labels: Path | None) -> dict[str, Stream]:
-    """Each input's entries for the merge: JSONL lines, or Parquet rows as the objects they stand for."""
+def _all_parquet(*given: Path | None) -> bool:
+    """Whether the inputs are Parquet (True) or JSONL (False); a mix is refused."""
     from kdwatch.collector.columns import is_parquet
-    from kdwatch.collector.parquet_io import parquet_lines
     from kdwatch.errors import SchemaError
 
-    given = {"prediction": predictions, "teacher": teacher, "label": labels}
-    paths = {kind: path for kind, path in given.items() if path is not None}
-    kinds = {is_parquet(path) for path in paths.values()}
+    kinds = {is_parquet(path) for path in given if path is not None}
     if len(kinds) > 1:
         raise SchemaError("--predictions, --teacher and --labels must be all JSONL or all Parquet")
-    reader = parquet_lines if kinds == {True} else _lines
+    return kinds == {True}
+
+
+def _streams(predictions: Path, teacher: Path | None, labels: Path | None) -> dict[str, Stream]:
+    """Each input's entries for the merge: JSONL lines, or Parquet rows as the objects they stand for."""
+    from kdwatch.collector.parquet_io import parquet_lines
+
+    given = {"prediction": predictions, "teacher": teacher, "label": labels}
+    reader = parquet_lines if _all_parquet(predictions, teacher, labels) else _lines
     return {kind: reader(path, kind, order) for order, (kind, path) in enumerate(given.items()) if path is not None}
 
 
@@ -141,18 +146,6 @@ def load_reference(path: Path) -> dict[str, Reference]:
         return {model: reference for model, (reference, _n) in build_references(handle).items()}
 
 
-def reference_loader(path: Path) -> Callable[[], dict[str, Reference]]:
-    """The reference, read before the inputs; the callable returned gives it.
-
-    Read first, not beside the analysis: a reference read by Arrow on a second thread while the
-    inputs are read aborted the process at exit in about 1 run in 20 ("terminate called without an
-    active exception", pyarrow 26). Both formats are read and binned on columns (a JSONL file by
-    Arrow's JSON reader), so reading first costs little.
-    """
-    loaded = load_reference(path)
-    return lambda: loaded
-
-
 Partitioner = Callable[[bytes, int], int]  # (key, partition count) -> partition, as the producers' client computes it
 
 
@@ -186,7 +179,7 @@ def analyze_files(
     if partitions < 1 or (partitions > 1 and partitioner is None):
         raise ValueError("partitions must be >= 1, and a partitioner is needed for more than one")
     if partitions == 1 and columnar:
-        _streams(predictions, teacher, labels)  # all JSONL or all Parquet
+        _all_parquet(predictions, teacher, labels)  # refuses a mix before any work
         try:
             return analyze_columnar(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms,
                                     references=references)

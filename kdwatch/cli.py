@@ -66,7 +66,7 @@ def analyze(
     results. With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
     """
     from kdwatch.analyzer.window import window_result
-    from kdwatch.collector.offline import analyze_files, reference_loader
+    from kdwatch.collector.offline import analyze_files, load_reference
     from kdwatch.runtime import tune_gc
     from kdwatch.slo.config import load_slo_file
     from kdwatch.slo.engine import WindowInput, backtest
@@ -74,20 +74,19 @@ def analyze(
     tune_gc()
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
     slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
-    # The reference is read first (collector.offline.reference_loader); the first window to close uses it.
-    references = reference_loader(reference) if reference is not None else dict
+    # Read before the inputs: on a second thread beside them, Arrow aborted the process at exit now and then.
+    refs = load_reference(reference) if reference is not None else {}
     from kdwatch.collector.consumer import kafka_partition
 
     if engine not in ("local", "spark"):
         raise typer.BadParameter("local or spark", param_hint="--engine")
     if engine == "spark":
-        windows, counters = _analyze_on_spark(master, predictions, teacher, labels, window_ms, grace_ms, references(), partitions)
+        windows, counters = _analyze_on_spark(master, predictions, teacher, labels, window_ms, grace_ms, refs, partitions)
     else:
         windows, counters = analyze_files(
-            predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=references,
+            predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs,
             partitions=partitions, partitioner=kafka_partition,
             on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
-    refs = references()
     inputs = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
         result = window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model))
