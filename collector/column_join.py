@@ -49,6 +49,7 @@ class OpenRows:
     # The key index of the rows this chunk was sliced from, and where it starts in them (built when first used).
     index: KeyIndex | None = None
     index_offset: int = 0
+    seq: int | None = None  # where the Kafka collector stored the chunk these rows belong to (None: not yet)
 
     def find(self, values: Block) -> np.ndarray:
         """This chunk's row of each request_id of ``values`` (-1: none); matches confirmed on the strings."""
@@ -77,12 +78,15 @@ class OpenRows:
 
     def set_teacher(self, rows: np.ndarray, teacher: Block) -> None:
         assert teacher.probs is not None
-        self.teacher_probs[rows] = teacher.probs
-        if teacher.logp is not None:
+        self.put_teacher(rows, teacher.probs, teacher.logp, teacher.version.to_pylist())
+
+    def put_teacher(self, rows: np.ndarray, probs: np.ndarray, logp: np.ndarray | None, versions: list[str]) -> None:
+        self.teacher_probs[rows] = probs
+        if logp is not None:
             if self.teacher_logp is None:
                 self.teacher_logp = np.full(self.teacher_probs.shape, np.nan)
-            self.teacher_logp[rows] = teacher.logp
-        self.teacher_version[rows] = np.array(teacher.version.to_pylist(), dtype=object)
+            self.teacher_logp[rows] = logp
+        self.teacher_version[rows] = np.array(versions, dtype=object)
         self.has_teacher[rows] = True
 
     def take(self, idx: np.ndarray) -> OpenRows:
@@ -91,13 +95,13 @@ class OpenRows:
             return self.slice(int(idx[0]), int(idx[-1]) + 1)
         return OpenRows(self.preds.take(idx), self.starts[idx], self.teacher_probs[idx],
                      None if self.teacher_logp is None else self.teacher_logp[idx], self.teacher_version[idx],
-                     self.has_teacher[idx], self.label_joined[idx])
+                     self.has_teacher[idx], self.label_joined[idx], seq=self.seq)
 
     def slice(self, begin: int, end: int) -> OpenRows:
         return OpenRows(self.preds.slice(begin, end), self.starts[begin:end], self.teacher_probs[begin:end],
                      None if self.teacher_logp is None else self.teacher_logp[begin:end],
                      self.teacher_version[begin:end], self.has_teacher[begin:end], self.label_joined[begin:end],
-                     self.index, self.index_offset + begin)
+                     self.index, self.index_offset + begin, self.seq)
 
 
 def concat_open(parts: list[OpenRows]) -> OpenRows:

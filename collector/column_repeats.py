@@ -40,6 +40,12 @@ class Repeats:
     drop_early: dict[str, list[int]] = field(default_factory=lambda: {"teacher": [], "label": []})
     windows: Counter[WindowKey] = field(default_factory=Counter)  # n_duplicate per window
     counters: Counter[tuple[str, str]] = field(default_factory=Counter)
+    letters: list[tuple[str, str, int, str]] = field(default_factory=list)  # (kind, "step" or "buffer", row, reason) dropped
+
+    def dropped(self, kind: str, where: str, row: int, reason: str) -> None:
+        (self.drop_early[kind] if where == "buffer" else self.drop[kind]).append(row)
+        self.counters[(kind, reason)] += 1
+        self.letters.append((kind, where, row, reason))
 
 
 @dataclass
@@ -197,9 +203,8 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
             assert block.audit is not None and block.label is not None
             version = str(block.version[row].as_py())
             if pred is not None and live:
-                out.drop[kind].append(row)
+                out.dropped(kind, "step", row, "duplicate")
                 out.windows[WindowKey(model, version, start)] += 1
-                out.counters[(kind, "duplicate")] += 1
                 continue
             if pred is not None:
                 raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} comes again after its window closed")
@@ -213,18 +218,15 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
                     continue
                 del early[(partner, rid)]
                 if partner == "label" and own_label:  # the label came twice: with the prediction and on its own
-                    where, at = waiting.where
-                    (out.drop_early[partner] if where == "buffer" else out.drop[partner]).append(at)
+                    out.dropped(partner, *waiting.where, "duplicate")
                     out.windows[WindowKey(model, version, start)] += 1
-                    out.counters[(partner, "duplicate")] += 1
                 else:
                     pred.has[partner] = True
             continue
         if pred is not None and live:
             if pred.has[kind] or pred.audit:
-                out.drop[kind].append(row)
+                out.dropped(kind, "step", row, "duplicate")
                 out.windows[WindowKey(model, pred.version, pred.start)] += 1
-                out.counters[(kind, "duplicate")] += 1
             else:
                 pred.has[kind] = True
             continue
@@ -232,13 +234,10 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
             continue
         waiting = early.get((kind, rid))
         if waiting is not None and waiting.start + span > wm:
-            out.drop[kind].append(row)
-            out.counters[(kind, "duplicate")] += 1
+            out.dropped(kind, "step", row, "duplicate")
         else:
             if waiting is not None:  # the one waiting saw its window close: unmatched now, this one waits instead
-                where, at = waiting.where
-                (out.drop_early[kind] if where == "buffer" else out.drop[kind]).append(at)
-                out.counters[(kind, "unmatched")] += 1
+                out.dropped(kind, *waiting.where, "unmatched")
             early[(kind, rid)] = _Early(start, ("step", row))
     return out
 

@@ -45,16 +45,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
-from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
-from kdwatch.analyzer.membership import attack_scores
-from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
+from kdwatch.analyzer.drift import Reference
+from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, concat_open, duplicate, lookup
 from kdwatch.collector.column_repeats import find_repeats, without
 from kdwatch.collector.column_rules import Batch, Hint, read_blocks, trim
+from kdwatch.collector.column_windows import transfer_sample, window_state
 from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, is_parquet, to_numpy
 from kdwatch.collector.parquet_io import prefetch
-from kdwatch.collector.records import INPUTS, NO_SEGMENT, WindowKey
+from kdwatch.collector.records import INPUTS, TransferRecord, WindowKey
 
 References = dict[str, Reference]
 
@@ -80,6 +79,15 @@ class ColumnarAnalyzer:
         self.k: dict[str, int] = {}  # class count per model
         self.merged = 0  # rows of the merge stepped so far
         self.step_watermark = NEVER
+        # The Kafka collector's needs (collector.live_columns), off for files: each row that goes to
+        # the dead-letter topic as (kind, row numbers, reason), late predictions per closed window,
+        # joins into buffered rows (persisted as patches) and the transfer set's sample.
+        self.track = False
+        self.letters: list[tuple[str, np.ndarray, str]] = []
+        self.late: Counter[WindowKey] = Counter()
+        self.joins: list[tuple[str, np.ndarray, np.ndarray, Block]] = []  # (kind, starts, prediction rows, partners)
+        self.transfer_per_window = 0
+        self.transfer: list[TransferRecord] = []
 
     @cached_property
     def references(self) -> References:
@@ -190,7 +198,11 @@ class ColumnarAnalyzer:
                 self.counters[("prediction", "late")] += int(late.sum())
                 late_versions = preds.version.take(pa.array(np.flatnonzero(late), type=pa.int64())).to_pylist()
                 for ver, start in zip(late_versions, starts[late].tolist(), strict=True):
-                    self.windows.setdefault(WindowKey(model, ver, start), WindowState()).n_late += 1
+                    if self.track:  # its window was stored when it closed
+                        self.late[WindowKey(model, ver, start)] += 1
+                    else:
+                        self.windows.setdefault(WindowKey(model, ver, start), WindowState()).n_late += 1
+                self._letter("prediction", preds, np.flatnonzero(late), "late")
                 keep = np.flatnonzero(~late)
                 preds, starts = preds.take(keep), starts[keep]
         present = {kind: b for kind, b in (("prediction", preds), ("teacher", teacher), ("label", labels))
@@ -198,6 +210,10 @@ class ColumnarAnalyzer:
         repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms) if present else None
         if repeats is not None:
             self.counters.update(repeats.counters)
+            if self.track:
+                for kind, where, row, reason in repeats.letters:
+                    block = present[kind] if where == "step" else (buf.early_teacher if kind == "teacher" else buf.early_label)
+                    self._letter(kind, block, np.array([row]), reason)
             for key, count in repeats.windows.items():
                 self._count(key, "n_duplicate", count)
             if repeats.drop["prediction"]:
@@ -244,7 +260,10 @@ class ColumnarAnalyzer:
                 chunk.label_joined[rows] = partners.label
                 buf.early_label = rest
         buf.chunks.append(chunk)
-        if len(buf.chunks) > MAX_CHUNKS:
+        if self.track:  # each row rewritten O(log n) times when persisted (collector.live_columns)
+            while len(buf.chunks) > 1 and buf.chunks[-2].n <= 2 * buf.chunks[-1].n:
+                buf.chunks[-2:] = [concat_open(buf.chunks[-2:])]
+        elif len(buf.chunks) > MAX_CHUNKS:
             buf.chunks = [concat_open(buf.chunks)]
 
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
@@ -298,10 +317,14 @@ class ColumnarAnalyzer:
                     raise Fallback(f"a second label for a request of model {model!r}")
                 assert partners.label is not None
                 chunk.label_joined[rows] = partners.label
+            if self.track:
+                assert p.rowno is not None
+                self.joins.append((kind, chunk.starts[rows], p.rowno[rows], partners))
         if pending.size:
             late = ~own_open[pending]
             if late.any():
                 self.counters[(kind, "late")] += int(late.sum())
+                self._letter(kind, block, pending[late], "late")
             waiting = pending[~late]
             if waiting.size:
                 rest = block.take(waiting)
@@ -333,6 +356,11 @@ class ColumnarAnalyzer:
             if close_all or self._closed(key.window_start):
                 self._settle(key, self.windows.setdefault(key, WindowState()))
 
+    def _letter(self, kind: str, block: Block | None, rows: np.ndarray, reason: str) -> None:
+        if self.track and block is not None and rows.size:
+            assert block.rowno is not None
+            self.letters.append((kind, block.rowno[rows], reason))
+
     def _count(self, key: WindowKey, field: str, count: int) -> None:
         self.pending.setdefault(key, Counter())[field] += count
 
@@ -349,6 +377,7 @@ class ColumnarAnalyzer:
             gone = np.ones(early.n, bool) if everything else self._closed(self._starts(early.ts))
             if gone.any():
                 self.counters[(kind, "unmatched")] += int(gone.sum())
+                self._letter(kind, early, np.flatnonzero(gone), "unmatched")
                 kept = early.take(np.flatnonzero(~gone))
                 if kind == "teacher":
                     buf.early_teacher = kept
@@ -383,92 +412,12 @@ class ColumnarAnalyzer:
                         key=lambda item: item[0])
         for start, ver, begin, end in groups:
             key = WindowKey(model, ver, start)
-            state = self._window_state(model, rows.slice(begin, end))
+            state = window_state(model, rows.slice(begin, end), self.references.get(model), self.fingerprints.get(model, ""))
+            if self.transfer_per_window:
+                self.transfer.extend(transfer_sample(model, rows.slice(begin, end), self.transfer_per_window))
             self._settle(key, state)
             prior = self.windows.get(key)
             self.windows[key] = prior.merge(state) if prior is not None else state
-
-    def _window_state(self, model: str, rows: OpenRows) -> WindowState:
-        """One window's state from its predictions and what joined them, all at once."""
-        p = rows.preds
-        assert p.probs is not None and p.label is not None and p.audit is not None
-        assert p.latency is not None and p.segment is not None
-        state = WindowState()
-
-        def student_log(idx: np.ndarray) -> np.ndarray:
-            assert p.probs is not None
-            floor = np.log(np.maximum(p.probs[idx], STUDENT_PROB_FLOOR))
-            return floor if p.logp is None else np.where(np.isnan(p.logp[idx]), floor, p.logp[idx])
-
-        label = np.where(p.label >= 0, p.label, rows.label_joined)
-        audit = p.audit > 0
-        prod = ~audit
-        s_pred = np.argmax(p.probs, axis=1)
-        confidence = np.take_along_axis(p.probs, s_pred[:, None], axis=1)[:, 0]
-        state.n = int(prod.sum())
-        lat = p.latency[prod]
-        lat = lat[~np.isnan(lat)]
-        if lat.size:
-            state.latency.update(lat)
-        reference = self.references.get(model)
-        if reference is not None and state.n:
-            drift = state.drift
-            drift.fingerprint = self.fingerprints[model]
-            every = bool(prod.all())
-            for name, fb in reference.features.items():
-                if name == CONFIDENCE:
-                    counted = fb.count(confidence if every else confidence[prod])
-                elif name == PREDICTED_CLASS:
-                    counted = fb.count_classes(s_pred if every else s_pred[prod], p.probs.shape[1])
-                elif name in p.features:
-                    values = p.features[name] if every else p.features[name][prod]
-                    counted = fb.count(values if values.dtype.kind == "f" else values.tolist())
-                else:
-                    continue
-                drift.add_counts(name, counted)
-        pair = prod & rows.has_teacher
-        agree = np.zeros(p.n, dtype=bool)
-        labeled = prod & (label >= 0)
-        correct = s_pred == label
-        if pair.any():
-            idx = np.flatnonzero(pair)
-            t = rows.teacher_probs[idx]
-            t_log = np.log(np.where(t > 0, t, 1.0))
-            if rows.teacher_logp is not None:
-                t_log = np.where(np.isnan(rows.teacher_logp[idx]), t_log, rows.teacher_logp[idx])
-            state.fidelity.update(t, t_log, p.probs[idx], student_log(idx))
-            agree[idx] = np.argmax(t, axis=1) == s_pred[idx]
-            for ver, count in Counter(rows.teacher_version[idx].tolist()).items():
-                state.teacher_versions[ver] = count
-        if labeled.any():
-            state.calibration.update(confidence[labeled], correct[labeled])
-        lt = labeled & rows.has_teacher
-        if lt.any():
-            idx = np.flatnonzero(lt)
-            t = rows.teacher_probs[idx]
-            state.n_labeled_with_teacher = int(idx.size)
-            state.n_correct_student_lt = int(correct[idx].sum())
-            state.teacher_calibration.update(t.max(axis=1), np.argmax(t, axis=1) == label[idx])
-        if state.n:
-            columns = [prod, pair, pair & agree, labeled, labeled & correct]
-            if p.segment.null_count == p.n:  # no segments: one row of totals
-                state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
-            else:
-                segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
-                names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
-                if names.size > MAX_SEGMENTS:
-                    raise Fallback(f"a window of model {model!r} has more than {MAX_SEGMENTS} segments")
-                inverse = to_numpy(segment.indices)
-                counts = np.stack([np.bincount(inverse, weights=c[prod], minlength=names.size) for c in columns], axis=1)
-                state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})
-        if audit.any():
-            idx = np.flatnonzero(audit)
-            state.n_audit = int(idx.size)
-            scores = attack_scores(p.probs[idx], student_log(idx), label[idx])
-            ids = p.request_id.take(pa.array(idx, type=pa.int64())).to_pylist()
-            state.membership.update(ids, p.audit[idx] == 1, scores)
-        return state
-
 
 def analyze_columnar(
     predictions: Path,

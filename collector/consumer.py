@@ -405,7 +405,7 @@ class Collector:
             return
         idle = unit.merge.idle()
         waiting = [kind for kind in unit.merge.inputs
-                   if not unit.merge.queued(kind) and not idle[kind] and not unit.merge.inputs[kind].at_end]
+                   if not unit.merge.queued(kind) and not idle[kind] and not unit.merge.at_end(kind)]
         stalled = now - unit.progress_at
         if waiting and stalled >= STUCK_AFTER_S:
             raise ConsumerStuck(f"partition {p}: {unit.merge.queued()} records queued and none processed for {stalled:.0f}s, "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from kdwatch.collector.records import INPUTS
@@ -29,11 +28,39 @@ T = TypeVar("T")
 UNREADABLE = -1  # the merge key of a record whose event time cannot be read
 
 
-@dataclass
-class _Input(Generic[T]):
-    queue: deque[tuple[int, T]] = field(default_factory=deque)
-    at_end: bool = False
-    idle_since: float | None = None  # when it was last seen empty and at its end
+class Idleness:
+    """The idle rule alone, for inputs whose records a caller queues itself (collector.live_columns).
+
+    An input is idle when it has nothing queued and nothing more to fetch (at its end) for at least
+    ``idle_timeout_s`` of wall-clock time: exactly EventTimeMerge's rule.
+    """
+
+    def __init__(self, idle_timeout_s: float, kinds: tuple[str, ...] = INPUTS, clock: Callable[[], float] = time.monotonic) -> None:
+        if idle_timeout_s < 0:
+            raise ValueError("the idle timeout must be >= 0")
+        self.idle_timeout_s = idle_timeout_s
+        self.clock = clock
+        self.at_end = dict.fromkeys(kinds, False)
+        self.since: dict[str, float | None] = dict.fromkeys(kinds)  # when each was last seen empty and at its end
+
+    def update(self, kind: str, at_end: bool, queued: int) -> None:
+        self.at_end[kind] = at_end
+        if not at_end or queued:
+            self.since[kind] = None
+        elif self.since[kind] is None:
+            self.since[kind] = self.clock()
+
+    def is_idle(self, kind: str, queued: int, now: float) -> bool:
+        if queued or not self.at_end[kind]:
+            return False
+        since = self.since[kind]
+        if since is None:
+            since = self.since[kind] = now
+        return now - since >= self.idle_timeout_s
+
+    def idle(self, queued: dict[str, int]) -> dict[str, bool]:
+        now = self.clock()
+        return {kind: self.is_idle(kind, queued.get(kind, 0), now) for kind in self.at_end}
 
 
 class EventTimeMerge(Generic[T]):
@@ -45,64 +72,55 @@ class EventTimeMerge(Generic[T]):
     """
 
     def __init__(self, idle_timeout_s: float, kinds: tuple[str, ...] = INPUTS, clock: Callable[[], float] = time.monotonic) -> None:
-        if idle_timeout_s < 0:
-            raise ValueError("the idle timeout must be >= 0")
-        self.idle_timeout_s = idle_timeout_s
-        self.clock = clock
-        self.inputs: dict[str, _Input[T]] = {kind: _Input() for kind in kinds}
+        self.idleness = Idleness(idle_timeout_s, kinds, clock)
+        self.queues: dict[str, deque[tuple[int, T]]] = {kind: deque() for kind in kinds}
         self._order = {kind: i for i, kind in enumerate(kinds)}
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(self.queues)
+
+    def at_end(self, kind: str) -> bool:
+        return self.idleness.at_end[kind]
+
     def push(self, kind: str, key: int, item: T) -> None:
-        state = self.inputs[kind]
-        state.queue.append((key, item))
-        state.idle_since = None
+        self.queues[kind].append((key, item))
+        self.idleness.since[kind] = None
 
     def set_at_end(self, kind: str, at_end: bool) -> None:
-        state = self.inputs[kind]
-        state.at_end = at_end
-        if not at_end or state.queue:
-            state.idle_since = None
-        elif state.idle_since is None:
-            state.idle_since = self.clock()
+        self.idleness.update(kind, at_end, len(self.queues[kind]))
 
     def queued(self, kind: str | None = None) -> int:
         if kind is not None:
-            return len(self.inputs[kind].queue)
-        return sum(len(s.queue) for s in self.inputs.values())
-
-    def _is_idle(self, state: _Input[T], now: float) -> bool:
-        if state.queue or not state.at_end:
-            return False
-        if state.idle_since is None:
-            state.idle_since = now
-        return now - state.idle_since >= self.idle_timeout_s
+            return len(self.queues[kind])
+        return sum(len(q) for q in self.queues.values())
 
     def idle(self) -> dict[str, bool]:
         """Per input: idle (empty, at its end, for the timeout), so it does not hold the watermark back."""
-        now = self.clock()
-        return {kind: self._is_idle(state, now) for kind, state in self.inputs.items()}
+        return self.idleness.idle({kind: len(q) for kind, q in self.queues.items()})
 
     def next(self) -> tuple[str, T] | None:
         """The next record in merge order, or None while an input that is not idle has nothing queued."""
         best: tuple[int, int, str] | None = None
-        now = self.clock()
-        blocked = False
-        for kind, state in self.inputs.items():
-            if state.queue:
-                key = state.queue[0][0]
+        for kind, queue in self.queues.items():
+            if queue:
+                key = queue[0][0]
                 if best is None or (key, self._order[kind]) < best[:2]:
                     best = (key, self._order[kind], kind)
-            elif not self._is_idle(state, now):
-                blocked = True
         if best is None:
             return None
-        if blocked and best[0] != UNREADABLE:
-            return None
-        _key, item = self.inputs[best[2]].queue.popleft()
+        if best[0] != UNREADABLE:
+            now: float | None = None
+            for kind, queue in self.queues.items():
+                if not queue:
+                    now = self.idleness.clock() if now is None else now
+                    if not self.idleness.is_idle(kind, 0, now):
+                        return None
+        _key, item = self.queues[best[2]].popleft()
         return best[2], item
 
     def clear(self) -> None:
-        for state in self.inputs.values():
-            state.queue.clear()
-            state.idle_since = None
-            state.at_end = False
+        for kind, queue in self.queues.items():
+            queue.clear()
+            self.idleness.since[kind] = None
+            self.idleness.at_end[kind] = False

@@ -117,6 +117,22 @@ class PartitionSnapshot:
 
 
 @dataclass
+class EngineDelta:
+    """What a commit changes of the columnar engine's stored buffer (collector.live_columns, collector.column_state).
+
+    ``put``: (kind, model, seq, last window start, Arrow IPC blob) rows to insert or replace; ``delete``:
+    (kind, model, seq) rows to remove (model "" for a chunk: any model); ``purge_through``: join patches
+    whose last window start is at or before it go (their windows are closed); ``meta``: the engine's
+    scalars (watermark, merge position, pending counts) as JSON.
+    """
+
+    meta: dict[str, Any]
+    put: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
+    delete: list[tuple[str, str, int]] = field(default_factory=list)
+    purge_through: int | None = None
+
+
+@dataclass
 class Changes:
     """What one batch changed, to be made durable in one transaction."""
 
@@ -132,6 +148,7 @@ class Changes:
     watermark: int | None = None
     observed: dict[str, int] | None = None  # set when an input's highest event time moved
     transfer: list[TransferRecord] = field(default_factory=list)  # sampled from the windows closed now
+    engine: EngineDelta | None = None  # the columnar engine's buffer (collector.live_columns); None: the record joiner's entries
 
 
 def dist_to_list(d: Distribution | None) -> list[Any] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -175,4 +175,25 @@ retrain_jobs = Table(
     Column("log", Text, nullable=False),
     Column("error", Text, nullable=True),
     Index("ix_retrain_jobs_model_status", "model", "status"),
+)
+
+# The columnar engine's join buffer (collector.live_columns), per co-partition: chunks of open
+# predictions, join patches and waiting replays / labels as Arrow IPC blobs (collector.column_state),
+# and the engine's scalars as JSON (migration 0007).
+engine_blobs = Table(
+    "engine_blobs",
+    metadata,
+    Column("partition", Integer, primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("model", String(256), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("last_start", BigInteger, nullable=False),  # the latest window start of its rows
+    Column("blob", LargeBinary, nullable=False),
+)
+
+engine_meta = Table(
+    "engine_meta",
+    metadata,
+    Column("partition", Integer, primary_key=True),
+    Column("meta", Text, nullable=False),
 )

@@ -25,6 +25,7 @@ from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.records import (
     Changes,
+    EngineDelta,
     PartitionSnapshot,
     TransferRecord,
     WindowKey,
@@ -36,6 +37,8 @@ from kdwatch.collector.records import (
 from kdwatch.errors import StoreConflict, StoreUnavailable
 from kdwatch.storage.schema import (
     consumer_offsets,
+    engine_blobs,
+    engine_meta,
     event_counters,
     join_entries,
     partition_watermarks,
@@ -192,10 +195,44 @@ class SqlStore:
                 self._add_counters(conn, partition, changes.counters.items())
                 self._write_transfer(conn, changes.transfer, transfer_max)
                 self._write_watermark(conn, group_id, partition, changes)
+                if changes.engine is not None:
+                    self._write_engine(conn, partition, changes.engine)
         except IntegrityError as exc:
             raise StoreConflict(f"partition {partition}: offsets were created by another consumer") from exc
         except OperationalError as exc:
             raise StoreUnavailable(f"database unavailable ({exc.orig})") from exc
+
+    def load_engine(self, partition: int) -> tuple[dict[str, Any] | None, list[tuple[str, str, int, bytes]]]:
+        """The columnar engine's stored scalars and blobs of a co-partition (collector.live_columns)."""
+        try:
+            with read_connection(self.engine) as conn:
+                meta = conn.execute(select(engine_meta.c.meta).where(engine_meta.c.partition == partition)).scalar()
+                rows = [(r.kind, r.model, r.seq, bytes(r.blob)) for r in conn.execute(
+                    select(engine_blobs).where(engine_blobs.c.partition == partition).order_by(engine_blobs.c.seq))]
+        except OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable ({exc.orig})") from exc
+        return (None if meta is None else orjson.loads(meta)), rows
+
+    def _write_engine(self, conn: Connection, partition: int, delta: EngineDelta) -> None:
+        meta = orjson.dumps(delta.meta).decode()
+        stmt = self._insert(engine_meta).values(partition=partition, meta=meta)
+        conn.execute(stmt.on_conflict_do_update(index_elements=["partition"], set_={"meta": meta}))
+        for kind, model, seq in delta.delete:
+            where = [engine_blobs.c.partition == partition, engine_blobs.c.kind == kind, engine_blobs.c.seq == seq]
+            if model:
+                where.append(engine_blobs.c.model == model)
+            conn.execute(delete(engine_blobs).where(*where))
+        if delta.purge_through is not None:
+            conn.execute(delete(engine_blobs).where(engine_blobs.c.partition == partition,
+                                                    engine_blobs.c.kind.in_(["join_teacher", "join_label"]),
+                                                    engine_blobs.c.last_start <= delta.purge_through))
+        if delta.put:
+            stmt = self._insert(engine_blobs)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["partition", "kind", "model", "seq"],
+                set_={"last_start": stmt.excluded.last_start, "blob": stmt.excluded.blob}),
+                [{"partition": partition, "kind": kind, "model": model, "seq": seq, "last_start": last, "blob": blob}
+                 for kind, model, seq, last, blob in delta.put])
 
     def _write_watermark(self, conn: Connection, group_id: str, partition: int, changes: Changes) -> None:
         values: dict[str, Any] = {}

@@ -1,0 +1,133 @@
+"""A closed window's state from its predictions and what joined them, computed on columns at once.
+
+Used by the columnar engine (collector.columnar) when the watermark closes a window; the fields are
+those the record joiner (collector.join) accumulates record by record, and tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
+from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
+from kdwatch.analyzer.membership import attack_scores
+from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
+from kdwatch.collector.column_join import OpenRows
+from kdwatch.collector.columns import Fallback, to_numpy
+from kdwatch.collector.contract import Distribution
+from kdwatch.collector.records import NO_SEGMENT, TransferRecord, transfer_rank
+
+
+def window_state(model: str, rows: OpenRows, reference: Reference | None, fingerprint: str) -> WindowState:
+    """One window's state from its predictions and what joined them, all at once."""
+    p = rows.preds
+    assert p.probs is not None and p.label is not None and p.audit is not None
+    assert p.latency is not None and p.segment is not None
+    state = WindowState()
+
+    def student_log(idx: np.ndarray) -> np.ndarray:
+        assert p.probs is not None
+        floor = np.log(np.maximum(p.probs[idx], STUDENT_PROB_FLOOR))
+        return floor if p.logp is None else np.where(np.isnan(p.logp[idx]), floor, p.logp[idx])
+
+    label = np.where(p.label >= 0, p.label, rows.label_joined)
+    audit = p.audit > 0
+    prod = ~audit
+    s_pred = np.argmax(p.probs, axis=1)
+    confidence = np.take_along_axis(p.probs, s_pred[:, None], axis=1)[:, 0]
+    state.n = int(prod.sum())
+    lat = p.latency[prod]
+    lat = lat[~np.isnan(lat)]
+    if lat.size:
+        state.latency.update(lat)
+    if reference is not None and state.n:
+        drift = state.drift
+        drift.fingerprint = fingerprint
+        every = bool(prod.all())
+        for name, fb in reference.features.items():
+            if name == CONFIDENCE:
+                counted = fb.count(confidence if every else confidence[prod])
+            elif name == PREDICTED_CLASS:
+                counted = fb.count_classes(s_pred if every else s_pred[prod], p.probs.shape[1])
+            elif name in p.features:
+                values = p.features[name] if every else p.features[name][prod]
+                counted = fb.count(values if values.dtype.kind == "f" else values.tolist())
+            else:
+                continue
+            drift.add_counts(name, counted)
+    pair = prod & rows.has_teacher
+    agree = np.zeros(p.n, dtype=bool)
+    labeled = prod & (label >= 0)
+    correct = s_pred == label
+    if pair.any():
+        idx = np.flatnonzero(pair)
+        t = rows.teacher_probs[idx]
+        t_log = np.log(np.where(t > 0, t, 1.0))
+        if rows.teacher_logp is not None:
+            t_log = np.where(np.isnan(rows.teacher_logp[idx]), t_log, rows.teacher_logp[idx])
+        state.fidelity.update(t, t_log, p.probs[idx], student_log(idx))
+        agree[idx] = np.argmax(t, axis=1) == s_pred[idx]
+        for ver, count in Counter(rows.teacher_version[idx].tolist()).items():
+            state.teacher_versions[ver] = count
+    if labeled.any():
+        state.calibration.update(confidence[labeled], correct[labeled])
+    lt = labeled & rows.has_teacher
+    if lt.any():
+        idx = np.flatnonzero(lt)
+        t = rows.teacher_probs[idx]
+        state.n_labeled_with_teacher = int(idx.size)
+        state.n_correct_student_lt = int(correct[idx].sum())
+        state.teacher_calibration.update(t.max(axis=1), np.argmax(t, axis=1) == label[idx])
+    if state.n:
+        columns = [prod, pair, pair & agree, labeled, labeled & correct]
+        if p.segment.null_count == p.n:  # no segments: one row of totals
+            state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
+        else:
+            segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
+            names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
+            if names.size > MAX_SEGMENTS:
+                raise Fallback(f"a window of model {model!r} has more than {MAX_SEGMENTS} segments")
+            inverse = to_numpy(segment.indices)
+            counts = np.stack([np.bincount(inverse, weights=c[prod], minlength=names.size) for c in columns], axis=1)
+            state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})
+    if audit.any():
+        idx = np.flatnonzero(audit)
+        state.n_audit = int(idx.size)
+        scores = attack_scores(p.probs[idx], student_log(idx), label[idx])
+        ids = p.request_id.take(pa.array(idx, type=pa.int64())).to_pylist()
+        state.membership.update(ids, p.audit[idx] == 1, scores)
+    return state
+
+
+
+def transfer_sample(model: str, rows: OpenRows, keep: int) -> list[TransferRecord]:
+    """The ``keep`` lowest-ranked joined predictions of one closed window (collector.join's rule), as transfer records.
+
+    Candidates are production predictions with a teacher replay and features, ranked by
+    records.transfer_rank, so the live and the offline paths keep the same ones.
+    """
+    p = rows.preds
+    assert p.audit is not None and p.probs is not None and p.label is not None
+    candidates = np.flatnonzero(rows.has_teacher & (p.audit == 0))
+    if not candidates.size or not p.features:
+        return []
+    ids = p.request_id.take(pa.array(candidates, type=pa.int64())).to_pylist()
+    ranked = sorted(zip((transfer_rank(model, rid) for rid in ids), ids, candidates.tolist(), strict=True))[:keep]
+    versions = p.version.to_pylist()
+    out = []
+    for _rank, rid, r in ranked:
+        k = int(np.count_nonzero(~np.isnan(p.probs[r])))
+        student = Distribution(p.probs[r, :k].copy(), None if p.logp is None or np.isnan(p.logp[r, 0]) else p.logp[r, :k].copy())
+        t_logp = rows.teacher_logp
+        teacher = Distribution(rows.teacher_probs[r, :k].copy(),
+                               None if t_logp is None or np.isnan(t_logp[r, 0]) else t_logp[r, :k].copy())
+        features = {name: (float(col[r]) if col.dtype.kind == "f" else col[r]) for name, col in p.features.items()
+                    if not (col[r] is None or (col.dtype.kind == "f" and np.isnan(col[r])))}
+        label = int(p.label[r]) if p.label[r] >= 0 else int(rows.label_joined[r])
+        out.append(TransferRecord(model, rid, int(p.ts[r]), versions[r], features, teacher, student,
+                                  None if label < 0 else label))
+    return out
