@@ -25,7 +25,7 @@ lint: setup ## ruff, mypy and the layer contracts (import-linter)
 
 soak: setup ## the longest reliability runs: kill -9 five times while 200,000 predictions flow; 21 live-equivalence runs (7 seeds x 3 modes)
 	KDWATCH_CRASH_PREDICTIONS=200000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_crash_recovery.py
-	KDWATCH_LIVE_SEEDS=7 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_live_equivalence.py
+	KDWATCH_LIVE_SEEDS=20 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_live_equivalence.py
 
 clean: ## remove local state (virtualenv kept)
 	rm -rf .kdwatch kdwatch.db

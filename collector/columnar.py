@@ -399,6 +399,16 @@ class ColumnarAnalyzer:
 
     def _close_rows(self, model: str, rows: OpenRows) -> None:
         """Compute the windows of closed rows: one state per (student_version, window)."""
+        for key, window in self.window_rows(model, rows):
+            state = window_state(model, window, self.references.get(model), self.fingerprints.get(model, ""))
+            if self.transfer_per_window:
+                self.transfer.extend(transfer_sample(model, window, self.transfer_per_window))
+            self._settle(key, state)
+            prior = self.windows.get(key)
+            self.windows[key] = prior.merge(state) if prior is not None else state
+
+    def window_rows(self, model: str, rows: OpenRows) -> list[tuple[WindowKey, OpenRows]]:
+        """The rows of each (student_version, window), windows in event-time order."""
         encoded = pc.dictionary_encode(rows.preds.version)
         names = encoded.dictionary.to_pylist()
         codes = to_numpy(encoded.indices).astype(np.int64)
@@ -410,14 +420,8 @@ class ColumnarAnalyzer:
         edges = [0, *(np.flatnonzero(np.diff(combo)) + 1).tolist(), rows.n]
         groups = sorted(((int(rows.starts[b]), names[codes[b]], b, e) for b, e in pairwise(edges)),
                         key=lambda item: item[0])
-        for start, ver, begin, end in groups:
-            key = WindowKey(model, ver, start)
-            state = window_state(model, rows.slice(begin, end), self.references.get(model), self.fingerprints.get(model, ""))
-            if self.transfer_per_window:
-                self.transfer.extend(transfer_sample(model, rows.slice(begin, end), self.transfer_per_window))
-            self._settle(key, state)
-            prior = self.windows.get(key)
-            self.windows[key] = prior.merge(state) if prior is not None else state
+        return [(WindowKey(model, ver, start), rows.slice(begin, end)) for start, ver, begin, end in groups]
+
 
 def analyze_columnar(
     predictions: Path,

@@ -27,16 +27,19 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
 from kdwatch.analyzer.drift import Reference
+from kdwatch.collector.columns import NEVER, Fallback
 from kdwatch.collector.ingest import ingest, merge_key
 from kdwatch.collector.join import PartitionJoiner
+from kdwatch.collector.live_columns import ColumnarUnit
 from kdwatch.collector.merge import EventTimeMerge
-from kdwatch.collector.records import Changes, PartitionSnapshot, Source
+from kdwatch.collector.records import Changes, EngineDelta, PartitionSnapshot, Source
 from kdwatch.collector.telemetry import CollectorMetrics
 from kdwatch.errors import ConfigError, StoreConflict, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 DLT_SUFFIX = ".DLT"
+RECORD = "record"
 STUCK_AFTER_S = 30.0  # an input with more on the broker that the client does not return for this long: reopen the consumer
 
 
@@ -55,6 +58,8 @@ class PartitionStore(Protocol):
 
     def commit_batch(self, group_id: str, partition: int, window_ms: int, changes: Changes,
                      offsets: dict[str, tuple[int | None, int]], transfer_max: int = 100_000) -> None: ...
+
+    def load_engine(self, partition: int) -> tuple[dict[str, Any] | None, list[tuple[str, str, int, bytes]]]: ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class CollectorConfig:
     # watermark) back after this long (collector.merge); until then the others wait for it.
     idle_timeout_ms: int = 30_000
     max_queued: int = 20_000  # records queued per input partition before it is paused (memory bound)
+    # "columnar": the engine of `kdwatch analyze` (collector.live_columns); "record": the record joiner (collector.join).
+    engine: str = "columnar"
+    provisional_interval_s: float = 5.0  # columnar: how often open windows' states so far are stored
 
 
 @dataclass
@@ -96,13 +104,39 @@ class _Unit:
     commit stores); ``committed``: as last committed.
     """
 
-    joiner: PartitionJoiner
+    joiner: PartitionJoiner | None  # the record engine's; None on the columnar engine
     committed: dict[str, int | None]
     expected: dict[str, int]
     fetched: dict[str, int]
-    merge: EventTimeMerge[tuple[Source, Any]]  # each record with its value as parsed for the merge key
+    merge: Any  # EventTimeMerge (each record with its value as parsed for the merge key), or the columnar unit's queues
+    columnar: ColumnarUnit | None = None
     paused: set[str] = field(default_factory=set)
     progress_at: float = field(default_factory=time.monotonic)  # last record processed, or queues empty
+    provisional_at: float = 0.0  # columnar: when the open windows were last stored
+    provisional_stale: bool = False  # columnar: records processed since
+
+    @property
+    def watermark(self) -> int | None:
+        if self.columnar is not None:
+            return self.columnar.analyzer.watermark
+        assert self.joiner is not None
+        return self.joiner.watermark
+
+    @property
+    def observed(self) -> dict[str, int]:
+        """Input kind -> newest event time processed."""
+        if self.columnar is not None:
+            return {k: v for k, v in self.columnar.analyzer.observed.items() if v != NEVER}
+        assert self.joiner is not None
+        return self.joiner.observed
+
+    @property
+    def buffered(self) -> int:
+        """Open predictions and waiting replays and labels (the join buffer)."""
+        if self.columnar is not None:
+            return self.columnar.buffered
+        assert self.joiner is not None
+        return len(self.joiner.entries)
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
@@ -214,15 +248,53 @@ class Collector:
             expected[tp.topic] = start
             if tp in consumer.assignment():
                 consumer.seek(tp, start)
+        committed = {t: snapshot.offsets.get(t) for t in self.kinds}
+        consumer.resume(*[tp for tp in tps if tp in consumer.assignment()])  # a reload starts with empty queues
+        meta, blobs = self.store.load_engine(p)
+        columnar_state = meta is not None and meta.get("engine") != RECORD
+        if columnar_state and self.config.engine == RECORD:
+            snapshot = self._hand_over(p, "KDWATCH_COLLECTOR_ENGINE=record", self._columnar_unit(p, meta, blobs), committed)
+        elif columnar_state or (self.config.engine == "columnar" and meta is None and not (snapshot.entries or snapshot.windows)):
+            # The columnar engine: configured, on a partition without the record joiner's state.
+            unit = self._columnar_unit(p, meta, blobs)
+            self.units[p] = _Unit(None, committed, expected, dict(expected), unit.queues, unit)
+            log.info("partition %d loaded on the columnar engine: offsets %s, %d buffered", p, expected, unit.buffered)
+            return
+        # The record joiner: configured, or the partition holds its state (it stays there until a new group).
         joiner = PartitionJoiner(self.config.window_ms, self.config.grace_ms, self.references,
                                  watermark=snapshot.watermark, observed=snapshot.observed, windows=snapshot.windows,
                                  entries=snapshot.entries, max_future_ms=self.config.max_future_ms,
                                  transfer_per_window=self.config.transfer_per_window)
         merge: EventTimeMerge[tuple[Source, Any]] = EventTimeMerge(self.config.idle_timeout_ms / 1000)
-        consumer.resume(*[tp for tp in tps if tp in consumer.assignment()])  # a reload starts with empty queues
-        self.units[p] = _Unit(joiner, {t: snapshot.offsets.get(t) for t in self.kinds}, expected, dict(expected), merge)
+        self.units[p] = _Unit(joiner, committed, expected, dict(expected), merge)
         log.info("partition %d loaded: offsets %s, %d open windows, %d buffered", p, expected,
                  len(snapshot.windows), len(snapshot.entries))
+
+    def _columnar_unit(self, p: int, meta: dict[str, Any] | None, blobs: list[tuple[str, str, int, bytes]]) -> ColumnarUnit:
+        unit = ColumnarUnit(p, self.config.window_ms, self.config.grace_ms, self.references,
+                            {kind: topic for topic, kind in self.kinds.items()}, self.config.idle_timeout_ms / 1000,
+                            max_future_ms=self.config.max_future_ms, transfer_per_window=self.config.transfer_per_window)
+        unit.restore(meta, blobs)
+        return unit
+
+    def _hand_over(self, p: int, why: str, unit: ColumnarUnit, committed: dict[str, int | None]) -> PartitionSnapshot:
+        """Move a co-partition from the columnar engine to the record joiner, in one commit; its record state.
+
+        The columnar engine hands over data it does not take yet (a generative student's events): its
+        stored state is converted (ColumnarUnit.record_state: the same decisions follow) and the
+        partition stays on the record joiner from then on.
+        """
+        log.warning("partition %d: handing over to the record joiner (%s)", p, why)
+        state = unit.record_state()
+        changes = Changes(upserted={(e.kind, e.model, e.request_id): e for e in state.entries}, windows=state.windows,
+                          watermark=state.watermark, observed=state.observed or None,
+                          engine=EngineDelta(meta={"engine": RECORD}, drop_blobs=True))
+        fence: dict[str, tuple[int | None, int]] = {t: (old, old) for t, old in committed.items() if old is not None}
+        self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, fence,
+                                transfer_max=self.config.transfer_max_records)
+        if self.metrics is not None:
+            self.metrics.handovers.inc()
+        return state
 
     # ---- the loop ----
 
@@ -318,16 +390,27 @@ class Collector:
         # can move its watermark and close windows.
         for p in sorted(self.units):
             unit = self.units[p]
-            self._queue(consumer, p, unit, by_unit.get(p, {}))
-            before = dict(unit.expected)
-            advanced = self._merge_unit(unit)
+            try:
+                self._queue(consumer, p, unit, by_unit.get(p, {}))
+                before = dict(unit.expected)
+                if unit.columnar is not None:
+                    advanced, changes = self._step_columnar(p, unit, bool(by_unit.get(p)))
+            except _HandOver as exc:
+                # From the last commit: what this unit did since is dropped and read again.
+                meta, blobs = self.store.load_engine(p)
+                self._hand_over(p, str(exc), self._columnar_unit(p, meta, blobs), unit.committed)
+                del self.units[p]
+                self._load(consumer, p)
+                continue
+            if unit.columnar is None:
+                assert unit.joiner is not None
+                advanced = self._merge_unit(unit)
+                changes = unit.joiner.end_batch(unit.merge.idle())
             self._watch_stall(p, unit, bool(advanced))
             self._flow_control(consumer, p, unit)
-            idle = unit.merge.idle()
-            changes = unit.joiner.end_batch(idle)
             if self.metrics is not None:
-                self._observe_unit(p, unit, idle)
-            if not advanced and changes.watermark is None:
+                self._observe_unit(p, unit, unit.merge.idle())
+            if not advanced and changes.watermark is None and not changes.windows:
                 continue
             # Offsets not advanced are still compare-and-set (old == new): the fence holds for every write.
             fence = {t: (old, old) for t, old in unit.committed.items() if old is not None and t not in advanced}
@@ -352,15 +435,35 @@ class Collector:
                 # A courtesy commit to Kafka so lag tools see progress; the database stays the truth.
                 consumer.commit_async({TopicPartition(t, p): _offset_meta(new) for t, (_o, new) in advanced.items()})
 
+    def _step_columnar(self, p: int, unit: _Unit, fetched: bool) -> tuple[dict[str, tuple[int | None, int]], Changes]:
+        """One step of the columnar engine; open windows' states so far are stored every ``provisional_interval_s``,
+        and once the unit has caught up (a poll brought nothing new), so a quiet stream's windows are up to date."""
+        assert unit.columnar is not None
+        try:
+            changes, moved = unit.columnar.step()
+        except Fallback as exc:
+            raise _HandOver(str(exc)) from exc
+        unit.provisional_stale |= bool(moved)
+        now = time.monotonic()
+        if unit.provisional_stale and (not fetched or now - unit.provisional_at >= self.config.provisional_interval_s):
+            unit.provisional_at, unit.provisional_stale = now, False
+            changes.windows = {k: w for k, w in unit.columnar.provisional().items() if k not in changes.closed}
+        advanced = {}
+        for topic, new in moved.items():
+            self.processed += new - unit.expected[topic]
+            unit.expected[topic] = new
+            advanced[topic] = (unit.committed[topic], new)
+        return advanced, changes
+
     def _observe_unit(self, p: int, unit: _Unit, idle: dict[str, bool]) -> None:
         assert self.metrics is not None
-        joiner = unit.joiner
-        self.metrics.on_unit(p, len(joiner.entries), joiner.watermark, {k: unit.merge.queued(k) for k in unit.merge.inputs},
-                             joiner.observed, idle)
+        queued = {k: unit.merge.queued(k) for k in unit.merge.inputs}
+        self.metrics.on_unit(p, unit.buffered, unit.watermark, queued, unit.observed, idle)
 
     def _queue(self, consumer: KafkaConsumer, p: int, unit: _Unit, topics: dict[str, list[Any]]) -> None:
         """Queue a unit's newly fetched records in its merge, and tell the merge which inputs are at their end."""
         for topic, kind in self.kinds.items():
+            fresh = []
             for record in topics.get(topic, ()):
                 if record.offset < unit.fetched[topic]:
                     continue  # fetched before our seek: already queued or processed
@@ -369,10 +472,18 @@ class Collector:
                     # read again from the stored offset rather than skip what lies between.
                     consumer.seek(TopicPartition(topic, p), unit.fetched[topic])
                     break
-                value = record.value or b""
-                key, parsed = merge_key(value)
-                unit.merge.push(kind, key, (Source(topic, p, record.offset, record.timestamp, record.key, value), parsed))
+                fresh.append(record)
                 unit.fetched[topic] = record.offset + 1
+            if unit.columnar is not None:
+                try:
+                    unit.columnar.push(kind, fresh)
+                except Fallback as exc:
+                    raise _HandOver(str(exc)) from exc
+            else:
+                for record in fresh:
+                    value = record.value or b""
+                    key, parsed = merge_key(value)
+                    unit.merge.push(kind, key, (Source(topic, p, record.offset, record.timestamp, record.key, value), parsed))
             highwater = consumer.highwater(TopicPartition(topic, p))
             unit.merge.set_at_end(kind, highwater is not None and unit.fetched[topic] >= highwater)
 
@@ -380,6 +491,7 @@ class Collector:
         """Process the unit's records in merge order, as far as the merge allows; topic -> (committed, new) that moved."""
         start = dict(unit.expected)
         joiner = unit.joiner
+        assert joiner is not None
         # The watermark moves before and after every record, with the inputs idle at that moment, exactly
         # as the offline path moves it: so which records join or are late follows from the merge order alone.
         joiner.advance_watermark(unit.merge.idle())
@@ -451,6 +563,10 @@ class Collector:
             producer.flush(timeout=30)
         except KafkaError as exc:
             raise RuntimeError(f"could not write {len(changes.dead_letters)} dead letters: {exc}") from exc
+
+
+class _HandOver(Exception):
+    """The columnar engine met data it does not take yet: the co-partition moves to the record joiner."""
 
 
 def _resume(consumer: KafkaConsumer, tp: TopicPartition, position: int) -> None:

@@ -26,17 +26,31 @@ from typing import Any
 import numpy as np
 
 from kdwatch.analyzer.drift import Reference
-from kdwatch.collector.column_join import JoinBuffer
+from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.column_join import JoinBuffer, OpenRows, concat_open
 from kdwatch.collector.column_rules import Hint, validate
 from kdwatch.collector.column_state import apply_patch, chunk_blob, chunk_from, early_blob, early_from, patch_blob
+from kdwatch.collector.column_windows import window_state
 from kdwatch.collector.columnar import ColumnarAnalyzer
 from kdwatch.collector.columns import NEVER, ORDER, Block, concat
-from kdwatch.collector.contract import DECODERS
+from kdwatch.collector.contract import DECODERS, Distribution
 from kdwatch.collector.ingest import merge_key
 from kdwatch.collector.join import watermark_candidate
 from kdwatch.collector.jsonl_columns import by_line, fast_batch
 from kdwatch.collector.merge import Idleness
-from kdwatch.collector.records import INPUTS, Changes, DeadLetter, EngineDelta, Source, WindowKey
+from kdwatch.collector.records import (
+    INPUTS,
+    LABEL,
+    PREDICTION,
+    TEACHER,
+    Changes,
+    DeadLetter,
+    EngineDelta,
+    Entry,
+    PartitionSnapshot,
+    Source,
+    WindowKey,
+)
 from kdwatch.errors import ContractError
 
 EARLY = {"teacher": "early_teacher", "label": "early_label"}
@@ -276,13 +290,18 @@ class ColumnarUnit:
             changes.counters[counter] += count
         a.counters.clear()
         changes.transfer, a.transfer = a.transfer, []
-        records: dict[tuple[str, int], Any] = {}
-        for kind, pieces in taken.items():
-            for piece in pieces:
-                records.update(((kind, r.offset), r) for r in piece.records)
+
+        def record_at(kind: str, offset: int) -> Any:
+            """The record with this offset among those processed in this step (None: an earlier one)."""
+            for piece in taken.get(kind, ()):
+                at = int(np.searchsorted(piece.offsets, offset))
+                if at < piece.offsets.size and piece.offsets[at] == offset:
+                    return piece.records[at]
+            return None
+
         for kind, rows, reason in a.letters:
             for offset in rows.tolist():
-                record = records.get((kind, offset))
+                record = record_at(kind, offset)
                 if record is not None:
                     source = _source(record)
                 else:  # a replay or label that waited since an earlier step
@@ -299,9 +318,62 @@ class ColumnarUnit:
                     now.update(early.rowno.tolist())
             kept = {o: s for o, s in self.waiting[kind].items() if o in now}
             for offset in now - kept.keys():
-                r = records[(kind, offset)]
+                r = record_at(kind, offset)
                 kept[offset] = (r.timestamp, r.key, r.value or b"")
             self.waiting[kind] = kept
+
+    def provisional(self) -> dict[WindowKey, WindowState]:
+        """The open windows' states so far (what has joined until now), as the record joiner stores them each commit."""
+        a = self.analyzer
+        out: dict[WindowKey, WindowState] = {}
+        for model, buf in a.buffers.items():
+            if not buf.chunks:
+                continue
+            for key, rows in a.window_rows(model, concat_open(buf.chunks)):
+                state = window_state(model, rows, a.references.get(model), a.fingerprints.get(model, ""))
+                out[key] = state
+        for key, counts in a.pending.items():  # counts of open windows (rejected, duplicate records), rows or not
+            state = out.setdefault(key, WindowState())
+            for name, count in counts.items():
+                setattr(state, name, getattr(state, name) + count)
+        return out
+
+    def record_state(self) -> PartitionSnapshot:
+        """The buffer and open windows in the record joiner's form (collector.join): for a hand-over, offsets left empty.
+
+        Each open prediction becomes an entry with what joined it, each waiting replay or label an entry
+        with its source, and each open window its state so far: the record joiner goes on from there
+        exactly as if it had taken every record (tests/unit/collector/test_live_columns.py).
+        """
+        a = self.analyzer
+        entries: list[Entry] = []
+        for model, buf in a.buffers.items():
+            for chunk in buf.chunks:
+                entries.extend(_prediction_entries(model, chunk, a.transfer_per_window > 0))
+            for kind, attr in EARLY.items():
+                early = getattr(buf, attr)
+                if early is not None and early.n:
+                    entries.extend(self._early_entries(model, kind, early))
+        observed = {k: v for k, v in a.observed.items() if v != NEVER}
+        return PartitionSnapshot({}, a.watermark, self.provisional(), entries, observed)
+
+    def _early_entries(self, model: str, kind: str, early: Block) -> list[Entry]:
+        assert early.rowno is not None
+        ids = early.request_id.to_pylist()
+        versions = early.version.to_pylist()
+        starts = self.analyzer._starts(early.ts)
+        out = []
+        for i, offset in enumerate(early.rowno.tolist()):
+            ts, key, value = self.waiting[kind][offset]
+            source = Source(self.topics[kind], self.partition, offset, ts, key, value)
+            if kind == "teacher":
+                assert early.probs is not None
+                dist = _distribution(early.probs, early.logp, i)
+                out.append(Entry(TEACHER, model, ids[i], int(starts[i]), versions[i] or "", dist, source=source))
+            else:
+                assert early.label is not None
+                out.append(Entry(LABEL, model, ids[i], int(starts[i]), label=int(early.label[i]), source=source))
+        return out
 
     # ---- persistence ----
 
@@ -388,6 +460,31 @@ class ColumnarUnit:
             for kind in EARLY:
                 if self.saved_early.get((model, kind)) is None:
                     self.saved_early[(model, kind)] = None
+
+
+def _distribution(probs: np.ndarray, logp: np.ndarray | None, i: int) -> Distribution:
+    k = int(np.count_nonzero(~np.isnan(probs[i])))
+    exact = None if logp is None or np.isnan(logp[i, 0]) else logp[i, :k].copy()
+    return Distribution(probs[i, :k].copy(), exact)
+
+
+def _prediction_entries(model: str, chunk: OpenRows, features: bool) -> list[Entry]:
+    p = chunk.preds
+    assert p.probs is not None and p.label is not None and p.audit is not None and p.segment is not None
+    ids, versions, segments = p.request_id.to_pylist(), p.version.to_pylist(), p.segment.to_pylist()
+    out = []
+    for i in range(p.n):
+        own = int(p.label[i])
+        label = own if own >= 0 else int(chunk.label_joined[i])
+        teacher = _distribution(chunk.teacher_probs, chunk.teacher_logp, i) if chunk.has_teacher[i] else None
+        kept = None
+        if features and p.audit[i] == 0 and p.features:
+            kept = {name: (float(col[i]) if col.dtype.kind == "f" else col[i]) for name, col in p.features.items()
+                    if not (col[i] is None or (col.dtype.kind == "f" and np.isnan(col[i])))}
+        out.append(Entry(PREDICTION, model, ids[i], int(chunk.starts[i]), versions[i], _distribution(p.probs, p.logp, i),
+                         None if label < 0 else label, teacher, bool(chunk.has_teacher[i]), label >= 0, bool(p.audit[i] > 0),
+                         segment=segments[i], features=kept, ts_ms=int(p.ts[i])))
+    return out
 
 
 _MESSAGES = {

@@ -130,6 +130,7 @@ class EngineDelta:
     put: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
     delete: list[tuple[str, str, int]] = field(default_factory=list)
     purge_through: int | None = None
+    drop_blobs: bool = False  # every blob goes first (a hand-over to the record joiner)
 
 
 @dataclass

@@ -50,6 +50,8 @@ class CollectorMetrics:
         self.owned = Gauge("kdwatch_collector_partitions_owned", "Co-partitions this member owns", registry=registry)
         self.reopens = Counter("kdwatch_collector_consumer_reopens", "Kafka consumers replaced because the client "
                                "stopped returning a partition it had records for", registry=registry)
+        self.handovers = Counter("kdwatch_collector_engine_handovers", "Co-partitions moved from the columnar engine "
+                                 "to the record joiner (data it does not take yet, e.g. a generative student)", registry=registry)
         self.pauses = Counter("kdwatch_collector_outages", "Pauses for an unavailable database or broker",
                               ["dependency"], registry=registry)
 

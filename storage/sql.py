@@ -217,6 +217,8 @@ class SqlStore:
         meta = orjson.dumps(delta.meta).decode()
         stmt = self._insert(engine_meta).values(partition=partition, meta=meta)
         conn.execute(stmt.on_conflict_do_update(index_elements=["partition"], set_={"meta": meta}))
+        if delta.drop_blobs:
+            conn.execute(delete(engine_blobs).where(engine_blobs.c.partition == partition))
         for kind, model, seq in delta.delete:
             where = [engine_blobs.c.partition == partition, engine_blobs.c.kind == kind, engine_blobs.c.seq == seq]
             if model:

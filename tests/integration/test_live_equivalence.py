@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
+from kdwatch.collector.column_state import early_from
 from kdwatch.collector.consumer import Collector, CollectorConfig, kafka_partition
 from kdwatch.collector.offline import analyze_files
 from kdwatch.generator import TrafficSpec, generate
@@ -41,9 +43,11 @@ from tests.integration.helpers import (
 WINDOW_MS, GRACE_MS = 10_000, 60_000
 IDLE_MS = 8_000  # longer than any wall-clock gap the producer leaves in one topic
 PARTITIONS = 3
-# (collectors, database): one in-process collector, two processes in a group, one process killed and restarted.
-MODES = [("one", "sqlite"), ("two", "postgresql"), ("kills", "sqlite")]
-SEEDS = int(os.environ.get("KDWATCH_LIVE_SEEDS", "1"))  # per mode; `make soak` sets 7 (21 runs)
+# (collectors, database, engine): one in-process collector, two processes in a group, one process killed and
+# restarted; the columnar engine in each, the record joiner under kills.
+MODES = [("one", "sqlite", "columnar"), ("two", "postgresql", "columnar"), ("kills", "sqlite", "columnar"),
+         ("kills", "sqlite", "record")]
+SEEDS = int(os.environ.get("KDWATCH_LIVE_SEEDS", "1"))  # per mode; `make soak` sets 20 (80 runs)
 
 
 def _bursts(records: list[tuple[str, str, bytes]], rng: random.Random) -> list[list[tuple[str, str, bytes]]]:
@@ -83,9 +87,9 @@ def _produce(kafka: str, topics: dict[str, str], bursts: list[list[tuple[str, st
         producer.close(timeout=30)
 
 
-def _consume_in_thread(kafka: str, topics: Any, store: SqlStore, rng: random.Random, done: threading.Event) -> None:
+def _consume_in_thread(kafka: str, topics: Any, store: SqlStore, rng: random.Random, done: threading.Event, engine: str) -> None:
     config = CollectorConfig(kafka, group_id="live-" + topics.predictions, topics=topics, window_ms=WINDOW_MS, grace_ms=GRACE_MS,
-                             idle_timeout_ms=IDLE_MS, max_poll_records=rng.choice([37, 200, 1_000, 5_000]))
+                             idle_timeout_ms=IDLE_MS, max_poll_records=rng.choice([37, 200, 1_000, 5_000]), engine=engine)
     collector = Collector(config, store)
     stop = threading.Event()
     thread = threading.Thread(target=collector.run, kwargs={"stop": stop}, daemon=True)
@@ -107,10 +111,10 @@ def _wait_until_caught_up(processed: Any, done: threading.Event) -> None:
 
 
 def _consume_in_processes(kafka: str, database_url: str, topics: Any, tmp_path: Path, rng: random.Random,
-                          done: threading.Event, members: int, kills: int) -> None:
+                          done: threading.Event, members: int, kills: int, engine: str) -> None:
     group = "live-" + topics.predictions
     log = tmp_path / "collector.log"
-    env = {"KDWATCH_WINDOW": f"{WINDOW_MS}ms", "KDWATCH_GRACE": f"{GRACE_MS}ms"}
+    env = {"KDWATCH_WINDOW": f"{WINDOW_MS}ms", "KDWATCH_GRACE": f"{GRACE_MS}ms", "KDWATCH_COLLECTOR_ENGINE": engine}
 
     def start() -> Any:
         return collector_process(kafka, database_url, topics, group, log, max_poll_records=rng.choice([37, 200, 1_000]),
@@ -132,11 +136,11 @@ def _consume_in_processes(kafka: str, database_url: str, topics: Any, tmp_path: 
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize(("mode", "database_url"), MODES, indirect=["database_url"])
+@pytest.mark.parametrize(("mode", "database_url", "engine"), MODES, indirect=["database_url"])
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analysis(
-        kafka: str, database_url: str, store: SqlStore, tmp_path: Path, mode: str, seed: int) -> None:
-    rng = random.Random(f"{mode}-{seed}")
+        kafka: str, database_url: str, store: SqlStore, tmp_path: Path, mode: str, engine: str, seed: int) -> None:
+    rng = random.Random(f"{mode}-{engine}-{seed}")
     spec = TrafficSpec(seed=1000 + seed, events_per_second=20, teacher_rate=0.4, label_rate=0.3, audit_rate=0.03)
     records = list(generate(spec, 3_000))
     topics = new_topics(kafka, partitions=PARTITIONS)
@@ -153,10 +157,10 @@ def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analys
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     if mode == "one":
-        _consume_in_thread(kafka, topics, store, rng, done)
+        _consume_in_thread(kafka, topics, store, rng, done, engine)
     else:
         _consume_in_processes(kafka, database_url, topics, tmp_path, rng, done, members=2 if mode == "two" else 1,
-                              kills=3 if mode == "kills" else 0)
+                              kills=3 if mode == "kills" else 0, engine=engine)
     producer.join(60)
     assert len(sent) == len(records)
 
@@ -172,12 +176,22 @@ def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analys
     # Offline, the end of the files closes every window; live, the newest windows are still open, and the
     # replays and labels still waiting there for a prediction count as unmatched only when they close.
     live = dict(store.counters())
-    for p in range(PARTITIONS):
-        for entry in store.load_partition("live-" + topics.predictions, p, topic_map(topics).values()).entries:
-            if entry.kind != "p":
-                kind = "teacher" if entry.kind == "t" else "label"
-                live[(kind, "unmatched")] = live.get((kind, "unmatched"), 0) + 1
+    for (kind, reason), count in waiting(store, "live-" + topics.predictions, topic_map(topics).values()).items():
+        live[(kind, reason)] = live.get((kind, reason), 0) + count
     assert {k: v for k, v in live.items() if v} == {k: v for k, v in counters.items() if v}
+
+
+def waiting(store: SqlStore, group: str, topics: Any) -> Counter[tuple[str, str]]:
+    """Replays and labels still waiting for their prediction in open windows, as (kind, "unmatched") counts."""
+    out: Counter[tuple[str, str]] = Counter()
+    for p in range(PARTITIONS):
+        for entry in store.load_partition(group, p, topics).entries:  # the record joiner's buffer
+            if entry.kind != "p":
+                out[("teacher" if entry.kind == "t" else "label", "unmatched")] += 1
+        for kind, _model, _seq, blob in store.load_engine(p)[1]:  # the columnar engine's
+            if kind in ("teacher", "label"):
+                out[(kind, "unmatched")] += early_from(blob, kind)[0].n
+    return out
 
 
 @pytest.mark.parametrize(("silence_s", "loses"), [(1.0, False), (7.0, True)])

@@ -54,9 +54,9 @@ def test_collector_self_metrics_match_the_stored_counters_and_the_dead_letter_to
     assert value("kdwatch_collector_windows_closed_total") == len([w for w in store.windows().values() if w[1]])
     assert value("kdwatch_collector_partitions_owned") == 2
     for p, unit in collector.units.items():
-        assert unit.joiner.watermark is not None
-        assert value("kdwatch_collector_watermark_timestamp_seconds", partition=str(p)) == unit.joiner.watermark / 1000
-        assert value("kdwatch_collector_join_buffer_entries", partition=str(p)) == len(unit.joiner.entries)
-        for kind, observed in unit.joiner.observed.items():
+        assert unit.watermark is not None
+        assert value("kdwatch_collector_watermark_timestamp_seconds", partition=str(p)) == unit.watermark / 1000
+        assert value("kdwatch_collector_join_buffer_entries", partition=str(p)) == unit.buffered
+        for kind, observed in unit.observed.items():
             assert value("kdwatch_collector_input_event_time_seconds", partition=str(p), input=kind) == observed / 1000
             assert value("kdwatch_collector_queued_records", partition=str(p), input=kind) == 0

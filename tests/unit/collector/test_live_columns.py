@@ -18,9 +18,12 @@ import orjson
 import pytest
 
 from kdwatch.analyzer.window import WindowState
+from kdwatch.collector.ingest import ingest, merge_key
+from kdwatch.collector.join import PartitionJoiner
 from kdwatch.collector.live_columns import ColumnarUnit
+from kdwatch.collector.merge import EventTimeMerge
 from kdwatch.collector.offline import analyze_files
-from kdwatch.collector.records import Changes, EngineDelta, WindowKey
+from kdwatch.collector.records import Changes, EngineDelta, Source, WindowKey
 from tests.unit.collector.test_columnar import assert_same
 from tests.unit.collector.test_semantics_oracle import GRACE_MS, INPUTS, WINDOW_MS, _fields, _write, random_stream
 
@@ -148,3 +151,59 @@ def test_poison_records_are_dead_lettered_with_their_reason(tmp_path: Path) -> N
     assert counters[("prediction", "invalid_json")] == 1
     clean, _c, _l = run_live(stream, 1, 0)
     assert _fields(windows) == _fields(clean)  # poison changes nothing else
+
+
+def run_handover(stream: dict[str, list[dict[str, Any]]], seed: int, at_poll: int
+                 ) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, str]], Counter[tuple[str, str]]]:
+    """The columnar engine for ``at_poll`` polls, then the record joiner from the stored state (a hand-over)."""
+    rng = random.Random(seed)
+    records = {kind: [Rec(TOPICS[kind], 0, i, 1, None, orjson.dumps(e)) for i, e in enumerate(stream[kind])] for kind in INPUTS}
+    store = FakeStore()
+    unit = _unit(store)
+    fetched = dict(store.offsets)
+    windows: dict[WindowKey, WindowState] = {}
+    counters: Counter[tuple[str, str]] = Counter()
+    letters: Counter[tuple[str, str]] = Counter()
+    for _ in range(at_poll):
+        for kind in rng.sample(INPUTS, rng.randint(1, 3)):
+            batch = records[kind][fetched[kind]:fetched[kind] + rng.choice([1, 5, 40])]
+            unit.push(kind, batch)
+            fetched[kind] += len(batch)
+        for kind in INPUTS:
+            unit.queues.set_at_end(kind, fetched[kind] >= len(records[kind]))
+        changes, moved = unit.step()
+        _collect(changes, windows, counters, letters)
+        assert changes.engine is not None
+        store.commit(changes.engine, moved)
+    snapshot = _unit(store).record_state()
+    joiner = PartitionJoiner(WINDOW_MS, GRACE_MS, {}, watermark=snapshot.watermark, observed=snapshot.observed,
+                             windows=snapshot.windows, entries=snapshot.entries)
+    merge: EventTimeMerge[tuple[Source, Any]] = EventTimeMerge(0.0)
+    for kind in INPUTS:
+        for r in records[kind][store.offsets[kind]:]:
+            key, parsed = merge_key(r.value)
+            merge.push(kind, key, (Source(r.topic, 0, r.offset, r.timestamp, r.key, r.value), parsed))
+        merge.set_at_end(kind, True)
+    joiner.advance_watermark(merge.idle())
+    while (item := merge.next()) is not None:
+        kind, (source, parsed) = item
+        ingest(joiner, kind, source.value, source, parsed=parsed)
+        joiner.advance_watermark(merge.idle())
+    _collect(joiner.end_batch(merge.idle(), close_all=True), windows, counters, letters)
+    return windows, counters, letters
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_hand_over_to_the_record_joiner_changes_nothing(tmp_path: Path, seed: int) -> None:
+    """Data the columnar engine cannot take yet (a generative student) goes on on the record joiner from its state."""
+    stream = random_stream(seed, 300, retries_only=True)
+    paths = _write(stream, tmp_path)
+    expected_windows, expected_counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
+                                                        window_ms=WINDOW_MS, grace_ms=GRACE_MS, columnar=False)
+    for at_poll in (3, 25, 60):
+        windows, counters, letters = run_handover(stream, seed + at_poll, at_poll)
+        assert _fields(windows) == _fields(expected_windows)
+        for key, state in expected_windows.items():
+            assert_same(windows[key].result(None), state.result(None), str(key))
+        assert {k: v for k, v in counters.items() if v} == {k: v for k, v in expected_counters.items() if v}
+        assert letters == Counter({k: v for k, v in counters.items() if k[1] != "valid" and v})
