@@ -129,8 +129,11 @@ def collectors_as_processes(bootstrap: str, topics: Topics, n: int, db: Path, co
                                "collect", "--idle-exit", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
              for _ in range(count)]
 
+    group = env["KDWATCH_GROUP_ID"]
+
     def stored() -> int:
-        return sum(state.n for state, _final, _w in store.windows().values())
+        """Predictions processed: the offsets committed with the state (open windows are stored only now and then)."""
+        return sum(offset for (g, topic, _p), offset in store.offsets().items() if g == group and topic == topics.predictions)
 
     while stored() == 0:
         time.sleep(0.05)

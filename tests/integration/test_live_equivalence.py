@@ -181,10 +181,10 @@ def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analys
     assert {k: v for k, v in live.items() if v} == {k: v for k, v in counters.items() if v}
 
 
-def waiting(store: SqlStore, group: str, topics: Any) -> Counter[tuple[str, str]]:
+def waiting(store: SqlStore, group: str, topics: Any, partitions: int = PARTITIONS) -> Counter[tuple[str, str]]:
     """Replays and labels still waiting for their prediction in open windows, as (kind, "unmatched") counts."""
     out: Counter[tuple[str, str]] = Counter()
-    for p in range(PARTITIONS):
+    for p in range(partitions):
         for entry in store.load_partition(group, p, topics).entries:  # the record joiner's buffer
             if entry.kind != "p":
                 out[("teacher" if entry.kind == "t" else "label", "unmatched")] += 1
