@@ -27,7 +27,7 @@ import numpy as np
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.column_join import JoinBuffer, OpenRows, concat_open
+from kdwatch.collector.column_join import JoinBuffer, OpenRows
 from kdwatch.collector.column_rules import Hint, validate
 from kdwatch.collector.column_state import apply_patch, chunk_blob, chunk_from, early_blob, early_from, patch_blob
 from kdwatch.collector.column_windows import window_state
@@ -327,11 +327,13 @@ class ColumnarUnit:
         a = self.analyzer
         out: dict[WindowKey, WindowState] = {}
         for model, buf in a.buffers.items():
-            if not buf.chunks:
-                continue
-            for key, rows in a.window_rows(model, concat_open(buf.chunks)):
-                state = window_state(model, rows, a.references.get(model), a.fingerprints.get(model, ""))
-                out[key] = state
+            for chunk in buf.chunks:  # chunk by chunk, merged (exact): no copy of the buffer
+                if not chunk.n:
+                    continue
+                for key, rows in a.window_rows(model, chunk):
+                    state = window_state(model, rows, a.references.get(model), a.fingerprints.get(model, ""))
+                    prior = out.get(key)
+                    out[key] = state if prior is None else prior.merge(state)
         for key, counts in a.pending.items():  # counts of open windows (rejected, duplicate records), rows or not
             state = out.setdefault(key, WindowState())
             for name, count in counts.items():

@@ -69,48 +69,65 @@ def _unit(store: FakeStore) -> ColumnarUnit:
     return unit
 
 
+class Feed:
+    """A consumer's view: records fetched in polls, each step committed to the store, outcomes gathered."""
+
+    def __init__(self, records: dict[str, list[Rec]]) -> None:
+        self.records = records
+        self.store = FakeStore()
+        self.restart()
+        self.windows: dict[WindowKey, WindowState] = {}
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self.letters: Counter[tuple[str, str]] = Counter()
+
+    def restart(self) -> None:
+        """What was not committed is gone; read again from the stored offsets."""
+        self.unit = _unit(self.store)
+        self.fetched = dict(self.store.offsets)
+
+    def poll(self, rng: random.Random, sizes: list[int]) -> None:
+        for kind in rng.sample(INPUTS, rng.randint(1, 3)):
+            batch = self.records[kind][self.fetched[kind]:self.fetched[kind] + rng.choice(sizes)]
+            self.unit.push(kind, batch)
+            self.fetched[kind] += len(batch)
+        for kind in INPUTS:
+            self.unit.queues.set_at_end(kind, self.fetched[kind] >= len(self.records[kind]))
+        changes, moved = self.unit.step()
+        _collect(changes, self.windows, self.counters, self.letters)
+        assert changes.engine is not None
+        self.store.commit(changes.engine, moved)
+
+    def done(self) -> bool:
+        return all(self.store.offsets[k] >= len(self.records[k]) for k in INPUTS)
+
+
+def _records(stream: dict[str, list[dict[str, Any]]]) -> dict[str, list[Rec]]:
+    return {kind: [Rec(TOPICS[kind], 0, i, 1, None, orjson.dumps(e)) for i, e in enumerate(stream[kind])] for kind in INPUTS}
+
+
 def run_live(stream: dict[str, list[dict[str, Any]]], seed: int, restarts: int, poison: bool = False
              ) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, str]], Counter[tuple[str, str]]]:
     rng = random.Random(seed)
-    records = {kind: [Rec(TOPICS[kind], 0, i, 1, None, orjson.dumps(e)) for i, e in enumerate(stream[kind])] for kind in INPUTS}
+    records = _records(stream)
     if poison:
         records["prediction"].insert(len(records["prediction"]) // 2, Rec("p", 0, 0, 1, None, b"{not json"))
         records["teacher"].insert(3, Rec("t", 0, 0, 1, None, b'{"request_id": 5}'))
         records = {kind: [r._replace(offset=i) for i, r in enumerate(rs)] for kind, rs in records.items()}
-    store = FakeStore()
-    unit = _unit(store)
-    fetched = dict(store.offsets)
-    windows: dict[WindowKey, WindowState] = {}
-    counters: Counter[tuple[str, str]] = Counter()
-    letters: Counter[tuple[str, str]] = Counter()
+    feed = Feed(records)
     crash_at = sorted(rng.sample(range(1, 400), restarts))
     polls = 0
-    while True:
+    while not (feed.done() and not crash_at):
         polls += 1
         if crash_at and polls == crash_at[0]:
             crash_at.pop(0)
-            unit = _unit(store)  # what was not committed is gone; read again from the stored offsets
-            fetched = dict(store.offsets)
-        for kind in rng.sample(INPUTS, rng.randint(1, 3)):
-            n = rng.choice([1, 3, 17, 60, 250])
-            batch = records[kind][fetched[kind]:fetched[kind] + n]
-            unit.push(kind, batch)
-            fetched[kind] += len(batch)
-        for kind in INPUTS:
-            unit.queues.set_at_end(kind, fetched[kind] >= len(records[kind]))
-        changes, moved = unit.step()
-        _collect(changes, windows, counters, letters)
-        assert changes.engine is not None
-        store.commit(changes.engine, moved)
-        done = all(store.offsets[k] >= len(records[k]) for k in INPUTS)
-        if done and not crash_at:
-            break
+            feed.restart()
+        feed.poll(rng, [1, 3, 17, 60, 250])
     # Every input at its end and idle: close what is still open, as the offline path does at the end of its files.
-    unit.analyzer.advance(close_all=True)
+    feed.unit.analyzer.advance(close_all=True)
     rest = Changes()
-    unit._harvest(rest, {})
-    _collect(rest, windows, counters, letters)
-    return windows, counters, letters
+    feed.unit._harvest(rest, {})
+    _collect(rest, feed.windows, feed.counters, feed.letters)
+    return feed.windows, feed.counters, feed.letters
 
 
 def _collect(changes: Changes, windows: dict[WindowKey, WindowState], counters: Counter[tuple[str, str]],
@@ -130,17 +147,26 @@ TOPIC_KIND = {topic: kind for kind, topic in TOPICS.items()}
 @pytest.mark.parametrize("seed", range(6))
 def test_live_engine_equals_analyze_whatever_the_fetch_timing_and_restarts(tmp_path: Path, seed: int) -> None:
     stream = random_stream(seed, 300, retries_only=True)
-    paths = _write(stream, tmp_path)
-    expected_windows, expected_counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
-                                                        window_ms=WINDOW_MS, grace_ms=GRACE_MS, columnar=False)
+    expected = _analyze(stream, tmp_path)
     for restarts in (0, 3):
-        windows, counters, letters = run_live(stream, seed * 10 + restarts, restarts)
-        assert _fields(windows) == _fields(expected_windows)
-        for key, state in expected_windows.items():
-            assert_same(windows[key].result(None), state.result(None), str(key))
-        assert {k: v for k, v in counters.items() if v} == {k: v for k, v in expected_counters.items() if v}
-        # Every record that is not valid-and-kept reaches the dead-letter topic once, with its reason.
-        assert letters == Counter({k: v for k, v in counters.items() if k[1] != "valid" and v})
+        assert_as_analyze(*run_live(stream, seed * 10 + restarts, restarts), expected)
+
+
+def _analyze(stream: dict[str, list[dict[str, Any]]], tmp_path: Path) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
+    paths = _write(stream, tmp_path)
+    return analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=WINDOW_MS, grace_ms=GRACE_MS,
+                         columnar=False)
+
+
+def assert_as_analyze(windows: dict[WindowKey, WindowState], counters: Counter[tuple[str, str]], letters: Counter[tuple[str, str]],
+                      expected: tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]) -> None:
+    expected_windows, expected_counters = expected
+    assert _fields(windows) == _fields(expected_windows)
+    for key, state in expected_windows.items():
+        assert_same(windows[key].result(None), state.result(None), str(key))
+    assert {k: v for k, v in counters.items() if v} == {k: v for k, v in expected_counters.items() if v}
+    # Every record that is not valid-and-kept reaches the dead-letter topic once, with its reason.
+    assert letters == Counter({k: v for k, v in counters.items() if k[1] != "valid" and v})
 
 
 def test_poison_records_are_dead_lettered_with_their_reason(tmp_path: Path) -> None:
@@ -157,24 +183,11 @@ def run_handover(stream: dict[str, list[dict[str, Any]]], seed: int, at_poll: in
                  ) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, str]], Counter[tuple[str, str]]]:
     """The columnar engine for ``at_poll`` polls, then the record joiner from the stored state (a hand-over)."""
     rng = random.Random(seed)
-    records = {kind: [Rec(TOPICS[kind], 0, i, 1, None, orjson.dumps(e)) for i, e in enumerate(stream[kind])] for kind in INPUTS}
-    store = FakeStore()
-    unit = _unit(store)
-    fetched = dict(store.offsets)
-    windows: dict[WindowKey, WindowState] = {}
-    counters: Counter[tuple[str, str]] = Counter()
-    letters: Counter[tuple[str, str]] = Counter()
+    feed = Feed(_records(stream))
     for _ in range(at_poll):
-        for kind in rng.sample(INPUTS, rng.randint(1, 3)):
-            batch = records[kind][fetched[kind]:fetched[kind] + rng.choice([1, 5, 40])]
-            unit.push(kind, batch)
-            fetched[kind] += len(batch)
-        for kind in INPUTS:
-            unit.queues.set_at_end(kind, fetched[kind] >= len(records[kind]))
-        changes, moved = unit.step()
-        _collect(changes, windows, counters, letters)
-        assert changes.engine is not None
-        store.commit(changes.engine, moved)
+        feed.poll(rng, [1, 5, 40])
+    records, store = feed.records, feed.store
+    windows, counters, letters = feed.windows, feed.counters, feed.letters
     snapshot = _unit(store).record_state()
     joiner = PartitionJoiner(WINDOW_MS, GRACE_MS, {}, watermark=snapshot.watermark, observed=snapshot.observed,
                              windows=snapshot.windows, entries=snapshot.entries)
@@ -197,13 +210,6 @@ def run_handover(stream: dict[str, list[dict[str, Any]]], seed: int, at_poll: in
 def test_a_hand_over_to_the_record_joiner_changes_nothing(tmp_path: Path, seed: int) -> None:
     """Data the columnar engine cannot take yet (a generative student) goes on on the record joiner from its state."""
     stream = random_stream(seed, 300, retries_only=True)
-    paths = _write(stream, tmp_path)
-    expected_windows, expected_counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
-                                                        window_ms=WINDOW_MS, grace_ms=GRACE_MS, columnar=False)
+    expected = _analyze(stream, tmp_path)
     for at_poll in (3, 25, 60):
-        windows, counters, letters = run_handover(stream, seed + at_poll, at_poll)
-        assert _fields(windows) == _fields(expected_windows)
-        for key, state in expected_windows.items():
-            assert_same(windows[key].result(None), state.result(None), str(key))
-        assert {k: v for k, v in counters.items() if v} == {k: v for k, v in expected_counters.items() if v}
-        assert letters == Counter({k: v for k, v in counters.items() if k[1] != "valid" and v})
+        assert_as_analyze(*run_handover(stream, seed + at_poll, at_poll), expected)
