@@ -397,9 +397,13 @@ class Collector:
                     advanced, changes = self._step_columnar(p, unit, bool(by_unit.get(p)))
             except _HandOver as exc:
                 # From the last commit: what this unit did since is dropped and read again.
-                meta, blobs = self.store.load_engine(p)
-                self._hand_over(p, str(exc), self._columnar_unit(p, meta, blobs), unit.committed)
                 del self.units[p]
+                meta, blobs = self.store.load_engine(p)
+                try:
+                    self._hand_over(p, str(exc), self._columnar_unit(p, meta, blobs), unit.committed)
+                except StoreConflict as conflict:
+                    log.warning("dropping partition %d: %s", p, conflict)
+                    continue
                 self._load(consumer, p)
                 continue
             if unit.columnar is None:
