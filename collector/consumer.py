@@ -1,8 +1,8 @@
 """The Kafka collector: a consumer-group member that joins, windows and stores, exactly once.
 
 Each co-partition ``p`` (partition p of the predictions, teacher and labels topics, which the range
-assignor gives to one member) has a :class:`PartitionJoiner` whose whole state (windows, join
-buffer, watermark) and consumed offsets live in the database. A poll's records of ``p`` become one
+assignor gives to one member) has an engine (collector.live_columns, or the record joiner
+collector.join) whose whole state (windows, join buffer, watermark) and offsets live in the database. A poll's records of ``p`` become one
 transaction (PartitionStore.commit_batch, kdwatch.storage.sql.SqlStore); on (re)assignment the member loads ``p`` from the
 database and seeks to the stored offsets. So after a crash at any moment the stored aggregates equal
 those of an uninterrupted run. Dead letters are produced and flushed before the commit: the

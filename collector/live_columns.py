@@ -13,7 +13,7 @@ What only the live path has: event times too far ahead of the wall clock are rej
 (``future_timestamp``), every rejected, late, duplicate or unmatched record is handed back with its
 source for the dead-letter topic, joined predictions are sampled into the transfer set when their
 window closes, and the engine's buffer is persisted incrementally with each commit (collector.column_state).
-Open windows are not stored before they close (the record joiner stores a provisional state each commit).
+Open windows' states so far come from ``provisional`` (the caller stores them now and then, not each commit).
 """
 
 from __future__ import annotations
@@ -381,7 +381,7 @@ class ColumnarUnit:
 
     def _delta(self) -> EngineDelta:
         a = self.analyzer
-        delta = EngineDelta(meta=self._meta())
+        delta = EngineDelta(meta={})
         current: set[int] = set()
         for model, buf in a.buffers.items():
             for chunk in buf.chunks:
@@ -406,6 +406,7 @@ class ColumnarUnit:
         self.saved = current
         if a.watermark is not None:
             delta.purge_through = a.watermark - a.window_ms - a.grace_ms  # patches of windows closed by now
+        delta.meta = self._meta()  # last: with the sequence numbers given out above
         return delta
 
     def _next_seq(self) -> int:
@@ -435,6 +436,9 @@ class ColumnarUnit:
                 a._count(WindowKey(model, version, start), name, count)
         patches: list[tuple[int, str, str, bytes]] = []
         for kind, model, seq, blob in blobs:
+            if seq > self.seq:
+                raise RuntimeError(f"partition {self.partition}: stored blob {kind} {seq} is newer than the engine's state "
+                                   f"({self.seq}); the stored state is inconsistent")
             buf = a.buffers.setdefault(model, JoinBuffer())
             if kind == "chunk":
                 chunk = chunk_from(blob)
