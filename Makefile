@@ -23,7 +23,7 @@ lint: setup ## ruff, mypy and the layer contracts (import-linter)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-soak: setup ## the longest reliability runs: kill -9 five times while 200,000 predictions flow; 21 live-equivalence runs (7 seeds x 3 modes)
+soak: setup ## the longest reliability runs: kill -9 five times while 200,000 predictions flow; 80 live-equivalence runs (20 seeds x 4 modes)
 	KDWATCH_CRASH_PREDICTIONS=200000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_crash_recovery.py
 	KDWATCH_LIVE_SEEDS=20 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_live_equivalence.py
 
