@@ -1,4 +1,4 @@
-"""The columnar offline path: `kdwatch analyze` over Parquet files, validated and computed on columns.
+"""The columnar engine: `kdwatch analyze` on JSONL and Parquet, and `kdwatch collect` (collector.live_columns).
 
 The files hold the event contract as columns (README, "Parquet input"): one row per event, the
 contract's field names as column names, ``ts`` as int64 epoch milliseconds or an Arrow timestamp,
