@@ -123,16 +123,14 @@ class _Unit:
         return self.joiner.watermark
 
     @property
-    def observed(self) -> dict[str, int]:
-        """Input kind -> newest event time processed."""
+    def observed(self) -> dict[str, int]:  # input kind -> newest event time processed
         if self.columnar is not None:
             return {k: v for k, v in self.columnar.analyzer.observed.items() if v != NEVER}
         assert self.joiner is not None
         return self.joiner.observed
 
     @property
-    def buffered(self) -> int:
-        """Open predictions and waiting replays and labels (the join buffer)."""
+    def buffered(self) -> int:  # open predictions and waiting replays and labels (the join buffer)
         if self.columnar is not None:
             return self.columnar.buffered
         assert self.joiner is not None
@@ -278,11 +276,9 @@ class Collector:
         return unit
 
     def _hand_over(self, p: int, why: str, unit: ColumnarUnit, committed: dict[str, int | None]) -> PartitionSnapshot:
-        """Move a co-partition from the columnar engine to the record joiner, in one commit; its record state.
+        """Move a co-partition from the columnar engine to the record joiner in one commit (data it does not take yet).
 
-        The columnar engine hands over data it does not take yet (a generative student's events): its
-        stored state is converted (ColumnarUnit.record_state: the same decisions follow) and the
-        partition stays on the record joiner from then on.
+        Its stored state is converted (ColumnarUnit.record_state: the same decisions follow); it stays there.
         """
         log.warning("partition %d: handing over to the record joiner (%s)", p, why)
         state = unit.record_state()
@@ -346,6 +342,11 @@ class Collector:
                     last_data = time.monotonic()
                 if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                     break
+            for p, unit in self.units.items():  # a clean stop stores the open windows' states so far
+                if unit.columnar is not None and unit.provisional_stale:
+                    fence: dict[str, tuple[int | None, int]] = {t: (o, o) for t, o in unit.committed.items() if o is not None}
+                    self.store.commit_batch(self.config.group_id, p, self.config.window_ms,
+                                            Changes(windows=unit.columnar.provisional()), fence)
         finally:
             producer.close(timeout=10)
             consumer.close(autocommit=False)
