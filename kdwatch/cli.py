@@ -65,19 +65,17 @@ def analyze(
     Parquet inputs are validated and computed on columns (README: "Parquet input"), with the same
     results. With --slo, one JSON object per notification the SLO engine would have sent follows the windows.
     """
-    from kdwatch.analyzer.window import window_result
+    from kdwatch.analyzer.window import window_result  # the rest only when needed: start-up counts (RESULTS.md)
     from kdwatch.collector.offline import analyze_files, load_reference
     from kdwatch.runtime import tune_gc
-    from kdwatch.slo.config import load_slo_file
-    from kdwatch.slo.engine import WindowInput, backtest
 
     tune_gc()
     window_ms, grace_ms = _duration(window, "--window"), _duration(grace, "--grace")
+    if slo is not None:
+        from kdwatch.slo.config import load_slo_file
     slo_config = load_slo_file(slo) if slo is not None else None  # a bad file fails before any work
     # Read before the inputs: on a second thread beside them, Arrow aborted the process at exit now and then.
     refs = load_reference(reference) if reference is not None else {}
-    from kdwatch.collector.consumer import kafka_partition
-
     if engine not in ("local", "spark"):
         raise typer.BadParameter("local or spark", param_hint="--engine")
     if engine == "spark":
@@ -85,19 +83,28 @@ def analyze(
     else:
         windows, counters = analyze_files(
             predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs,
-            partitions=partitions, partitioner=kafka_partition,
+            partitions=partitions, partitioner=_kafka_partition if partitions > 1 else None,
             on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
-    inputs = []
+    results = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
         result = window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model))
         _emit(result)
-        inputs.append(WindowInput(key.model, key.student_version, key.window_start + window_ms, windows[key], result))
+        results.append((key, result))
     if slo_config is not None:
+        from kdwatch.slo.engine import WindowInput, backtest
+        inputs = [WindowInput(key.model, key.student_version, key.window_start + window_ms, windows[key], result)
+                  for key, result in results]
         for notification in backtest(slo_config, inputs):
             _emit(notification)
     rejected = {f"{kind}.{reason}": count for (kind, reason), count in sorted(counters.items()) if reason != "valid"}
     if rejected:
         err.print(f"[yellow]not counted in any window metric:[/] {rejected}")
+
+
+def _kafka_partition(key: bytes, partitions: int) -> int:
+    from kdwatch.collector.consumer import kafka_partition  # Kafka's client loads only when --partitions asks for it
+
+    return kafka_partition(key, partitions)
 
 
 def _analyze_on_spark(master: str, predictions: Path, teacher: Path | None, labels: Path | None, window_ms: int,
@@ -576,16 +583,16 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from sqlalchemy.exc import OperationalError
-
     try:
         app()
     except KdwatchError as exc:
         err.print(f"[red]error:[/] {exc}")
         sys.exit(2)
-    except OperationalError as exc:
+    except Exception as exc:  # SQLAlchemy's OperationalError, if a command loaded SQLAlchemy (its import costs 0.1 s)
+        if "sqlalchemy.exc" not in sys.modules or not isinstance(exc, sys.modules["sqlalchemy.exc"].OperationalError):
+            raise
         # The driver's message names host and port, never the password (SQLAlchemy hides it).
-        err.print(f"[red]error:[/] database unavailable: {str(exc.orig).strip().splitlines()[0]}")
+        err.print(f"[red]error:[/] database unavailable: {str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}")
         sys.exit(3)
 
 
