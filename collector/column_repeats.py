@@ -168,11 +168,13 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
     return preds, early
 
 
-def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_ms: int, grace_ms: int) -> Repeats | None:
+def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_ms: int, grace_ms: int,
+                 n_classes: int | None = None) -> Repeats | None:
     """The duplicates of one model's stretch (rows already stepped: positions and arrival watermarks set).
 
     Predictions in ``blocks`` are the ones not late. None when no request_id can hold a duplicate,
-    the usual case, decided on hashes without a Python loop.
+    the usual case, decided on hashes without a Python loop. ``n_classes``: the model's class count
+    (a label outside it is rejected when it would join, and the prediction takes another one).
     """
     conflict = conflict_keys(buf, blocks)
     if not conflict.size:
@@ -183,6 +185,12 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
         return ts - ts % window_ms
 
     preds, early = _buffered_state(model, buf, conflict, start_of)
+
+    def fits(where: tuple[str, int]) -> bool:  # a label row of the stretch or of the buffer, within the classes
+        block = blocks["label"] if where[0] == "step" else buf.early_label
+        assert block is not None and block.label is not None
+        return n_classes is None or int(block.label[where[1]]) < n_classes
+
     # The stretch's rows of those request_ids, in merge order.
     events: list[tuple[int, str, int, str, int, int]] = []  # (position, kind, row, request_id, start, arrival watermark)
     for kind, block in blocks.items():
@@ -220,14 +228,14 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
                 if partner == "label" and own_label:  # the label came twice: with the prediction and on its own
                     out.dropped(partner, *waiting.where, "duplicate")
                     out.windows[WindowKey(model, version, start)] += 1
-                else:
+                elif partner == "teacher" or fits(waiting.where):
                     pred.has[partner] = True
             continue
         if pred is not None and live:
             if pred.has[kind] or pred.audit:
                 out.dropped(kind, "step", row, "duplicate")
                 out.windows[WindowKey(model, pred.version, pred.start)] += 1
-            else:
+            elif kind == "teacher" or fits(("step", row)):
                 pred.has[kind] = True
             continue
         if start + span <= wm:  # late: its own window closed and no open prediction (counted by the join)

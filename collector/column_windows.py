@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
 from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
 from kdwatch.analyzer.membership import attack_scores
-from kdwatch.analyzer.window import MAX_SEGMENTS, WindowState
+from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.column_join import OpenRows
-from kdwatch.collector.columns import Fallback, to_numpy
+from kdwatch.collector.columns import to_numpy
 from kdwatch.collector.contract import Distribution
 from kdwatch.collector.records import NO_SEGMENT, TransferRecord, transfer_rank
 
@@ -88,9 +88,9 @@ def window_state(model: str, rows: OpenRows, reference: Reference | None, finger
             state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
         else:
             segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
+            # Names in order of first appearance, as the record joiner meets them: past MAX_SEGMENTS names,
+            # add_segments counts the later ones under OTHER_SEGMENT, in the same order.
             names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
-            if names.size > MAX_SEGMENTS:
-                raise Fallback(f"a window of model {model!r} has more than {MAX_SEGMENTS} segments")
             inverse = to_numpy(segment.indices)
             counts = np.stack([np.bincount(inverse, weights=c[prod], minlength=names.size) for c in columns], axis=1)
             state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})

@@ -24,8 +24,7 @@ Duplicates (a ``request_id`` repeated while the first is open, partners for audi
 record for a prediction that carried its own) are decided first, row by row for the few request_ids
 involved (:mod:`collector.column_repeats`). What the vectorised join does not model, it hands back: a
 prediction's ``request_id`` used again after the first one's window closed, a model whose events have
-different class counts (different models may), a label outside the student's classes, more than
-:data:`analyzer.window.MAX_SEGMENTS` segments in a window. Then the run restarts on the
+different class counts (different models may). Then the run restarts on the
 per-record path (the same decoder and joiner as JSONL and Kafka) and says why on stderr, so the
 result is always the stream joiner's.
 """
@@ -207,7 +206,7 @@ class ColumnarAnalyzer:
                 preds, starts = preds.take(keep), starts[keep]
         present = {kind: b for kind, b in (("prediction", preds), ("teacher", teacher), ("label", labels))
                    if b is not None and b.n}
-        repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms) if present else None
+        repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms, self.k.get(model)) if present else None
         if repeats is not None:
             self.counters.update(repeats.counters)
             if self.track:
@@ -248,10 +247,13 @@ class ColumnarAnalyzer:
             matched[matched] &= preds.audit[at[matched]] == 0  # an audit record joins nothing: its partners wait
             if not matched.any():
                 continue
+            consumed = matched.copy()
+            if kind == "label":  # out of the student's classes: rejected, not joined, as the record joiner does
+                matched[matched] = ~self._out_of_range(model, early, np.flatnonzero(matched))
             rows = at[matched]
             partners = early.take(np.flatnonzero(matched))
             self._check_partner(model, preds, rows, partners, kind)
-            rest = early.take(np.flatnonzero(~matched))
+            rest = early.take(np.flatnonzero(~consumed))
             if kind == "teacher":
                 chunk.set_teacher(rows, partners)
                 buf.early_teacher = rest
@@ -266,17 +268,23 @@ class ColumnarAnalyzer:
         elif len(buf.chunks) > MAX_CHUNKS:
             buf.chunks = [concat_open(buf.chunks)]
 
+    def _out_of_range(self, model: str, labels: Block, rows: np.ndarray) -> np.ndarray:
+        """Which of the label ``rows`` about to join lie outside the student's classes: those are rejected
+        (counted and dead-lettered as ``label_out_of_range``, the contract's reason) and join nothing."""
+        assert labels.label is not None
+        bad = labels.label[rows] >= self.k[model]
+        if bad.any():
+            self.counters[("label", "label_out_of_range")] += int(bad.sum())
+            self._letter("label", labels, rows[bad], "label_out_of_range")
+        return bad
+
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
-        """Fallback for what the vectorised join does not model (see the module docstring)."""
+        """What collector.column_repeats leaves to the vectorised join holds (else Fallback, see the module docstring)."""
         assert preds.audit is not None and preds.label is not None
         if (preds.audit[rows] > 0).any():
             raise Fallback(f"a {kind} record for an audit prediction of model {model!r}")
-        if kind == "label":
-            assert partners.label is not None
-            if (preds.label[rows] >= 0).any():
-                raise Fallback(f"a label record for a prediction of model {model!r} that carried its own label")
-            if (partners.label >= self.k[model]).any():
-                raise Fallback(f"a label record of model {model!r} outside the student's classes")
+        if kind == "label" and (preds.label[rows] >= 0).any():
+            raise Fallback(f"a label record for a prediction of model {model!r} that carried its own label")
 
     def _add_partners(self, model: str, buf: JoinBuffer, block: Block, kind: str) -> None:
         assert block.arrival_wm is not None and block.position is not None
@@ -306,6 +314,11 @@ class ColumnarAnalyzer:
             if not joins.any():
                 continue
             rows, who = rows[joins], who[joins]
+            if kind == "label":
+                fits = ~self._out_of_range(model, block, who)
+                rows, who = rows[fits], who[fits]
+                if not who.size:
+                    continue
             partners = block.take(who)
             self._check_partner(model, p, rows, partners, kind)
             if kind == "teacher":

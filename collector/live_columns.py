@@ -497,4 +497,5 @@ _MESSAGES = {
     "late": "its window had closed (the watermark passed its end + grace)",
     "duplicate": "a record with this request_id was already seen in an open window",
     "unmatched": "no prediction for this request_id within the grace",
+    "label_out_of_range": "the label is not one of the student's classes",
 }

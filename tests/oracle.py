@@ -193,6 +193,9 @@ class Oracle:
         window.n_agree += int(argmax == p.argmax)
 
     def _join_label(self, model: str, p: _Prediction, label: int) -> None:
+        if label >= p.classes:  # README, dead-letter reasons: not one of the student's classes; it joins nothing
+            self.counters[("label", "label_out_of_range")] += 1
+            return
         p.label = label
         window = self.windows[(model, p.version, p.start)]
         window.n_labeled += 1

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdwatch.analyzer.window import window_result
+from kdwatch.analyzer.window import MAX_SEGMENTS, OTHER_SEGMENT, window_result
 from kdwatch.collector import column_rules, columns, parquet_io
 from kdwatch.collector.columnar import analyze_columnar
 from kdwatch.collector.columns import Fallback
@@ -331,6 +331,26 @@ def test_a_label_is_checked_against_its_own_rows_class_count(tmp_path: Path) -> 
     assert_same(results(w1, {}, 60_000), results(w3, {}, 60_000))
     assert c1 == c2 and c2[("prediction", "label_out_of_range")] == 1
     assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+
+
+def test_more_segments_than_the_limit_stay_on_the_engine(tmp_path: Path) -> None:
+    """Past MAX_SEGMENTS names a window counts the later ones under _other, in order of first appearance, as the joiner."""
+    rng = np.random.default_rng(5)
+    names = [f"seg-{i}" for i in rng.permutation(MAX_SEGMENTS + 80)]
+    preds, replays = [], []
+    for i in range(3 * len(names)):
+        probs = rng.dirichlet(np.ones(3)).tolist()
+        preds.append({"request_id": f"r{i}", "model": "m", "student_version": "s", "ts": START + i % 50,
+                      "probs": probs, "segment": names[(i * 7) % len(names)], "label": int(rng.integers(0, 3))})
+        if i % 2:
+            replays.append({"request_id": f"r{i}", "model": "m", "teacher_version": "t", "ts": START + i % 50 + 5,
+                            "probs": rng.dirichlet(np.ones(3)).tolist()})
+    paths = {"prediction": tmp_path / "prediction.jsonl", "teacher": tmp_path / "teacher.jsonl", "label": tmp_path / "label.jsonl"}
+    for kind, rows in (("prediction", preds), ("teacher", replays), ("label", [])):
+        paths[kind].write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    r, _counters = compare(paths, to_parquet(paths), None)
+    (window,) = r.values()
+    assert len(window["segments"]) == MAX_SEGMENTS + 1 and window["segments"][OTHER_SEGMENT]["n"] == 3 * 80
 
 
 def test_not_finite_values_are_rejected(tmp_path: Path) -> None:

@@ -75,7 +75,9 @@ def random_stream(seed: int, n: int, retries_only: bool = False) -> dict[str, li
                 teacher.append({"request_id": rid, "model": model, "teacher_version": "t1",
                                 "ts": ts + rng.randint(-2_000, 40_000), "probs": _probs(rng, k)})
             if rng.random() < 0.3:
-                labels.append({"request_id": rid, "model": model, "label": rng.randrange(k), "ts": ts + rng.randint(0, 60_000)})
+                # A few labels name a class the student does not have (rejected when they would join).
+                label = rng.randrange(k) if rng.random() < 0.95 else k + rng.randrange(2)
+                labels.append({"request_id": rid, "model": model, "label": label, "ts": ts + rng.randint(0, 60_000)})
     for _ in range(n // 20):  # orphans: no prediction ever comes
         model = rng.choice(list(CLASSES))
         ts = T0 + rng.randint(0, n * 150)
@@ -142,6 +144,6 @@ def test_the_random_streams_reach_every_outcome() -> None:
     oracle = Oracle(WINDOW_MS, GRACE_MS)
     oracle.run(random_stream(1, 400))
     reasons = {reason for (_kind, reason), count in oracle.counters.items() if count}
-    assert {"valid", "late", "duplicate", "unmatched"} <= reasons
+    assert {"valid", "late", "duplicate", "unmatched", "label_out_of_range"} <= reasons
     totals = {name: sum(w.fields()[name] for w in oracle.windows.values()) for name in ("n_joined", "n_labeled", "n_audit", "n_late")}
     assert all(totals.values()), totals
