@@ -11,9 +11,10 @@ row per request_id and kind, which is what the vectorised join models.
 
 A replay or label waiting for its prediction whose window closed is unmatched; one for the same
 request_id arriving after that waits in its place (the record joiner counts the first when its
-window closes: the same totals). What is not modelled still goes back to the record joiner
-(Fallback): a prediction's request_id used again after the first one's window closed (a new request
-under an old id, not a retry).
+window closes: the same totals). A prediction's request_id used again after the first one's window
+closed (a new request under an old id, not a retry) is a new prediction: the engine takes the
+stretch in two at it (``Repeats.reused``), closing the first one's window in between, as the
+record joiner had closed it by then.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Repeats:
     windows: Counter[WindowKey] = field(default_factory=Counter)  # n_duplicate per window
     counters: Counter[tuple[str, str]] = field(default_factory=Counter)
     letters: list[tuple[str, str, int, str]] = field(default_factory=list)  # (kind, "step" or "buffer", row, reason) dropped
+    # (merge position, watermark at it) of a prediction whose request_id comes again after the first one's window
+    # closed: a new request under an old id. The stretch is taken in two (before it; the closed windows closed;
+    # from it on) and nothing else is decided here.
+    reused: tuple[int, int] | None = None
 
     def dropped(self, kind: str, where: str, row: int, reason: str) -> None:
         (self.drop_early[kind] if where == "buffer" else self.drop[kind]).append(row)
@@ -203,7 +208,7 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
             events.append((int(block.position[r]), kind, r, rid, start_of(int(block.ts[r])), int(block.arrival_wm[r])))
     events.sort()
     out = Repeats()
-    for _position, kind, row, rid, start, wm in events:
+    for position, kind, row, rid, start, wm in events:
         pred = preds.get(rid)
         live = pred is not None and pred.start + span > wm
         if kind == "prediction":
@@ -215,7 +220,7 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
                 out.windows[WindowKey(model, version, start)] += 1
                 continue
             if pred is not None:
-                raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} comes again after its window closed")
+                return Repeats(reused=(position, wm))
             audit, own_label = bool(block.audit[row] > 0), bool(block.label[row] >= 0)
             pred = preds[rid] = _Prediction(start, version, audit, own_label, {"teacher": False, "label": own_label})
             if audit:  # an audit record joins nothing; early partners wait for their window to close

@@ -22,9 +22,9 @@ batch per input plus the open windows.
 
 Duplicates (a ``request_id`` repeated while the first is open, partners for audit records, a label
 record for a prediction that carried its own) are decided first, row by row for the few request_ids
-involved (:mod:`collector.column_repeats`). What the vectorised join does not model, it hands back: a
-prediction's ``request_id`` used again after the first one's window closed, a model whose events have
-different class counts (different models may). Then the run restarts on the
+involved (:mod:`collector.column_repeats`), and so is a prediction's ``request_id`` used again after
+the first one's window closed. What the vectorised join does not model, it hands back: a model whose
+events have different class counts (different models may). Then the run restarts on the
 per-record path (the same decoder and joiner as JSONL and Kafka) and says why on stderr, so the
 result is always the stream joiner's.
 """
@@ -97,10 +97,11 @@ class ColumnarAnalyzer:
     def fingerprints(self) -> dict[str, str]:
         return {m: r.fingerprint for m, r in self.references.items()}
 
-    def _closed(self, start: np.ndarray | int) -> Any:
-        if self.watermark is None:
+    def _closed(self, start: np.ndarray | int, watermark: int | None = None) -> Any:
+        watermark = self.watermark if watermark is None else watermark
+        if watermark is None:
             return np.zeros_like(start, dtype=bool) if isinstance(start, np.ndarray) else False
-        return start + self.window_ms + self.grace_ms <= self.watermark
+        return start + self.window_ms + self.grace_ms <= watermark
 
     def _starts(self, ts: np.ndarray) -> np.ndarray:
         return ts - ts % self.window_ms
@@ -207,6 +208,9 @@ class ColumnarAnalyzer:
         present = {kind: b for kind, b in (("prediction", preds), ("teacher", teacher), ("label", labels))
                    if b is not None and b.n}
         repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms, self.k.get(model)) if present else None
+        if repeats is not None and repeats.reused is not None:
+            self._split(model, buf, repeats.reused, preds, teacher, labels)
+            return
         if repeats is not None:
             self.counters.update(repeats.counters)
             if self.track:
@@ -228,6 +232,24 @@ class ColumnarAnalyzer:
             self._add_partners(model, buf, teacher, "teacher")
         if labels is not None and labels.n:
             self._add_partners(model, buf, labels, "label")
+
+    def _split(self, model: str, buf: JoinBuffer, at: tuple[int, int], *blocks: Block | None) -> None:
+        """Step the rows before merge position ``at[0]``, close the windows closed by then (watermark ``at[1]``: the
+        first prediction of a reused request_id goes), then the rows from there on."""
+        position, watermark = at
+
+        def part(before: bool) -> list[Block | None]:
+            out: list[Block | None] = []
+            for block in blocks:
+                if block is not None and block.n:
+                    assert block.position is not None
+                    block = block.take(np.flatnonzero((block.position < position) == before))
+                out.append(block)
+            return out
+
+        self._step_model(model, *part(True))
+        self._close(model, buf, False, watermark)  # this model's only: the others' steps see their own watermarks
+        self._step_model(model, *part(False))
 
     def _add_predictions(self, model: str, buf: JoinBuffer, preds: Block, starts: np.ndarray) -> None:
         dup = duplicate(preds)  # repeats against the buffer were decided by collector.column_repeats
@@ -382,12 +404,12 @@ class ColumnarAnalyzer:
         for field, count in self.pending.pop(key, {}).items():
             setattr(state, field, getattr(state, field) + count)
 
-    def _close(self, model: str, buf: JoinBuffer, everything: bool) -> None:
+    def _close(self, model: str, buf: JoinBuffer, everything: bool, watermark: int | None = None) -> None:
         for kind in ("teacher", "label"):
             early = buf.early_teacher if kind == "teacher" else buf.early_label
             if early is None or not early.n:
                 continue
-            gone = np.ones(early.n, bool) if everything else self._closed(self._starts(early.ts))
+            gone = np.ones(early.n, bool) if everything else self._closed(self._starts(early.ts), watermark)
             if gone.any():
                 self.counters[(kind, "unmatched")] += int(gone.sum())
                 self._letter(kind, early, np.flatnonzero(gone), "unmatched")
@@ -398,7 +420,7 @@ class ColumnarAnalyzer:
                     buf.early_label = kept
         done_parts, open_parts = [], []
         for chunk in buf.chunks:
-            done = np.ones(chunk.n, bool) if everything else self._closed(chunk.starts)
+            done = np.ones(chunk.n, bool) if everything else self._closed(chunk.starts, watermark)
             if done.all():
                 done_parts.append(chunk)
             elif done.any():

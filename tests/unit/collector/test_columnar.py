@@ -408,22 +408,25 @@ def test_retried_records_are_duplicates_on_the_columnar_path_too(tmp_path: Path,
     assert counters[("label", "duplicate")] > 0
 
 
-def test_a_request_id_used_again_after_its_window_closed_falls_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [65_536, 50, 7])
+def test_a_request_id_used_again_after_its_window_closed_is_a_new_prediction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                            batch: int) -> None:
+    """A new request under an old id stays on the engine (no fallback), with the record joiner's windows and counters."""
+    _batch_rows(monkeypatch, batch)
     spec = TrafficSpec(seed=7, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3)
-    again = {"request_id": f"{spec.model}-7-10", "model": spec.model, "student_version": "s1", "ts": START + 3_000_000,
-             "probs": [0.1] * 10}
-    paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": [again]})
-    parquet = to_parquet(paths)
-    with pytest.raises(Fallback, match="after its window closed"):
-        analyze_columnar(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000)
+    again = [{"request_id": f"{spec.model}-7-{i}", "model": spec.model, "student_version": "s1", "ts": START + 3_000_000 + i,
+              "probs": [0.1] * 10} for i in range(10, 400, 13)]
+    replays = [{"request_id": r["request_id"], "model": spec.model, "teacher_version": "t1", "ts": r["ts"] + 1_000,
+                "probs": [0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]} for r in again[::2]]
+    paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": again, "teacher": replays})
     reasons: list[str] = []
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
-                           columnar=False)
-    w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], window_ms=10_000, grace_ms=20_000,
-                           on_fallback=reasons.append)
-    assert reasons and "after its window closed" in reasons[0]
-    assert c1 == c2
-    assert_same(results(w1, {}, 10_000), results(w2, {}, 10_000))
+    r, counters = compare(paths, to_parquet(paths), None, window_ms=10_000, grace_ms=20_000)
+    analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
+                  on_fallback=reasons.append)
+    assert reasons == []
+    late_window = [w for key, w in r.items() if key.window_start >= START + 3_000_000 - 10_000]
+    assert sum(w["n"] for w in late_window) == len(again) and sum(w["n_joined"] for w in late_window) == len(replays)
+    assert counters.get(("prediction", "duplicate"), 0) == 0
 
 
 def test_schema_errors_name_the_column(tmp_path: Path) -> None:
