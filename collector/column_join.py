@@ -81,11 +81,13 @@ class OpenRows:
         self.put_teacher(rows, teacher.probs, teacher.logp, teacher.version.to_pylist())
 
     def put_teacher(self, rows: np.ndarray, probs: np.ndarray, logp: np.ndarray | None, versions: list[str]) -> None:
-        self.teacher_probs[rows] = probs
+        """Replays of ``rows`` (each of its prediction's class count: padding columns only differ in width)."""
+        width = self.teacher_probs.shape[1]
+        self.teacher_probs[rows] = fit_width(probs, width)
         if logp is not None:
             if self.teacher_logp is None:
                 self.teacher_logp = np.full(self.teacher_probs.shape, np.nan)
-            self.teacher_logp[rows] = logp
+            self.teacher_logp[rows] = fit_width(logp, width)
         self.teacher_version[rows] = np.array(versions, dtype=object)
         self.has_teacher[rows] = True
 
@@ -104,15 +106,25 @@ class OpenRows:
                      self.index, self.index_offset + begin, self.seq)
 
 
+def fit_width(matrix: np.ndarray, width: int) -> np.ndarray:
+    """A class-probability matrix cut or NaN-padded to ``width`` columns (the columns beyond a row's classes are NaN)."""
+    if matrix.shape[1] == width:
+        return matrix
+    if matrix.shape[1] > width:
+        return matrix[:, :width]
+    return np.pad(matrix, ((0, 0), (0, width - matrix.shape[1])), constant_values=np.nan)
+
+
 def concat_open(parts: list[OpenRows]) -> OpenRows:
     if len(parts) == 1:
         return parts[0]
+    width = max(p.teacher_probs.shape[1] for p in parts)  # a model whose class count changed: the widest
     logp = None
     if any(p.teacher_logp is not None for p in parts):
-        logp = np.concatenate([np.full(p.teacher_probs.shape, np.nan) if p.teacher_logp is None else p.teacher_logp
+        logp = np.concatenate([np.full((p.n, width), np.nan) if p.teacher_logp is None else fit_width(p.teacher_logp, width)
                                for p in parts])
     return OpenRows(concat([p.preds for p in parts]), np.concatenate([p.starts for p in parts]),
-                 np.concatenate([p.teacher_probs for p in parts]), logp,
+                 np.concatenate([fit_width(p.teacher_probs, width) for p in parts]), logp,
                  np.concatenate([p.teacher_version for p in parts]), np.concatenate([p.has_teacher for p in parts]),
                  np.concatenate([p.label_joined for p in parts]))
 

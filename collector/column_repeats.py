@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from kdwatch.collector.column_join import JoinBuffer
+from kdwatch.collector.column_rules import row_classes
 from kdwatch.collector.columns import Block, Fallback
 from kdwatch.collector.records import WindowKey
 
@@ -60,6 +61,7 @@ class _Prediction:
     audit: bool
     own_label: bool
     has: dict[str, bool]
+    classes: int
 
 
 @dataclass
@@ -154,12 +156,14 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
         rows = chunk.rows_with(conflict)
         p = chunk.preds
         assert p.audit is not None and p.label is not None
-        for rid, ver, r in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(), strict=True):
+        classes = row_classes(p, rows).tolist()
+        for rid, ver, r, k in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(),
+                                  classes, strict=True):
             if rid in preds:
                 raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} is buffered twice")
             preds[rid] = _Prediction(int(chunk.starts[r]), ver, bool(p.audit[r] > 0), bool(p.label[r] >= 0),
                                      {"teacher": bool(chunk.has_teacher[r]),
-                                      "label": bool(p.label[r] >= 0 or chunk.label_joined[r] >= 0)})
+                                      "label": bool(p.label[r] >= 0 or chunk.label_joined[r] >= 0)}, k)
     for kind in PARTNERS:
         block = buf.early_teacher if kind == "teacher" else buf.early_label
         if block is None or not block.n:
@@ -173,13 +177,22 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
     return preds, early
 
 
-def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_ms: int, grace_ms: int,
-                 n_classes: int | None = None) -> Repeats | None:
+def _fits(block: Block | None, kind: str, row: int, pred: _Prediction) -> bool:
+    """Whether a replay or label row may join ``pred`` (its class count; a label among its classes)."""
+    assert block is not None
+    if kind == "teacher":
+        return int(row_classes(block, np.array([row]))[0]) == pred.classes
+    assert block.label is not None
+    return int(block.label[row]) < pred.classes
+
+
+def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_ms: int, grace_ms: int) -> Repeats | None:
     """The duplicates of one model's stretch (rows already stepped: positions and arrival watermarks set).
 
     Predictions in ``blocks`` are the ones not late. None when no request_id can hold a duplicate,
-    the usual case, decided on hashes without a Python loop. ``n_classes``: the model's class count
-    (a label outside it is rejected when it would join, and the prediction takes another one).
+    the usual case, decided on hashes without a Python loop. A replay of another class count than its
+    prediction, or a label outside its classes, is rejected when it would join (by the join): the
+    prediction takes another one.
     """
     conflict = conflict_keys(buf, blocks)
     if not conflict.size:
@@ -191,10 +204,8 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
 
     preds, early = _buffered_state(model, buf, conflict, start_of)
 
-    def fits(where: tuple[str, int]) -> bool:  # a label row of the stretch or of the buffer, within the classes
-        block = blocks["label"] if where[0] == "step" else buf.early_label
-        assert block is not None and block.label is not None
-        return n_classes is None or int(block.label[where[1]]) < n_classes
+    def fits(kind: str, where: tuple[str, int], pred: _Prediction) -> bool:
+        return _fits(blocks[kind] if where[0] == "step" else getattr(buf, f"early_{kind}"), kind, where[1], pred)
 
     # The stretch's rows of those request_ids, in merge order.
     events: list[tuple[int, str, int, str, int, int]] = []  # (position, kind, row, request_id, start, arrival watermark)
@@ -222,7 +233,8 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
             if pred is not None:
                 return Repeats(reused=(position, wm))
             audit, own_label = bool(block.audit[row] > 0), bool(block.label[row] >= 0)
-            pred = preds[rid] = _Prediction(start, version, audit, own_label, {"teacher": False, "label": own_label})
+            pred = preds[rid] = _Prediction(start, version, audit, own_label, {"teacher": False, "label": own_label},
+                                            int(row_classes(block, np.array([row]))[0]))
             if audit:  # an audit record joins nothing; early partners wait for their window to close
                 continue
             for partner in PARTNERS:
@@ -233,14 +245,14 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
                 if partner == "label" and own_label:  # the label came twice: with the prediction and on its own
                     out.dropped(partner, *waiting.where, "duplicate")
                     out.windows[WindowKey(model, version, start)] += 1
-                elif partner == "teacher" or fits(waiting.where):
+                elif fits(partner, waiting.where, pred):
                     pred.has[partner] = True
             continue
         if pred is not None and live:
             if pred.has[kind] or pred.audit:
                 out.dropped(kind, "step", row, "duplicate")
                 out.windows[WindowKey(model, pred.version, pred.start)] += 1
-            elif kind == "teacher" or fits(("step", row)):
+            elif fits(kind, ("step", row), pred):
                 pred.has[kind] = True
             continue
         if start + span <= wm:  # late: its own window closed and no open prediction (counted by the join)

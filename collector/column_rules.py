@@ -17,7 +17,6 @@ from kdwatch.collector.columns import (
     AUDIT_CODE,
     BATCH_ROWS,
     Block,
-    Fallback,
     check_schema,
     float_column,
     int_column,
@@ -180,16 +179,21 @@ def class_counts(probs: np.ndarray) -> np.ndarray:
 
 
 def trim(block: Block) -> Block:
-    """The block with its matrices cut to its single class count (several: Fallback)."""
+    """The block with its matrices cut to its widest class count (rows of fewer classes stay NaN-padded)."""
     if block.probs is None or not block.n or not np.isnan(block.probs[:, -1]).any():
         return block  # every row fills the widest class count
-    ks = np.unique(class_counts(block.probs))
-    if ks.size > 1:
-        raise Fallback(f"model {block.model[0].as_py()!r} has events with {ks[:5].tolist()} classes")
-    k = int(ks[0])
+    k = int(class_counts(block.probs).max())
     if k == block.probs.shape[1]:
         return block
     return replace(block, probs=block.probs[:, :k], logp=None if block.logp is None else block.logp[:, :k])
+
+
+def row_classes(block: Block, rows: np.ndarray) -> np.ndarray:
+    """The class count of each of ``rows`` (a block of predictions or replays)."""
+    assert block.probs is not None
+    if not block.probs.size or not np.isnan(block.probs[rows, -1]).any():  # every row fills the width
+        return np.full(len(rows), block.probs.shape[1], dtype=np.int64)
+    return class_counts(block.probs[rows])
 
 
 def _features(batch: pa.RecordBatch, rej: Rejections) -> dict[str, np.ndarray]:

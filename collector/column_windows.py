@@ -7,6 +7,7 @@ those the record joiner (collector.join) accumulates record by record, and tests
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -17,13 +18,49 @@ from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
 from kdwatch.analyzer.membership import attack_scores
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.column_join import OpenRows
-from kdwatch.collector.columns import to_numpy
+from kdwatch.collector.column_rules import row_classes
+from kdwatch.collector.columns import Block, to_numpy
 from kdwatch.collector.contract import Distribution
 from kdwatch.collector.records import NO_SEGMENT, TransferRecord, transfer_rank
 
 
 def window_state(model: str, rows: OpenRows, reference: Reference | None, fingerprint: str) -> WindowState:
-    """One window's state from its predictions and what joined them, all at once."""
+    """One window's state from its predictions and what joined them, all at once.
+
+    Predictions of several class counts (a model whose classes changed): the metrics per class count, as
+    analyzer.window groups them, merged; segments counted over all rows in their order.
+    """
+    p = rows.preds
+    assert p.probs is not None
+    classes = row_classes(p, np.arange(p.n))
+    counts = np.unique(classes)
+    if counts.size <= 1:
+        narrow = counts.size and int(counts[0]) < p.probs.shape[1]  # its rows of fewer classes than the chunk's widest
+        state, columns = _state(model, _narrow(rows, int(counts[0])) if narrow else rows, reference, fingerprint)
+    else:
+        state, columns = WindowState(), [np.zeros(p.n, dtype=bool) for _ in range(5)]
+        for k in counts.tolist():
+            idx = np.flatnonzero(classes == k)
+            part, cols = _state(model, _narrow(rows.take(idx), k), reference, fingerprint)
+            state.merge(part)
+            for full, col in zip(columns, cols, strict=True):
+                full[idx] = col
+    _add_segments(state, p, columns)
+    return state
+
+
+def _narrow(rows: OpenRows, k: int) -> OpenRows:
+    """Rows of ``k`` classes with their matrices cut to ``k`` columns."""
+    p = rows.preds
+    assert p.probs is not None
+    preds = replace(p, probs=p.probs[:, :k], logp=None if p.logp is None else p.logp[:, :k])
+    return replace(rows, preds=preds, teacher_probs=rows.teacher_probs[:, :k],
+                   teacher_logp=None if rows.teacher_logp is None else rows.teacher_logp[:, :k], index=None)
+
+
+def _state(model: str, rows: OpenRows, reference: Reference | None, fingerprint: str
+           ) -> tuple[WindowState, list[np.ndarray]]:
+    """The state of rows of one class count, but its segments; and the per-row columns the segments count."""
     p = rows.preds
     assert p.probs is not None and p.label is not None and p.audit is not None
     assert p.latency is not None and p.segment is not None
@@ -82,25 +119,31 @@ def window_state(model: str, rows: OpenRows, reference: Reference | None, finger
         state.n_labeled_with_teacher = int(idx.size)
         state.n_correct_student_lt = int(correct[idx].sum())
         state.teacher_calibration.update(t.max(axis=1), np.argmax(t, axis=1) == label[idx])
-    if state.n:
-        columns = [prod, pair, pair & agree, labeled, labeled & correct]
-        if p.segment.null_count == p.n:  # no segments: one row of totals
-            state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
-        else:
-            segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
-            # Names in order of first appearance, as the record joiner meets them: past MAX_SEGMENTS names,
-            # add_segments counts the later ones under OTHER_SEGMENT, in the same order.
-            names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
-            inverse = to_numpy(segment.indices)
-            counts = np.stack([np.bincount(inverse, weights=c[prod], minlength=names.size) for c in columns], axis=1)
-            state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})
     if audit.any():
         idx = np.flatnonzero(audit)
         state.n_audit = int(idx.size)
         scores = attack_scores(p.probs[idx], student_log(idx), label[idx])
         ids = p.request_id.take(pa.array(idx, type=pa.int64())).to_pylist()
         state.membership.update(ids, p.audit[idx] == 1, scores)
-    return state
+    return state, [prod, pair, pair & agree, labeled, labeled & correct]
+
+
+def _add_segments(state: WindowState, p: Block, columns: list[np.ndarray]) -> None:
+    """Per-segment counts of production predictions (columns: production, paired, agreeing, labelled, correct)."""
+    prod = columns[0]
+    assert p.segment is not None
+    if not prod.any():
+        return
+    if p.segment.null_count == p.n:  # no segments: one row of totals
+        state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
+        return
+    segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
+    # Names in order of first appearance, as the record joiner meets them: past MAX_SEGMENTS names,
+    # add_segments counts the later ones under OTHER_SEGMENT, in the same order.
+    names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
+    inverse = to_numpy(segment.indices)
+    counts = np.stack([np.bincount(inverse, weights=c[prod], minlength=names.size) for c in columns], axis=1)
+    state.add_segments({str(name): [int(x) for x in row] for name, row in zip(names.tolist(), counts, strict=True)})
 
 
 

@@ -23,8 +23,11 @@ batch per input plus the open windows.
 Duplicates (a ``request_id`` repeated while the first is open, partners for audit records, a label
 record for a prediction that carried its own) are decided first, row by row for the few request_ids
 involved (:mod:`collector.column_repeats`), and so is a prediction's ``request_id`` used again after
-the first one's window closed. What the vectorised join does not model, it hands back: a model whose
-events have different class counts (different models may). Then the run restarts on the
+the first one's window closed. A model's events may have different class counts: matrices are as wide
+as the widest, NaN beyond each row's classes; a replay joins only a prediction of its class count, a
+label only one that has its class (else rejected, as the record joiner does), and a window of several
+class counts computes its metrics per class count (analyzer.window's rule). What the vectorised join
+does not model (a 64-bit key shared by two request_ids), it hands back. Then the run restarts on the
 per-record path (the same decoder and joiner as JSONL and Kafka) and says why on stderr, so the
 result is always the stream joiner's.
 """
@@ -48,7 +51,7 @@ from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, concat_open, duplicate, lookup
 from kdwatch.collector.column_repeats import find_repeats, without
-from kdwatch.collector.column_rules import Batch, Hint, read_blocks, trim
+from kdwatch.collector.column_rules import Batch, Hint, read_blocks, row_classes, trim
 from kdwatch.collector.column_windows import transfer_sample, window_state
 from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, is_parquet, to_numpy
 from kdwatch.collector.parquet_io import prefetch
@@ -75,7 +78,6 @@ class ColumnarAnalyzer:
         self.pending: dict[WindowKey, Counter[str]] = {}
         self.windows: dict[WindowKey, WindowState] = {}  # final states
         self.counters: Counter[tuple[str, str]] = Counter()
-        self.k: dict[str, int] = {}  # class count per model
         self.merged = 0  # rows of the merge stepped so far
         self.step_watermark = NEVER
         # The Kafka collector's needs (collector.live_columns), off for files: each row that goes to
@@ -184,11 +186,6 @@ class ColumnarAnalyzer:
 
     def _step_model(self, model: str, preds: Block | None, teacher: Block | None, labels: Block | None) -> None:
         buf = self.buffers.setdefault(model, JoinBuffer())
-        for block in (preds, teacher):
-            if block is not None and block.n and block.probs is not None:
-                k = block.probs.shape[1]
-                if self.k.setdefault(model, k) != k:
-                    raise Fallback(f"model {model!r} has events with {self.k[model]} and with {k} classes")
         starts = np.zeros(0, dtype=np.int64)
         if preds is not None and preds.n:
             assert preds.arrival_wm is not None
@@ -207,7 +204,7 @@ class ColumnarAnalyzer:
                 preds, starts = preds.take(keep), starts[keep]
         present = {kind: b for kind, b in (("prediction", preds), ("teacher", teacher), ("label", labels))
                    if b is not None and b.n}
-        repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms, self.k.get(model)) if present else None
+        repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms) if present else None
         if repeats is not None and repeats.reused is not None:
             self._split(model, buf, repeats.reused, preds, teacher, labels)
             return
@@ -256,7 +253,8 @@ class ColumnarAnalyzer:
         if dup is not None:
             raise Fallback(f"prediction request_id {dup[:80]!r} of model {model!r} appears twice")
         assert preds.arrival_wm is not None
-        chunk = OpenRows.new(preds, starts, self.k[model])
+        assert preds.probs is not None
+        chunk = OpenRows.new(preds, starts, preds.probs.shape[1])
         # Replays and labels of earlier steps join now, if their own window was still open.
         for kind in ("teacher", "label"):
             early = buf.early_teacher if kind == "teacher" else buf.early_label
@@ -269,9 +267,8 @@ class ColumnarAnalyzer:
             matched[matched] &= preds.audit[at[matched]] == 0  # an audit record joins nothing: its partners wait
             if not matched.any():
                 continue
-            consumed = matched.copy()
-            if kind == "label":  # out of the student's classes: rejected, not joined, as the record joiner does
-                matched[matched] = ~self._out_of_range(model, early, np.flatnonzero(matched))
+            consumed = matched.copy()  # a replay or label of another class count: rejected, not joined (record joiner)
+            matched[matched] = ~self._misfits(kind, early, np.flatnonzero(matched), row_classes(preds, at[matched]))
             rows = at[matched]
             partners = early.take(np.flatnonzero(matched))
             self._check_partner(model, preds, rows, partners, kind)
@@ -290,14 +287,18 @@ class ColumnarAnalyzer:
         elif len(buf.chunks) > MAX_CHUNKS:
             buf.chunks = [concat_open(buf.chunks)]
 
-    def _out_of_range(self, model: str, labels: Block, rows: np.ndarray) -> np.ndarray:
-        """Which of the label ``rows`` about to join lie outside the student's classes: those are rejected
-        (counted and dead-lettered as ``label_out_of_range``, the contract's reason) and join nothing."""
-        assert labels.label is not None
-        bad = labels.label[rows] >= self.k[model]
+    def _misfits(self, kind: str, block: Block, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Which of the replay or label ``rows`` about to join predictions of ``classes`` classes do not fit them: a
+        replay of another class count, a label outside the classes. Those are rejected (counted and dead-lettered as
+        ``class_count_mismatch`` / ``label_out_of_range``) and join nothing; the prediction takes another."""
+        if kind == "label":
+            assert block.label is not None
+            bad, reason = block.label[rows] >= classes, "label_out_of_range"
+        else:
+            bad, reason = row_classes(block, rows) != classes, "class_count_mismatch"
         if bad.any():
-            self.counters[("label", "label_out_of_range")] += int(bad.sum())
-            self._letter("label", labels, rows[bad], "label_out_of_range")
+            self.counters[(kind, reason)] += int(bad.sum())
+            self._letter(kind, block, rows[bad], reason)
         return bad
 
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
@@ -336,11 +337,10 @@ class ColumnarAnalyzer:
             if not joins.any():
                 continue
             rows, who = rows[joins], who[joins]
-            if kind == "label":
-                fits = ~self._out_of_range(model, block, who)
-                rows, who = rows[fits], who[fits]
-                if not who.size:
-                    continue
+            fits = ~self._misfits(kind, block, who, row_classes(p, rows))
+            rows, who = rows[fits], who[fits]
+            if not who.size:
+                continue
             partners = block.take(who)
             self._check_partner(model, p, rows, partners, kind)
             if kind == "teacher":

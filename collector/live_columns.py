@@ -417,7 +417,7 @@ class ColumnarUnit:
         a = self.analyzer
         return {
             "watermark": a.watermark, "observed": a.observed, "merged": a.merged, "step_watermark": a.step_watermark,
-            "k": a.k, "keys": self.processed, "seq": self.seq,
+            "keys": self.processed, "seq": self.seq,
             "pending": [[*key, dict(counts)] for key, counts in a.pending.items()],
         }
 
@@ -428,7 +428,6 @@ class ColumnarUnit:
         a = self.analyzer
         a.watermark, a.merged, a.step_watermark = meta["watermark"], meta["merged"], meta["step_watermark"]
         a.observed = dict(meta["observed"])
-        a.k = dict(meta["k"])
         self.keys, self.processed = dict(meta["keys"]), dict(meta["keys"])
         self.seq = meta["seq"]
         for model, version, start, counts in meta["pending"]:
@@ -498,4 +497,5 @@ _MESSAGES = {
     "duplicate": "a record with this request_id was already seen in an open window",
     "unmatched": "no prediction for this request_id within the grace",
     "label_out_of_range": "the label is not one of the student's classes",
+    "class_count_mismatch": "the replay has another class count than the student's prediction",
 }

@@ -186,7 +186,9 @@ class Oracle:
 
     def _join_teacher(self, model: str, p: _Prediction, value: tuple[int, int]) -> None:
         argmax, classes = value
-        assert classes == p.classes, "the oracle's streams keep class counts equal"
+        if classes != p.classes:  # README, dead-letter reasons: not the student's class count; it joins nothing
+            self.counters[("teacher", "class_count_mismatch")] += 1
+            return
         p.teacher_argmax = argmax
         window = self.windows[(model, p.version, p.start)]
         window.n_joined += 1

@@ -353,6 +353,41 @@ def test_more_segments_than_the_limit_stay_on_the_engine(tmp_path: Path) -> None
     assert len(window["segments"]) == MAX_SEGMENTS + 1 and window["segments"][OTHER_SEGMENT]["n"] == 3 * 80
 
 
+@pytest.mark.parametrize("batch", [65_536, 64, 5])
+def test_a_model_whose_class_count_changes_stays_on_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                batch: int) -> None:
+    """A model upgraded from 3 to 4 classes mid-stream (both in some windows): the record joiner's windows and counters,
+    replays of the other class count rejected as class_count_mismatch, label 3 only for the 4-class predictions."""
+    _batch_rows(monkeypatch, batch)
+    rng = np.random.default_rng(9)
+    preds, replays, labels = [], [], []
+    for i in range(1_500):
+        k = 3 if i < 600 or (i < 900 and i % 2) else 4
+        ts = START + 40 * i
+        preds.append({"request_id": f"r{i}", "model": "m", "student_version": "s", "ts": ts,
+                      "probs": rng.dirichlet(np.ones(k)).tolist(), "features": {"x": float(rng.normal())}})
+        if i % 3:
+            k_t = k if i % 17 else 7 - k  # every 17th: the other class count
+            replays.append({"request_id": f"r{i}", "model": "m", "teacher_version": "t", "ts": ts + int(rng.integers(-500, 3_000)),
+                            "probs": rng.dirichlet(np.ones(k_t)).tolist()})
+        if i % 4 == 0:
+            labels.append({"request_id": f"r{i}", "model": "m", "label": int(rng.integers(0, 4)), "ts": ts + 2_000})
+    paths = {"prediction": tmp_path / "prediction.jsonl", "teacher": tmp_path / "teacher.jsonl", "label": tmp_path / "label.jsonl"}
+    for kind, rows in (("prediction", preds), ("teacher", replays), ("label", labels)):
+        paths[kind].write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    reference = ref_dir / "prediction.jsonl"
+    reference.write_bytes(paths["prediction"].read_bytes())
+    convert_jsonl(reference, reference.with_suffix(".parquet"), "prediction")
+    reasons: list[str] = []
+    analyze_files(paths["prediction"], paths["teacher"], paths["label"], on_fallback=reasons.append)
+    assert reasons == []
+    r, counters = compare(paths, to_parquet(paths), reference)
+    assert counters[("teacher", "class_count_mismatch")] > 0 and counters[("label", "label_out_of_range")] > 0
+    assert sum(w["n_joined"] for w in r.values()) > 500 and all(w["psi"]["_confidence"] is not None for w in r.values())
+
+
 def test_not_finite_values_are_rejected(tmp_path: Path) -> None:
     rows = [{"request_id": "a", "model": "m", "student_version": "s", "ts": START, "probs": [0.5, float("nan")],
              "features": {"x": 0.0}},

@@ -1,6 +1,6 @@
 """JSONL, Parquet and an independent model of the README's rules agree on random streams.
 
-Streams mix two models with different class counts, duplicate request ids (predictions, replays and
+Streams mix two models with different class counts (one of them changing its own), duplicate request ids (predictions, replays and
 labels), out-of-order event times, replays and labels from before their prediction to far past the
 grace (late and unmatched), orphans, predictions carrying their label and audit records. The Kafka
 path is held to `kdwatch analyze` by tests/integration/test_live_equivalence.py; this holds
@@ -54,7 +54,7 @@ def random_stream(seed: int, n: int, retries_only: bool = False) -> dict[str, li
     predictions, teacher, labels = [], [], []
     for i in range(n):
         model = rng.choice(list(CLASSES))
-        k = CLASSES[model]
+        k = CLASSES[model] - (model == "m2" and rng.random() < 0.15)  # m2's class count changes now and then
         rid = f"r{i}" if retries_only else rng.choice(ids)
         ts = T0 + i * 150 + rng.randint(-3_000, 3_000)
         p: dict[str, Any] = {"request_id": rid, "model": model, "student_version": rng.choice(["s1", "s2"]), "ts": ts,
@@ -71,9 +71,9 @@ def random_stream(seed: int, n: int, retries_only: bool = False) -> dict[str, li
         if "audit" in p:
             continue
         for _ in range(2 if rng.random() < 0.05 else 1):  # sometimes a second replay or label
-            if rng.random() < 0.5:
+            if rng.random() < 0.5:  # a few replays of another class count than their prediction (rejected)
                 teacher.append({"request_id": rid, "model": model, "teacher_version": "t1",
-                                "ts": ts + rng.randint(-2_000, 40_000), "probs": _probs(rng, k)})
+                                "ts": ts + rng.randint(-2_000, 40_000), "probs": _probs(rng, k + (rng.random() < 0.04))})
             if rng.random() < 0.3:
                 # A few labels name a class the student does not have (rejected when they would join).
                 label = rng.randrange(k) if rng.random() < 0.95 else k + rng.randrange(2)
@@ -144,6 +144,6 @@ def test_the_random_streams_reach_every_outcome() -> None:
     oracle = Oracle(WINDOW_MS, GRACE_MS)
     oracle.run(random_stream(1, 400))
     reasons = {reason for (_kind, reason), count in oracle.counters.items() if count}
-    assert {"valid", "late", "duplicate", "unmatched", "label_out_of_range"} <= reasons
+    assert {"valid", "late", "duplicate", "unmatched", "label_out_of_range", "class_count_mismatch"} <= reasons
     totals = {name: sum(w.fields()[name] for w in oracle.windows.values()) for name in ("n_joined", "n_labeled", "n_audit", "n_late")}
     assert all(totals.values()), totals
