@@ -171,13 +171,18 @@ def analyze_files(
     ``partitions`` > 1 reproduces a topic's layout: each record goes to the partition ``partitioner``
     gives its ``request_id`` (the Kafka key), each partition is merged and joined on its own, as a
     collector does, and the windows are merged. A record without a readable ``request_id`` changes
-    only counters and goes to partition 0.
+    only counters and goes to partition 0. On the columnar engine the files are split by partition
+    first (``split_by_partition``).
     """
     from kdwatch.collector.columnar import analyze_columnar
     from kdwatch.collector.columns import Fallback
 
     if partitions < 1 or (partitions > 1 and partitioner is None):
         raise ValueError("partitions must be >= 1, and a partitioner is needed for more than one")
+    if partitions > 1 and columnar:
+        assert partitioner is not None
+        return _analyze_partitions(predictions, teacher, labels, window_ms, grace_ms, references, on_fallback,
+                                   partitions, partitioner)
     if partitions == 1 and columnar:
         _all_parquet(predictions, teacher, labels)  # refuses a mix before any work
         try:
@@ -193,6 +198,93 @@ def analyze_files(
         accept = None if partitions == 1 else _partition_filter(p, partitions, partitioner)
         analyze_partition(merged_events(predictions, teacher, labels, accept), window_ms, grace_ms, refs, windows, counters)
     return windows, counters
+
+
+def _analyze_partitions(predictions: Path, teacher: Path | None, labels: Path | None, window_ms: int, grace_ms: int,
+                        references: dict[str, Reference] | Callable[[], dict[str, Reference]] | None,
+                        on_fallback: Callable[[str], None] | None, partitions: int, partitioner: Partitioner
+                        ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
+    """``analyze_files`` with ``partitions`` > 1 on the columnar engine: the files are split by partition first (one
+    pass, to a temporary directory: memory stays flat), then each co-partition runs on its own, as a collector's."""
+    import tempfile
+
+    refs = references() if callable(references) else references
+    windows: dict[WindowKey, WindowState] = {}
+    counters: dict[tuple[str, str], int] = {}
+    with tempfile.TemporaryDirectory(prefix="kdwatch-partitions-") as directory:
+        parts = split_by_partition({"prediction": predictions, "teacher": teacher, "label": labels}, partitions,
+                                   partitioner, Path(directory))
+        for part in parts:
+            got = analyze_files(part["prediction"], part["teacher"], part["label"], window_ms=window_ms,
+                                grace_ms=grace_ms, references=refs, on_fallback=on_fallback)
+            for key, state in got[0].items():
+                windows[key] = windows[key].merge(state) if key in windows else state
+            for counter, count in got[1].items():
+                counters[counter] = counters.get(counter, 0) + count
+    return windows, counters
+
+
+def split_by_partition(paths: dict[str, Path | None], partitions: int, partitioner: Partitioner, directory: Path
+                       ) -> list[dict[str, Any]]:
+    """Each input's records in one file per partition of their ``request_id`` (the Kafka key), in file order.
+
+    A record without a readable string ``request_id`` goes to partition 0 (as the record path sends it).
+    """
+    from kdwatch.collector.columns import is_parquet
+
+    out: list[dict[str, Any]] = [dict.fromkeys(paths) for _ in range(partitions)]
+    for kind, path in paths.items():
+        if path is None:
+            continue
+        targets = [directory / f"{kind}-{p}{path.suffix}" for p in range(partitions)]
+        for p, target in enumerate(targets):
+            out[p][kind] = target
+        (_split_parquet if is_parquet(path) else _split_jsonl)(path, targets, partitioner)
+    return out
+
+
+def _partition_of(request_id: Any, partitions: int, partitioner: Partitioner) -> int:
+    return partitioner(request_id.encode(), partitions) if isinstance(request_id, str) else 0
+
+
+def _split_jsonl(path: Path, targets: list[Path], partitioner: Partitioner) -> None:
+    handles = [target.open("wb") for target in targets]
+    try:
+        with path.open("rb") as source:
+            for line in source:
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    obj = None
+                request_id = obj.get("request_id") if isinstance(obj, dict) else None
+                handles[_partition_of(request_id, len(targets), partitioner)].write(line + b"\n")
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def _split_parquet(path: Path, targets: list[Path], partitioner: Partitioner) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(path)
+    writers = [pq.ParquetWriter(target, source.schema_arrow) for target in targets]
+    try:
+        for batch in source.iter_batches():
+            if "request_id" in batch.schema.names:
+                ids = batch.column("request_id").to_pylist()
+                where = np.fromiter((_partition_of(r, len(targets), partitioner) for r in ids), dtype=np.int64, count=len(ids))
+            else:
+                where = np.zeros(batch.num_rows, dtype=np.int64)
+            for p, writer in enumerate(writers):
+                writer.write_batch(batch.filter(pa.array(where == p)))
+    finally:
+        for writer in writers:
+            writer.close()
 
 
 def analyze_partition(events: Iterable[tuple[str, bytes, dict[str, Any] | None, dict[str, bool]]], window_ms: int,

@@ -83,7 +83,7 @@ def analyze(
     else:
         windows, counters = analyze_files(
             predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs,
-            partitions=partitions, partitioner=_kafka_partition if partitions > 1 else None,
+            partitions=partitions, partitioner=_kafka_partitioner() if partitions > 1 else None,
             on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
     results = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
@@ -101,10 +101,10 @@ def analyze(
         err.print(f"[yellow]not counted in any window metric:[/] {rejected}")
 
 
-def _kafka_partition(key: bytes, partitions: int) -> int:
+def _kafka_partitioner() -> Any:  # Callable[[bytes, int], int]
     from kdwatch.collector.consumer import kafka_partition  # Kafka's client loads only when --partitions asks for it
 
-    return kafka_partition(key, partitions)
+    return kafka_partition
 
 
 def _analyze_on_spark(master: str, predictions: Path, teacher: Path | None, labels: Path | None, window_ms: int,

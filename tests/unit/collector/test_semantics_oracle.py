@@ -10,6 +10,7 @@ path is held to `kdwatch analyze` by tests/integration/test_live_equivalence.py;
 from __future__ import annotations
 
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,30 @@ def test_the_random_streams_reach_every_outcome() -> None:
     assert {"valid", "late", "duplicate", "unmatched", "label_out_of_range", "class_count_mismatch"} <= reasons
     totals = {name: sum(w.fields()[name] for w in oracle.windows.values()) for name in ("n_joined", "n_labeled", "n_audit", "n_late")}
     assert all(totals.values()), totals
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), partitions=st.integers(2, 5))
+def test_partitions_run_on_the_engine_as_on_the_record_joiner(tmp_path: Path, seed: int, partitions: int) -> None:
+    """`analyze --partitions N`: the files split by the request_id's partition, each co-partition on the engine,
+    equal to the record joiner reading each partition's share of the files; JSONL and Parquet."""
+    stream = random_stream(seed, 300)
+    stream["prediction"].insert(7, {"request_id": 5, "model": "m1"})  # unreadable request_id: partition 0
+    paths = _write(stream, tmp_path / f"p{seed}-{partitions}")
+    parquet = {kind: path.with_suffix(".parquet") for kind, path in paths.items()}
+    for kind in INPUTS:
+        convert_jsonl(paths[kind], parquet[kind], kind)
+
+    def partitioner(key: bytes, n: int) -> int:
+        return zlib.crc32(key) % n
+
+    for source in (paths, parquet):  # (Parquet: convert left the unreadable line out)
+        expected = analyze_files(source["prediction"], source["teacher"], source["label"], window_ms=WINDOW_MS,
+                                 grace_ms=GRACE_MS, partitions=partitions, partitioner=partitioner, columnar=False)
+        fallbacks: list[str] = []
+        windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"], window_ms=WINDOW_MS,
+                                          grace_ms=GRACE_MS, partitions=partitions, partitioner=partitioner,
+                                          on_fallback=fallbacks.append)
+        assert fallbacks == []
+        assert _fields(windows) == _fields(expected[0])
+        assert {k: v for k, v in counters.items() if v} == {k: v for k, v in expected[1].items() if v}
