@@ -186,28 +186,61 @@ class ColumnarAnalyzer:
 
     def _step_model(self, model: str, preds: Block | None, teacher: Block | None, labels: Block | None) -> None:
         buf = self.buffers.setdefault(model, JoinBuffer())
-        starts = np.zeros(0, dtype=np.int64)
         if preds is not None and preds.n:
-            assert preds.arrival_wm is not None
-            starts = self._starts(preds.ts)
-            late = starts + self.window_ms + self.grace_ms <= preds.arrival_wm
-            if late.any():
-                self.counters[("prediction", "late")] += int(late.sum())
-                late_versions = preds.version.take(pa.array(np.flatnonzero(late), type=pa.int64())).to_pylist()
-                for ver, start in zip(late_versions, starts[late].tolist(), strict=True):
-                    if self.track:  # its window was stored when it closed
-                        self.late[WindowKey(model, ver, start)] += 1
-                    else:
-                        self.windows.setdefault(WindowKey(model, ver, start), WindowState()).n_late += 1
-                self._letter("prediction", preds, np.flatnonzero(late), "late")
-                keep = np.flatnonzero(~late)
-                preds, starts = preds.take(keep), starts[keep]
+            preds = self._drop_late(model, preds)
+        blocks = [preds, teacher, labels]
+        cut = self._join(model, buf, *blocks)
+        if cut is not None:
+            self._join_around_reuses(model, buf, blocks, cut)
+
+    def _join_around_reuses(self, model: str, buf: JoinBuffer, blocks: list[Block | None], cut: tuple[int, int] | None) -> None:
+        """Join a stretch in which a prediction's request_id comes again after the first one's window closed.
+
+        At each such prediction (``cut``: its merge position and watermark) what came before it is joined, this
+        model's windows closed by then are closed (the first prediction goes, as in the record joiner), and the
+        rest follows, SPLIT_ROWS merge positions at a time: ids reused over and over cost that much each.
+        """
+        while True:
+            if cut is not None:
+                position, watermark = cut
+                again = self._join(model, buf, *_before(blocks, position))
+                assert again is None  # nothing is reused before the first reuse
+                self._close(model, buf, False, watermark)  # this model's only: the others' steps see their own
+                blocks = _before(blocks, position, after=True)
+            left = [int(b.position[0]) for b in blocks if b is not None and b.n and b.position is not None]
+            if not left:
+                return
+            limit = min(left) + SPLIT_ROWS
+            cut = self._join(model, buf, *_before(blocks, limit))
+            if cut is None:
+                blocks = _before(blocks, limit, after=True)
+
+    def _drop_late(self, model: str, preds: Block) -> Block:
+        """The predictions whose window was open when they arrived; the others counted and dead-lettered as late."""
+        assert preds.arrival_wm is not None
+        starts = self._starts(preds.ts)
+        late = starts + self.window_ms + self.grace_ms <= preds.arrival_wm
+        if not late.any():
+            return preds
+        self.counters[("prediction", "late")] += int(late.sum())
+        late_versions = preds.version.take(pa.array(np.flatnonzero(late), type=pa.int64())).to_pylist()
+        for ver, start in zip(late_versions, starts[late].tolist(), strict=True):
+            if self.track:  # its window was stored when it closed
+                self.late[WindowKey(model, ver, start)] += 1
+            else:
+                self.windows.setdefault(WindowKey(model, ver, start), WindowState()).n_late += 1
+        self._letter("prediction", preds, np.flatnonzero(late), "late")
+        return preds.take(np.flatnonzero(~late))
+
+    def _join(self, model: str, buf: JoinBuffer, preds: Block | None, teacher: Block | None, labels: Block | None
+              ) -> tuple[int, int] | None:
+        """Join one stretch of a model's rows (predictions not late); or, before any change, the (merge position,
+        watermark) of a prediction reusing a request_id whose first window has closed (collector.column_repeats)."""
         present = {kind: b for kind, b in (("prediction", preds), ("teacher", teacher), ("label", labels))
                    if b is not None and b.n}
         repeats = find_repeats(model, buf, present, self.window_ms, self.grace_ms) if present else None
         if repeats is not None and repeats.reused is not None:
-            self._split(model, buf, repeats.reused, preds, teacher, labels)
-            return
+            return repeats.reused
         if repeats is not None:
             self.counters.update(repeats.counters)
             if self.track:
@@ -216,37 +249,17 @@ class ColumnarAnalyzer:
                     self._letter(kind, block, np.array([row]), reason)
             for key, count in repeats.windows.items():
                 self._count(key, "n_duplicate", count)
-            if repeats.drop["prediction"]:
-                preds = without(preds, repeats.drop["prediction"])
-                assert preds is not None
-                starts = self._starts(preds.ts)
+            preds = without(preds, repeats.drop["prediction"])
             teacher, labels = without(teacher, repeats.drop["teacher"]), without(labels, repeats.drop["label"])
             buf.early_teacher = without(buf.early_teacher, repeats.drop_early["teacher"])
             buf.early_label = without(buf.early_label, repeats.drop_early["label"])
         if preds is not None and preds.n:
-            self._add_predictions(model, buf, preds, starts)
+            self._add_predictions(model, buf, preds, self._starts(preds.ts))
         if teacher is not None and teacher.n:
             self._add_partners(model, buf, teacher, "teacher")
         if labels is not None and labels.n:
             self._add_partners(model, buf, labels, "label")
-
-    def _split(self, model: str, buf: JoinBuffer, at: tuple[int, int], *blocks: Block | None) -> None:
-        """Step the rows before merge position ``at[0]``, close the windows closed by then (watermark ``at[1]``: the
-        first prediction of a reused request_id goes), then the rows from there on."""
-        position, watermark = at
-
-        def part(before: bool) -> list[Block | None]:
-            out: list[Block | None] = []
-            for block in blocks:
-                if block is not None and block.n:
-                    assert block.position is not None
-                    block = block.take(np.flatnonzero((block.position < position) == before))
-                out.append(block)
-            return out
-
-        self._step_model(model, *part(True))
-        self._close(model, buf, False, watermark)  # this model's only: the others' steps see their own watermarks
-        self._step_model(model, *part(False))
+        return None
 
     def _add_predictions(self, model: str, buf: JoinBuffer, preds: Block, starts: np.ndarray) -> None:
         dup = duplicate(preds)  # repeats against the buffer were decided by collector.column_repeats
@@ -456,6 +469,21 @@ class ColumnarAnalyzer:
         groups = sorted(((int(rows.starts[b]), names[codes[b]], b, e) for b, e in pairwise(edges)),
                         key=lambda item: item[0])
         return [(WindowKey(model, ver, start), rows.slice(begin, end)) for start, ver, begin, end in groups]
+
+
+# After a reused request_id, the rest of a stretch is joined this many merge positions at a time.
+SPLIT_ROWS = 4_096
+
+
+def _before(blocks: list[Block | None], position: int, after: bool = False) -> list[Block | None]:
+    """Each block's rows before merge position ``position`` (``after``: from it on)."""
+    out: list[Block | None] = []
+    for block in blocks:
+        if block is not None and block.n:
+            assert block.position is not None
+            block = block.take(np.flatnonzero((block.position >= position) if after else (block.position < position)))
+        out.append(block)
+    return out
 
 
 def analyze_columnar(

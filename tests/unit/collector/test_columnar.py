@@ -464,6 +464,26 @@ def test_a_request_id_used_again_after_its_window_closed_is_a_new_prediction(tmp
     assert counters.get(("prediction", "duplicate"), 0) == 0
 
 
+def test_request_ids_reused_over_and_over_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer that reuses a few ids for every request (a session id as request_id): thousands of reuses in
+    one stretch, the record joiner's windows and counters (and no recursion: the stretch is cut in a loop)."""
+    rng = np.random.default_rng(3)
+    preds, replays = [], []
+    for i in range(12_000):
+        ts = START + 50 * i
+        rid = f"session-{i % 60}"  # the same 60 ids, each back every 3 s of event time (windows of 1 s, grace 1 s)
+        preds.append({"request_id": rid, "model": "m", "student_version": "s", "ts": ts, "probs": rng.dirichlet(np.ones(4)).tolist()})
+        if i % 3 == 0:
+            replays.append({"request_id": rid, "model": "m", "teacher_version": "t", "ts": ts + int(rng.integers(0, 900)),
+                            "probs": rng.dirichlet(np.ones(4)).tolist()})
+    paths = {"prediction": tmp_path / "prediction.jsonl", "teacher": tmp_path / "teacher.jsonl", "label": tmp_path / "label.jsonl"}
+    for kind, rows in (("prediction", preds), ("teacher", replays), ("label", [])):
+        paths[kind].write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    r, counters = compare(paths, to_parquet(paths), None, window_ms=1_000, grace_ms=1_000)
+    assert sum(w["n"] for w in r.values()) == 12_000 and sum(w["n_joined"] for w in r.values()) > 2_000
+    assert counters.get(("prediction", "duplicate"), 0) == 0
+
+
 def test_schema_errors_name_the_column(tmp_path: Path) -> None:
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"request_id": ["a"], "model": ["m"], "student_version": ["s"], "ts": [START],
