@@ -46,9 +46,9 @@ from tests.integration.helpers import collector_process, new_topics, topic_map
 from tests.integration.receiver import webhook_receiver
 
 # The shipped rules, in seconds instead of minutes. As in the shipped ones, the stall window is longer than
-# the collector's idle timeout (20 s here): a collector waiting that long for a silent input legitimately
+# the collector's idle timeout (10 s here): a collector waiting that long for a silent input legitimately
 # commits nothing (the columnar engine commits processed records only).
-SHORT = SelfAlertTimings(stall_after_ms=25_000, stall_for_ms=0, lag_unknown_after_ms=5_000, lag_unknown_for_ms=0,
+SHORT = SelfAlertTimings(stall_after_ms=15_000, stall_for_ms=0, lag_unknown_after_ms=5_000, lag_unknown_for_ms=0,
                          dead_letter_over_ms=20_000, dead_letter_for_ms=0, backlog_after_ms=4_000, backlog_for_ms=0,
                          engine_stalled_after_ms=60_000, engine_stalled_for_ms=0)
 OUTAGE_S = 60.0
@@ -175,9 +175,9 @@ def test_self_alerts_fire_and_clear_through_real_faults(api: tuple[SqlStore, str
     database_url = f"sqlite:///{tmp_path / 'kdwatch.db'}"
     topics = new_topics(bootstrap, partitions=2)
     collector_port, engine_port, receiver_port = free_port(), free_port(), free_port()
-    # The collector waits 20 s for a silent input before moving on (so records it holds show as lag).
+    # The collector waits 10 s for a silent input before moving on (so records it holds show as lag).
     collector = collector_process(bootstrap, database_url, topics, "self-" + topics.predictions, tmp_path / "collector.log",
-                                  idle_timeout_ms=20_000, extra_env={"KDWATCH_METRICS_PORT": str(collector_port)})
+                                  idle_timeout_ms=10_000, extra_env={"KDWATCH_METRICS_PORT": str(collector_port)})
     store_burning_windows(store, int(time.time() * 1000))
     (tmp_path / "slo.yaml").write_text(yaml.safe_dump(SLO))
     engine = engine_process(database_url, tmp_path / "slo.yaml", f"http://127.0.0.1:{receiver_port}/hook", engine_port,
@@ -219,7 +219,7 @@ def _scenario_receiver_down(prometheus: Prometheus, database_url: str, receiver_
 
 def _scenario_broker_down(prometheus: Prometheus, store: SqlStore, broker: DevKafka, predictions: str) -> None:
     """The broker stops for a minute while the collector holds unread records."""
-    # Predictions only: the collector holds them for the silent inputs' idle timeout (20 s), so they are lag.
+    # Predictions only: the collector holds them for the silent inputs' idle timeout (10 s), so they are lag.
     producer = KafkaProducer(bootstrap_servers=broker.start().bootstrap)
     for kind, key, value in generate(TrafficSpec(seed=9, events_per_second=50, teacher_rate=0.0, label_rate=0.0), 500):
         if kind == "prediction":
@@ -232,9 +232,11 @@ def _scenario_broker_down(prometheus: Prometheus, store: SqlStore, broker: DevKa
     down_at = time.time()
     restart = threading.Thread(target=broker.restart, kwargs={"down_s": OUTAGE_S}, daemon=True)
     restart.start()
-    took = wait_for(lambda: {"KdwatchConsumerLagUnknown", "KdwatchCollectorStalled"} <= prometheus.firing(), OUTAGE_S,
-                    "lag-unknown and collector-stalled while the broker is down", prometheus)
-    restart.join(OUTAGE_S + 120)
+    try:
+        took = wait_for(lambda: {"KdwatchConsumerLagUnknown", "KdwatchCollectorStalled"} <= prometheus.firing(), OUTAGE_S,
+                        "lag-unknown and collector-stalled while the broker is down", prometheus)
+    finally:  # the broker back before anything else (a failure here must not leave a restart behind the fixture)
+        restart.join(OUTAGE_S + 120)
     back_at = time.time()
     assert back_at - down_at >= OUTAGE_S and took < OUTAGE_S
     span = f"{int(back_at - down_at) - 5}s"
