@@ -179,12 +179,12 @@ def analyze_files(
 
     if partitions < 1 or (partitions > 1 and partitioner is None):
         raise ValueError("partitions must be >= 1, and a partitioner is needed for more than one")
+    _all_parquet(predictions, teacher, labels)  # refuses a mix before any work (the partitions' split included)
     if partitions > 1 and columnar:
         assert partitioner is not None
         return _analyze_partitions(predictions, teacher, labels, window_ms, grace_ms, references, on_fallback,
                                    partitions, partitioner)
     if partitions == 1 and columnar:
-        _all_parquet(predictions, teacher, labels)  # refuses a mix before any work
         try:
             return analyze_columnar(predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms,
                                     references=references)
