@@ -46,6 +46,7 @@ class OpenRows:
     teacher_version: np.ndarray  # object; None: no replay
     has_teacher: np.ndarray
     label_joined: np.ndarray  # a label that came as its own record (-1: none)
+    teacher_gen: np.ndarray | None = None  # object: a generative replay's Generation per row; None: none were
     # The key index of the rows this chunk was sliced from, and where it starts in them (built when first used).
     index: KeyIndex | None = None
     index_offset: int = 0
@@ -78,12 +79,17 @@ class OpenRows:
 
     def set_teacher(self, rows: np.ndarray, teacher: Block) -> None:
         assert teacher.probs is not None
-        self.put_teacher(rows, teacher.probs, teacher.logp, teacher.version.to_pylist())
+        self.put_teacher(rows, teacher.probs, teacher.logp, teacher.version.to_pylist(), teacher.gen)
 
-    def put_teacher(self, rows: np.ndarray, probs: np.ndarray, logp: np.ndarray | None, versions: list[str]) -> None:
+    def put_teacher(self, rows: np.ndarray, probs: np.ndarray, logp: np.ndarray | None, versions: list[str],
+                    gen: np.ndarray | None = None) -> None:
         """Replays of ``rows`` (each of its prediction's class count: padding columns only differ in width)."""
         width = self.teacher_probs.shape[1]
         self.teacher_probs[rows] = fit_width(probs, width)
+        if gen is not None:
+            if self.teacher_gen is None:
+                self.teacher_gen = np.full(self.n, None, dtype=object)
+            self.teacher_gen[rows] = gen
         if logp is not None:
             if self.teacher_logp is None:
                 self.teacher_logp = np.full(self.teacher_probs.shape, np.nan)
@@ -97,12 +103,14 @@ class OpenRows:
             return self.slice(int(idx[0]), int(idx[-1]) + 1)
         return OpenRows(self.preds.take(idx), self.starts[idx], self.teacher_probs[idx],
                      None if self.teacher_logp is None else self.teacher_logp[idx], self.teacher_version[idx],
-                     self.has_teacher[idx], self.label_joined[idx], seq=self.seq)
+                     self.has_teacher[idx], self.label_joined[idx],
+                     None if self.teacher_gen is None else self.teacher_gen[idx], seq=self.seq)
 
     def slice(self, begin: int, end: int) -> OpenRows:
         return OpenRows(self.preds.slice(begin, end), self.starts[begin:end], self.teacher_probs[begin:end],
                      None if self.teacher_logp is None else self.teacher_logp[begin:end],
                      self.teacher_version[begin:end], self.has_teacher[begin:end], self.label_joined[begin:end],
+                     None if self.teacher_gen is None else self.teacher_gen[begin:end],
                      self.index, self.index_offset + begin, self.seq)
 
 
@@ -123,10 +131,13 @@ def concat_open(parts: list[OpenRows]) -> OpenRows:
     if any(p.teacher_logp is not None for p in parts):
         logp = np.concatenate([np.full((p.n, width), np.nan) if p.teacher_logp is None else fit_width(p.teacher_logp, width)
                                for p in parts])
+    gen = None
+    if any(p.teacher_gen is not None for p in parts):
+        gen = np.concatenate([np.full(p.n, None, dtype=object) if p.teacher_gen is None else p.teacher_gen for p in parts])
     return OpenRows(concat([p.preds for p in parts]), np.concatenate([p.starts for p in parts]),
                  np.concatenate([fit_width(p.teacher_probs, width) for p in parts]), logp,
                  np.concatenate([p.teacher_version for p in parts]), np.concatenate([p.has_teacher for p in parts]),
-                 np.concatenate([p.label_joined for p in parts]))
+                 np.concatenate([p.label_joined for p in parts]), gen)
 
 
 # Open predictions are kept as the chunks they arrived in (closing a window slices them instead of

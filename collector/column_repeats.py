@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from kdwatch.collector.column_join import JoinBuffer
-from kdwatch.collector.column_rules import row_classes
-from kdwatch.collector.columns import Block, Fallback
+from kdwatch.collector.column_rules import row_classes, row_lengths
+from kdwatch.collector.columns import Block, Fallback, present
 from kdwatch.collector.records import WindowKey
 
 PARTNERS = ("teacher", "label")
@@ -41,6 +41,7 @@ class Repeats:
     drop: dict[str, list[int]] = field(default_factory=lambda: {"prediction": [], "teacher": [], "label": []})
     drop_early: dict[str, list[int]] = field(default_factory=lambda: {"teacher": [], "label": []})
     windows: Counter[WindowKey] = field(default_factory=Counter)  # n_duplicate per window
+    rejected: Counter[WindowKey] = field(default_factory=Counter)  # n_rejected per window (generative_mismatch)
     counters: Counter[tuple[str, str]] = field(default_factory=Counter)
     letters: list[tuple[str, str, int, str]] = field(default_factory=list)  # (kind, "step" or "buffer", row, reason) dropped
     # (merge position, watermark at it) of a prediction whose request_id comes again after the first one's window
@@ -62,6 +63,7 @@ class _Prediction:
     own_label: bool
     has: dict[str, bool]
     classes: int
+    length: int  # a generative prediction's number of tokens (0: a classifier's)
 
 
 @dataclass
@@ -156,14 +158,14 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
         rows = chunk.rows_with(conflict)
         p = chunk.preds
         assert p.audit is not None and p.label is not None
-        classes = row_classes(p, rows).tolist()
-        for rid, ver, r, k in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(),
-                                  classes, strict=True):
+        classes, lengths = row_classes(p, rows).tolist(), row_lengths(p, rows).tolist()
+        for rid, ver, r, k, n in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(),
+                                     classes, lengths, strict=True):
             if rid in preds:
                 raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} is buffered twice")
             preds[rid] = _Prediction(int(chunk.starts[r]), ver, bool(p.audit[r] > 0), bool(p.label[r] >= 0),
                                      {"teacher": bool(chunk.has_teacher[r]),
-                                      "label": bool(p.label[r] >= 0 or chunk.label_joined[r] >= 0)}, k)
+                                      "label": bool(p.label[r] >= 0 or chunk.label_joined[r] >= 0)}, k, n)
     for kind in PARTNERS:
         block = buf.early_teacher if kind == "teacher" else buf.early_label
         if block is None or not block.n:
@@ -177,13 +179,68 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
     return preds, early
 
 
+def _generative_rows(block: Block) -> np.ndarray:
+    return present(block.gen, block.n)
+
+
+def mixed_windows(buf: JoinBuffer, preds: Block | None, window_ms: int
+                  ) -> tuple[np.ndarray, set[tuple[str, int]], dict[tuple[str, int], bool]]:
+    """Keys of the predictions of windows where generative and classifier predictions meet, those windows
+    ((version, start)), and the kinds known for them from the buffer.
+
+    A window's kind is its first accepted prediction's (the record joiner's rule): a prediction of the
+    other kind is rejected as ``generative_mismatch``. Windows whose predictions so far (buffered) and in
+    this stretch are all of one kind need no decision; the others are decided row by row. Usually none:
+    without a generative row on either side nothing is computed.
+    """
+    none: tuple[np.ndarray, set[tuple[str, int]], dict[tuple[str, int], bool]] = (np.zeros(0, dtype=np.uint64), set(), {})
+    if preds is None or not preds.n:
+        return none
+    gen = _generative_rows(preds)
+    buffered = [(chunk, _generative_rows(chunk.preds)) for chunk in buf.chunks]
+    if not gen.any() and not any(g.any() for _c, g in buffered):
+        return none
+    if gen.all() and all(g.all() for _c, g in buffered):
+        return none
+    known: dict[tuple[str, int], bool] = {}
+    for chunk, g in buffered:
+        known.update(zip(zip(chunk.preds.version.to_pylist(), chunk.starts.tolist(), strict=True), g.tolist(), strict=True))
+    seen: dict[tuple[str, int], set[bool]] = {}
+    wins = list(zip(preds.version.to_pylist(), (preds.ts - preds.ts % window_ms).tolist(), strict=True))
+    for win, g in zip(wins, gen.tolist(), strict=True):
+        seen.setdefault(win, set()).add(g)
+    mixed = {win for win, kinds in seen.items() if len(kinds) > 1 or (win in known and known[win] not in kinds)}
+    if not mixed:
+        return none
+    rows = np.fromiter((win in mixed for win in wins), dtype=bool, count=len(wins))
+    return preds.key[rows], mixed, {win: known[win] for win in mixed if win in known}
+
+
 def _fits(block: Block | None, kind: str, row: int, pred: _Prediction) -> bool:
-    """Whether a replay or label row may join ``pred`` (its class count; a label among its classes)."""
+    """Whether a replay or label row may join ``pred`` (its kind and class count or length; a label among its classes)."""
     assert block is not None
     if kind == "teacher":
-        return int(row_classes(block, np.array([row]))[0]) == pred.classes
+        at = np.array([row])
+        return int(row_classes(block, at)[0]) == pred.classes and int(row_lengths(block, at)[0]) == pred.length
     assert block.label is not None
     return int(block.label[row]) < pred.classes
+
+
+def _events(blocks: dict[str, Block], conflict: np.ndarray, window_ms: int) -> list[tuple[int, str, int, str, int, int]]:
+    """The stretch's rows of the ``conflict`` keys, in merge order: (position, kind, row, request_id, window start,
+    arrival watermark)."""
+    events: list[tuple[int, str, int, str, int, int]] = []
+    for kind, block in blocks.items():
+        rows = _rows_with(block, conflict)
+        if not rows.size:
+            continue
+        assert block.position is not None and block.arrival_wm is not None
+        ids = block.request_id.take(rows).to_pylist()
+        starts = (block.ts[rows] - block.ts[rows] % window_ms).tolist()
+        for rid, r, start in zip(ids, rows.tolist(), starts, strict=True):
+            events.append((int(block.position[r]), kind, r, rid, start, int(block.arrival_wm[r])))
+    events.sort()
+    return events
 
 
 def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_ms: int, grace_ms: int) -> Repeats | None:
@@ -192,12 +249,15 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
     Predictions in ``blocks`` are the ones not late. None when no request_id can hold a duplicate,
     the usual case, decided on hashes without a Python loop. A replay of another class count than its
     prediction, or a label outside its classes, is rejected when it would join (by the join): the
-    prediction takes another one.
+    prediction takes another one. In a window where generative and classifier predictions meet
+    (:func:`mixed_windows`), a prediction of the other kind than the window's first is rejected here.
     """
-    conflict = conflict_keys(buf, blocks)
+    mixed, decide, kinds = mixed_windows(buf, blocks.get("prediction"), window_ms)
+    conflict = np.union1d(conflict_keys(buf, blocks), mixed) if mixed.size else conflict_keys(buf, blocks)
     if not conflict.size:
         return None
     span = window_ms + grace_ms
+    gen = _generative_rows(blocks["prediction"]) if decide else None
 
     def start_of(ts: int) -> int:
         return ts - ts % window_ms
@@ -207,19 +267,8 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
     def fits(kind: str, where: tuple[str, int], pred: _Prediction) -> bool:
         return _fits(blocks[kind] if where[0] == "step" else getattr(buf, f"early_{kind}"), kind, where[1], pred)
 
-    # The stretch's rows of those request_ids, in merge order.
-    events: list[tuple[int, str, int, str, int, int]] = []  # (position, kind, row, request_id, start, arrival watermark)
-    for kind, block in blocks.items():
-        rows = _rows_with(block, conflict)
-        if not rows.size:
-            continue
-        assert block.position is not None and block.arrival_wm is not None
-        ids = block.request_id.take(rows).to_pylist()
-        for rid, r in zip(ids, rows.tolist(), strict=True):
-            events.append((int(block.position[r]), kind, r, rid, start_of(int(block.ts[r])), int(block.arrival_wm[r])))
-    events.sort()
     out = Repeats()
-    for position, kind, row, rid, start, wm in events:
+    for position, kind, row, rid, start, wm in _events(blocks, conflict, window_ms):
         pred = preds.get(rid)
         live = pred is not None and pred.start + span > wm
         if kind == "prediction":
@@ -232,9 +281,17 @@ def find_repeats(model: str, buf: JoinBuffer, blocks: dict[str, Block], window_m
                 continue
             if pred is not None:
                 return Repeats(reused=(position, wm))
+            if (version, start) in decide:  # a window where both kinds meet: the first accepted one sets its kind
+                assert gen is not None
+                generative = bool(gen[row])
+                if kinds.setdefault((version, start), generative) != generative:
+                    out.dropped(kind, "step", row, "generative_mismatch")
+                    out.rejected[WindowKey(model, version, start)] += 1
+                    continue
             audit, own_label = bool(block.audit[row] > 0), bool(block.label[row] >= 0)
+            at = np.array([row])
             pred = preds[rid] = _Prediction(start, version, audit, own_label, {"teacher": False, "label": own_label},
-                                            int(row_classes(block, np.array([row]))[0]))
+                                            int(row_classes(block, at)[0]), int(row_lengths(block, at)[0]))
             if audit:  # an audit record joins nothing; early partners wait for their window to close
                 continue
             for partner in PARTNERS:

@@ -31,8 +31,9 @@ from kdwatch.collector.contract import (
     MAX_TS_MS,
     MIN_TS_MS,
     PROB_SUM_TOLERANCE,
+    decode_generation,
 )
-from kdwatch.errors import SchemaError
+from kdwatch.errors import ContractError, SchemaError
 
 
 class Rejections:
@@ -102,8 +103,10 @@ def _group_matrix(k: int, group: np.ndarray, columns: tuple[tuple[pa.Array | Non
     return matrix, logits_rows
 
 
-def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _distribution(batch: pa.RecordBatch, rej: Rejections, generative: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Validated (probs, logp) as (n, K_max) matrices, NaN beyond each row's class count; None when no row is valid.
+
+    ``generative`` rows carry a generation instead: their class count is 0 (NaN rows).
 
     ``logp`` is None when no row sent logits. Rows are checked and normalised in groups of equal
     class count, so each row's arithmetic is the decoder's (summing a padded row would group the
@@ -121,15 +124,15 @@ def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | 
     probs_col, logits_col = column("probs"), column("logits")
     has_p = np.zeros(n, bool) if probs_col is None else ~null_mask(probs_col)
     has_l = np.zeros(n, bool) if logits_col is None else ~null_mask(logits_col)
-    rej.flag(has_p == has_l, "probs_or_logits")
+    rej.flag(has_p.astype(np.int8) + has_l + generative != 1, "probs_or_logits")
     lengths = np.zeros(n, dtype=np.int64)
     for col, has in ((probs_col, has_p), (logits_col, has_l)):
         if col is not None and has.any():
             lengths = np.where(has, to_numpy(pc.list_value_length(col)), lengths)  # null slots: masked by has
-    rej.flag(~((lengths >= 2) & (lengths <= MAX_CLASSES)), "bad_class_count")
-    ok = rej.ok
+    rej.flag(~generative & ~((lengths >= 2) & (lengths <= MAX_CLASSES)), "bad_class_count")
+    ok = rej.ok & ~generative
     if not ok.any():
-        return None, None
+        return (np.full((n, 0), np.nan) if rej.ok.any() else None), None  # generative rows only: no classes
     ks = np.unique(lengths[ok])
     width = int(ks.max())
     probs: np.ndarray | None = None
@@ -145,7 +148,7 @@ def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | 
         return target
 
     for k in ks.tolist():
-        group = rej.ok & (lengths == k)
+        group = rej.ok & ~generative & (lengths == k)
         matrix, logits_rows = _group_matrix(k, group, ((probs_col, has_p, False), (logits_col, has_l, True)), rej)
         finite = np.isfinite(matrix).all(axis=1)
         rej.flag(group & rej.ok & ~finite, "not_finite")
@@ -173,6 +176,36 @@ def _distribution(batch: pa.RecordBatch, rej: Rejections) -> tuple[np.ndarray | 
     return probs, logp
 
 
+def _generative(batch: pa.RecordBatch) -> np.ndarray:
+    """Rows carrying a ``generation`` (a generative student's prediction or its replay)."""
+    if "generation" not in batch.schema.names or pa.types.is_null(batch.schema.field("generation").type):
+        return np.zeros(batch.num_rows, dtype=bool)
+    return ~null_mask(batch.column("generation"))
+
+
+def _generations(batch: pa.RecordBatch, rej: Rejections, rows: np.ndarray, teacher: bool) -> np.ndarray | None:
+    """Each generative row's Generation, checked by the contract's own rule row by row (object array; None elsewhere).
+
+    Generations are few and long: the decoder's per-sequence checks cost little beside their tokens.
+    """
+    if not rows.any():
+        return None
+    out = np.full(batch.num_rows, None, dtype=object)
+    idx = np.flatnonzero(rows & rej.ok)
+    values = batch.column("generation").take(pa.array(idx, type=pa.int64())).to_pylist()
+    bad: dict[str, list[int]] = {}
+    for i, value in zip(idx.tolist(), values, strict=True):
+        try:
+            out[i] = decode_generation({"generation": value}, teacher)
+        except ContractError as exc:
+            bad.setdefault(exc.reason, []).append(i)
+    for reason, where in bad.items():
+        mask = np.zeros(batch.num_rows, dtype=bool)
+        mask[where] = True
+        rej.flag(mask, reason)
+    return out
+
+
 def class_counts(probs: np.ndarray) -> np.ndarray:
     """Each row's class count (its probabilities are NaN beyond it)."""
     return (~np.isnan(probs)).sum(axis=1)
@@ -180,7 +213,7 @@ def class_counts(probs: np.ndarray) -> np.ndarray:
 
 def trim(block: Block) -> Block:
     """The block with its matrices cut to its widest class count (rows of fewer classes stay NaN-padded)."""
-    if block.probs is None or not block.n or not np.isnan(block.probs[:, -1]).any():
+    if block.probs is None or not block.n or not block.probs.shape[1] or not np.isnan(block.probs[:, -1]).any():
         return block  # every row fills the widest class count
     k = int(class_counts(block.probs).max())
     if k == block.probs.shape[1]:
@@ -194,6 +227,13 @@ def row_classes(block: Block, rows: np.ndarray) -> np.ndarray:
     if not block.probs.size or not np.isnan(block.probs[rows, -1]).any():  # every row fills the width
         return np.full(len(rows), block.probs.shape[1], dtype=np.int64)
     return class_counts(block.probs[rows])
+
+
+def row_lengths(block: Block, rows: np.ndarray) -> np.ndarray:
+    """The generation length of each of ``rows`` (0: a classifier's row)."""
+    if block.gen is None:
+        return np.zeros(len(rows), dtype=np.int64)
+    return np.fromiter((0 if g is None else g.length for g in block.gen[rows]), dtype=np.int64, count=len(rows))
 
 
 def _features(batch: pa.RecordBatch, rej: Rejections) -> dict[str, np.ndarray]:
@@ -229,7 +269,8 @@ Hint = tuple[str, str, int, int, int]
 
 
 def _prediction_fields(batch: pa.RecordBatch, rej: Rejections, probs: np.ndarray | None, label: np.ndarray,
-                       label_missing: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], pa.Array]:
+                       label_missing: np.ndarray, generative: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], pa.Array]:
     """A prediction's own fields, checked in the decoder's order: (latency, audit code, features, segment)."""
     n = batch.num_rows
     if "latency_ms" in batch.schema.names and not pa.types.is_null(batch.schema.field("latency_ms").type):
@@ -238,6 +279,7 @@ def _prediction_fields(batch: pa.RecordBatch, rej: Rejections, probs: np.ndarray
     else:
         latency = np.full(n, np.nan)
     rej.flag(~label_missing & ((label < 0) | (label >= MAX_CLASSES)), "label_out_of_range")
+    rej.flag(~label_missing & generative, "generative_mismatch")  # a generative prediction carries no label
     if probs is not None and not label_missing.all():
         rej.flag(~label_missing & (label >= class_counts(probs)), "label_out_of_range")
     audit_values, audit_missing, _len = string_column(batch, "audit")
@@ -245,7 +287,7 @@ def _prediction_fields(batch: pa.RecordBatch, rej: Rejections, probs: np.ndarray
     for text, code in AUDIT_CODE.items():
         audit[to_numpy(pc.equal(audit_values, text)) & ~audit_missing] = code
     rej.flag(~audit_missing & (audit == 0), "bad_audit")
-    rej.flag((audit > 0) & label_missing, "missing_field")
+    rej.flag((audit > 0) & label_missing & ~generative, "missing_field")
     features = _features(batch, rej)
     seg = string_column(batch, "segment")
     _check_string(rej, seg, False)
@@ -285,13 +327,15 @@ def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
         _check_string(rej, version, True)
     rej.flag(ts_missing, "missing_field")
     rej.flag(~ts_missing & ~ts_ok, "timestamp_out_of_range")
-    probs = logp = None
+    probs = logp = gen = None
     latency = audit = segment = None
     features: dict[str, np.ndarray] = {}
+    generative = _generative(batch) if kind != "label" else np.zeros(n, dtype=bool)
     if kind != "label":
-        probs, logp = _distribution(batch, rej)
+        probs, logp = _distribution(batch, rej, generative)
+        gen = _generations(batch, rej, generative, kind == "teacher")
     if kind == "prediction":
-        latency, audit, features, segment = _prediction_fields(batch, rej, probs, label, label_missing)
+        latency, audit, features, segment = _prediction_fields(batch, rej, probs, label, label_missing, generative)
     ok = rej.ok
     reasons = rej.counts()
     mkey = np.maximum(np.maximum.accumulate(np.where(ts_missing, -1, ts)), key0) if n else np.zeros(0, np.int64)
@@ -311,7 +355,7 @@ def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
     block = Block(
         kind, request_id[0], np.zeros(n, dtype=np.uint64), model[0],
         version[0] if version is not None else pa.nulls(n, pa.string()), ts, probs, logp,
-        np.where(label_missing, -1, label), latency, audit, segment, features, mkey=mkey, rowno=rowno)
+        np.where(label_missing, -1, label), latency, audit, segment, features, gen=gen, mkey=mkey, rowno=rowno)
     if not ok.all():
         block = block.take(np.flatnonzero(ok))
     if keys:

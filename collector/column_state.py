@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from kdwatch.collector.column_join import OpenRows
-from kdwatch.collector.columns import Block
+from kdwatch.collector.columns import Block, objects
+from kdwatch.collector.contract import Generation
 
 _ARRAYS = ("key", "ts", "label", "latency", "audit", "mkey", "rowno", "position", "arrival_wm")
 _STRINGS = ("request_id", "model", "version", "segment")
@@ -25,11 +26,15 @@ _FEATURE = "f."
 
 
 def _matrix(m: np.ndarray) -> pa.Array:
+    if not m.shape[1]:  # a generative student's rows have no classes: one NaN column (no classifier has one class)
+        m = np.full((m.shape[0], 1), np.nan)
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(m).ravel()), m.shape[1])
 
 
 def _from_matrix(a: pa.Array) -> np.ndarray:
     width = a.type.list_size
+    if width == 1:
+        return np.full((len(a), 0), np.nan)
     values = a.flatten().to_numpy(zero_copy_only=False)
     return np.array(values, dtype=np.float64).reshape(len(a), width)
 
@@ -38,13 +43,41 @@ def _numpy(a: pa.Array) -> np.ndarray:
     return np.array(a.to_numpy(zero_copy_only=False))
 
 
+_IDS, _LOGPROBS = pa.list_(pa.int64()), pa.list_(pa.float64())
+
+
+def gen_columns(gen: np.ndarray, prefix: str) -> dict[str, pa.Array]:
+    """Generations (object array of Generation or None) as list columns: log-probabilities and token ids."""
+    items = gen.tolist()
+    ids = [None if g is None else (g.top1 if g.tokens is None else g.tokens) for g in items]
+    return {prefix + "logprobs": pa.array([None if g is None else g.logprobs for g in items], type=_LOGPROBS),
+            prefix + "ids": pa.array(ids, type=_IDS),
+            prefix + "teacher": pa.array([g is not None and g.tokens is None for g in items])}
+
+
+def gen_from(columns: dict[str, pa.Array], prefix: str) -> np.ndarray | None:
+    if prefix + "logprobs" not in columns:
+        return None
+    out = np.full(len(columns[prefix + "logprobs"]), None, dtype=object)
+    for i, (logprobs, ids, teacher) in enumerate(zip(columns[prefix + "logprobs"].to_pylist(), columns[prefix + "ids"].to_pylist(),
+                                                     columns[prefix + "teacher"].to_pylist(), strict=True)):
+        if logprobs is not None:
+            array, tokens = np.array(logprobs, dtype=np.float64), np.array(ids, dtype=np.int64)
+            out[i] = Generation(array, top1=tokens) if teacher else Generation(array, tokens=tokens)
+    return out
+
+
 def block_columns(block: Block) -> dict[str, pa.Array]:
     columns: dict[str, pa.Array] = {}
     for f in fields(Block):
         value = getattr(block, f.name)
         if value is None or f.name == "kind":
             continue
-        if f.name in _STRINGS:
+        if f.name == "gen":
+            columns.update(gen_columns(value, "g."))
+        elif f.name == "prompt":
+            columns["g.prompt"] = pa.array(value.tolist(), type=_IDS)
+        elif f.name in _STRINGS:
             columns[f.name] = value
         elif f.name in _MATRICES:
             columns[f.name] = _matrix(value)
@@ -57,8 +90,11 @@ def block_columns(block: Block) -> dict[str, pa.Array]:
 
 
 def block_from(batch: pa.RecordBatch, kind: str) -> Block:
-    values: dict[str, Any] = {"features": {}}
-    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+    columns = dict(zip(batch.schema.names, batch.columns, strict=True))
+    values: dict[str, Any] = {"features": {}, "gen": gen_from(columns, "g.")}
+    if "g.prompt" in columns:
+        values["prompt"] = objects(columns["g.prompt"].to_pylist())
+    for name, col in columns.items():
         if name.startswith(_FEATURE):
             array = _numpy(col)
             values["features"][name[len(_FEATURE):]] = array.astype(object) if pa.types.is_string(col.type) else array
@@ -95,6 +131,8 @@ def chunk_blob(chunk: OpenRows) -> bytes:
     columns["o.teacher_version"] = pa.array(chunk.teacher_version.tolist(), type=pa.string())
     columns["o.has_teacher"] = pa.array(chunk.has_teacher)
     columns["o.label_joined"] = pa.array(chunk.label_joined)
+    if chunk.teacher_gen is not None:
+        columns.update(gen_columns(chunk.teacher_gen, "o.g."))
     return to_ipc(columns)
 
 
@@ -106,7 +144,7 @@ def chunk_from(blob: bytes) -> OpenRows:
     return OpenRows(preds, _numpy(col["o.starts"]), _from_matrix(col["o.teacher_probs"]),
                     None if logp is None else _from_matrix(logp),
                     np.array(col["o.teacher_version"].to_pylist(), dtype=object), _numpy(col["o.has_teacher"]),
-                    _numpy(col["o.label_joined"]))
+                    _numpy(col["o.label_joined"]), gen_from(col, "o.g."))
 
 
 def patch_blob(kind: str, offsets: np.ndarray, partners: Block) -> bytes:
@@ -118,6 +156,8 @@ def patch_blob(kind: str, offsets: np.ndarray, partners: Block) -> bytes:
         if partners.logp is not None:
             columns["logp"] = _matrix(partners.logp)
         columns["version"] = partners.version
+        if partners.gen is not None:
+            columns.update(gen_columns(partners.gen, "g."))
     else:
         assert partners.label is not None
         columns["label"] = pa.array(partners.label)
@@ -138,7 +178,9 @@ def apply_patch(kind: str, blob: bytes, chunks: list[OpenRows]) -> None:
         if kind == "teacher":
             logp = _from_matrix(batch.column("logp"))[hit] if "logp" in names else None
             versions = [v for v, h in zip(batch.column("version").to_pylist(), hit.tolist(), strict=True) if h]
-            chunk.put_teacher(rows, _from_matrix(batch.column("probs"))[hit], logp, versions)
+            gen = gen_from(dict(zip(names, batch.columns, strict=True)), "g.")
+            chunk.put_teacher(rows, _from_matrix(batch.column("probs"))[hit], logp, versions,
+                              None if gen is None else gen[hit])
         else:
             chunk.label_joined[rows] = _numpy(batch.column("label"))[hit]
 

@@ -7,19 +7,20 @@ those the record joiner (collector.join) accumulates record by record, and tests
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kdwatch.analyzer.drift import CONFIDENCE, PREDICTED_CLASS, Reference
+from kdwatch.analyzer.drift import CONFIDENCE, LENGTH, MEAN_LOGPROB, PREDICTED_CLASS, FeatureBins, Reference
 from kdwatch.analyzer.fidelity import STUDENT_PROB_FLOOR
 from kdwatch.analyzer.membership import attack_scores
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.column_join import OpenRows
 from kdwatch.collector.column_rules import row_classes
-from kdwatch.collector.columns import Block, to_numpy
+from kdwatch.collector.columns import Block, present, to_numpy
 from kdwatch.collector.contract import Distribution
 from kdwatch.collector.records import NO_SEGMENT, TransferRecord, transfer_rank
 
@@ -64,6 +65,8 @@ def _state(model: str, rows: OpenRows, reference: Reference | None, fingerprint:
     p = rows.preds
     assert p.probs is not None and p.label is not None and p.audit is not None
     assert p.latency is not None and p.segment is not None
+    if not p.probs.shape[1]:  # a generative student's (no classes)
+        return _generative_state(rows, reference, fingerprint)
     state = WindowState()
 
     def student_log(idx: np.ndarray) -> np.ndarray:
@@ -82,20 +85,11 @@ def _state(model: str, rows: OpenRows, reference: Reference | None, fingerprint:
     if lat.size:
         state.latency.update(lat)
     if reference is not None and state.n:
-        drift = state.drift
-        drift.fingerprint = fingerprint
         every = bool(prod.all())
-        for name, fb in reference.features.items():
-            if name == CONFIDENCE:
-                counted = fb.count(confidence if every else confidence[prod])
-            elif name == PREDICTED_CLASS:
-                counted = fb.count_classes(s_pred if every else s_pred[prod], p.probs.shape[1])
-            elif name in p.features:
-                values = p.features[name] if every else p.features[name][prod]
-                counted = fb.count(values if values.dtype.kind == "f" else values.tolist())
-            else:
-                continue
-            drift.add_counts(name, counted)
+        k = p.probs.shape[1]
+        _add_drift(state, reference, fingerprint, p, prod, {
+            CONFIDENCE: lambda fb: fb.count(confidence if every else confidence[prod]),
+            PREDICTED_CLASS: lambda fb: fb.count_classes(s_pred if every else s_pred[prod], k)})
     pair = prod & rows.has_teacher
     agree = np.zeros(p.n, dtype=bool)
     labeled = prod & (label >= 0)
@@ -128,6 +122,61 @@ def _state(model: str, rows: OpenRows, reference: Reference | None, fingerprint:
     return state, [prod, pair, pair & agree, labeled, labeled & correct]
 
 
+def _add_drift(state: WindowState, reference: Reference, fingerprint: str, p: Block, prod: np.ndarray,
+               outputs: dict[str, Callable[[FeatureBins], np.ndarray]]) -> None:
+    """Bin counts of the production rows' input features and output features (``outputs``: name -> its counts)."""
+    drift = state.drift
+    drift.fingerprint = fingerprint
+    every = bool(prod.all())
+    for name, fb in reference.features.items():
+        if name in outputs:
+            counted = outputs[name](fb)
+        elif name in p.features:
+            values = p.features[name] if every else p.features[name][prod]
+            counted = fb.count(values if values.dtype.kind == "f" else values.tolist())
+        else:
+            continue
+        drift.add_counts(name, counted)
+
+
+def _generative_state(rows: OpenRows, reference: Reference | None, fingerprint: str) -> tuple[WindowState, list[np.ndarray]]:
+    """The state of a generative student's rows (analyzer.generative on their generations), but its segments."""
+    p = rows.preds
+    assert p.gen is not None and p.audit is not None and p.latency is not None
+    state = WindowState()
+    audit = p.audit > 0
+    prod = ~audit
+    state.n = int(prod.sum())
+    lat = p.latency[prod]
+    lat = lat[~np.isnan(lat)]
+    if lat.size:
+        state.latency.update(lat)
+    gens = p.gen[prod].tolist()
+    if reference is not None and state.n:
+        lengths = np.array([float(g.length) for g in gens])
+        means = np.array([float(g.logprobs.mean()) for g in gens])
+        _add_drift(state, reference, fingerprint, p, prod, {LENGTH: lambda fb: fb.count(lengths),
+                                                             MEAN_LOGPROB: lambda fb: fb.count(means)})
+    state.generative.add_lengths([g.length for g in gens])
+    pair = prod & rows.has_teacher
+    agree = np.zeros(p.n, dtype=bool)
+    if pair.any():
+        assert rows.teacher_gen is not None
+        idx = np.flatnonzero(pair)
+        student, teacher = p.gen[idx].tolist(), rows.teacher_gen[idx].tolist()
+        state.add_generations(student, teacher)
+        # A segment's agreement for a generative student is its sequence agreement (every token).
+        agree[idx] = [np.array_equal(t.top1, s.tokens) for s, t in zip(student, teacher, strict=True)]
+        for ver, count in Counter(rows.teacher_version[idx].tolist()).items():
+            state.teacher_versions[ver] = count
+    if audit.any():
+        idx = np.flatnonzero(audit)
+        ids = p.request_id.take(pa.array(idx, type=pa.int64())).to_pylist()
+        state.add_generative_audit(ids, p.gen[idx].tolist(), (p.audit[idx] == 1).tolist())
+    none = np.zeros(p.n, dtype=bool)
+    return state, [prod, pair, pair & agree, none, none]
+
+
 def _add_segments(state: WindowState, p: Block, columns: list[np.ndarray]) -> None:
     """Per-segment counts of production predictions (columns: production, paired, agreeing, labelled, correct)."""
     prod = columns[0]
@@ -155,14 +204,22 @@ def transfer_sample(model: str, rows: OpenRows, keep: int) -> list[TransferRecor
     """
     p = rows.preds
     assert p.audit is not None and p.probs is not None and p.label is not None
-    candidates = np.flatnonzero(rows.has_teacher & (p.audit == 0))
-    if not candidates.size or not p.features:
+    generative = present(p.gen, p.n)
+    # A classifier's with its features; a generative student's with its prompt.
+    has_input = np.where(generative, present(p.prompt, p.n), bool(p.features))
+    candidates = np.flatnonzero(rows.has_teacher & (p.audit == 0) & has_input)
+    if not candidates.size:
         return []
     ids = p.request_id.take(pa.array(candidates, type=pa.int64())).to_pylist()
     ranked = sorted(zip((transfer_rank(model, rid) for rid in ids), ids, candidates.tolist(), strict=True))[:keep]
     versions = p.version.to_pylist()
     out = []
     for _rank, rid, r in ranked:
+        if generative[r]:
+            assert p.prompt is not None and p.gen is not None and rows.teacher_gen is not None
+            out.append(TransferRecord(model, rid, int(p.ts[r]), versions[r], {"prompt_tokens": p.prompt[r]},
+                                      rows.teacher_gen[r], p.gen[r], None))
+            continue
         k = int(np.count_nonzero(~np.isnan(p.probs[r])))
         student = Distribution(p.probs[r, :k].copy(), None if p.logp is None or np.isnan(p.logp[r, 0]) else p.logp[r, :k].copy())
         t_logp = rows.teacher_logp

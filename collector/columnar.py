@@ -45,13 +45,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, concat_open, duplicate, lookup
 from kdwatch.collector.column_repeats import find_repeats, without
-from kdwatch.collector.column_rules import Batch, Hint, read_blocks, row_classes, trim
+from kdwatch.collector.column_rules import Batch, Hint, read_blocks, row_classes, row_lengths, trim
 from kdwatch.collector.column_windows import transfer_sample, window_state
 from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, is_parquet, to_numpy
 from kdwatch.collector.parquet_io import prefetch
@@ -249,6 +248,8 @@ class ColumnarAnalyzer:
                     self._letter(kind, block, np.array([row]), reason)
             for key, count in repeats.windows.items():
                 self._count(key, "n_duplicate", count)
+            for key, count in repeats.rejected.items():
+                self._count(key, "n_rejected", count)
             preds = without(preds, repeats.drop["prediction"])
             teacher, labels = without(teacher, repeats.drop["teacher"]), without(labels, repeats.drop["label"])
             buf.early_teacher = without(buf.early_teacher, repeats.drop_early["teacher"])
@@ -281,7 +282,7 @@ class ColumnarAnalyzer:
             if not matched.any():
                 continue
             consumed = matched.copy()  # a replay or label of another class count: rejected, not joined (record joiner)
-            matched[matched] = ~self._misfits(kind, early, np.flatnonzero(matched), row_classes(preds, at[matched]))
+            matched[matched] = ~self._misfits(kind, early, np.flatnonzero(matched), preds, at[matched])
             rows = at[matched]
             partners = early.take(np.flatnonzero(matched))
             self._check_partner(model, preds, rows, partners, kind)
@@ -300,18 +301,33 @@ class ColumnarAnalyzer:
         elif len(buf.chunks) > MAX_CHUNKS:
             buf.chunks = [concat_open(buf.chunks)]
 
-    def _misfits(self, kind: str, block: Block, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """Which of the replay or label ``rows`` about to join predictions of ``classes`` classes do not fit them: a
-        replay of another class count, a label outside the classes. Those are rejected (counted and dead-lettered as
-        ``class_count_mismatch`` / ``label_out_of_range``) and join nothing; the prediction takes another."""
+    def _misfits(self, kind: str, block: Block, rows: np.ndarray, preds: Block, at: np.ndarray) -> np.ndarray:
+        """Which of the replay or label ``rows`` about to join the predictions at ``at`` do not fit them (the record
+        joiner's rules): a generative replay for a classifier's prediction or the other way round, or a label for a
+        generative one (``generative_mismatch``), a replay scoring another number of tokens
+        (``generation_length_mismatch``) or of another class count (``class_count_mismatch``), a label outside the
+        classes (``label_out_of_range``). Those are rejected (counted and dead-lettered) and join nothing; the
+        prediction takes another."""
+        classes = row_classes(preds, at)
+        generative = classes == 0
+        reason = np.full(rows.size, "", dtype=object)
         if kind == "label":
             assert block.label is not None
-            bad, reason = block.label[rows] >= classes, "label_out_of_range"
+            reason[~generative & (block.label[rows] >= classes)] = "label_out_of_range"
+            reason[generative] = "generative_mismatch"
         else:
-            bad, reason = row_classes(block, rows) != classes, "class_count_mismatch"
-        if bad.any():
-            self.counters[(kind, reason)] += int(bad.sum())
-            self._letter(kind, block, rows[bad], reason)
+            theirs = row_classes(block, rows)
+            same_kind = (theirs == 0) == generative
+            reason[same_kind & (theirs != classes)] = "class_count_mismatch"
+            if generative.any():
+                longer = same_kind & generative & (row_lengths(block, rows) != row_lengths(preds, at))
+                reason[longer] = "generation_length_mismatch"
+            reason[~same_kind] = "generative_mismatch"
+        bad = reason != ""
+        for why in set(reason[bad].tolist()):
+            which = reason == why
+            self.counters[(kind, why)] += int(which.sum())
+            self._letter(kind, block, rows[which], why)
         return bad
 
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
@@ -345,12 +361,14 @@ class ColumnarAnalyzer:
             first = p.position[rows] < block.position[who]
             joins = np.where(first, chunk.starts[rows] + span > block.arrival_wm[who],
                              own_open[who] & (self._starts(block.ts[who]) + span > p.arrival_wm[rows]))
+            assert p.audit is not None
+            joins &= p.audit[rows] == 0  # an audit record joins nothing: one that came first goes on waiting
             pending = np.concatenate([pending[~found], who[~joins]])  # found but closed: as if absent
             pending.sort()
             if not joins.any():
                 continue
             rows, who = rows[joins], who[joins]
-            fits = ~self._misfits(kind, block, who, row_classes(p, rows))
+            fits = ~self._misfits(kind, block, who, p, rows)
             rows, who = rows[fits], who[fits]
             if not who.size:
                 continue
@@ -505,9 +523,6 @@ def analyze_columnar(
     """
     from kdwatch.collector.jsonl_columns import read_jsonl_blocks
 
-    for path in (predictions, teacher):
-        if path is not None and is_parquet(path) and "generation" in pq.read_schema(path).names:
-            raise Fallback("generative predictions take the record path")
     paths = {"prediction": predictions, "teacher": teacher, "label": labels}
     readers = {kind: prefetch(read_blocks(path, kind) if is_parquet(path) else read_jsonl_blocks(path, kind))
                for kind, path in paths.items() if path is not None}

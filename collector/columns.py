@@ -231,6 +231,10 @@ class Block:
     audit: np.ndarray | None = None  # 0 none, 1 member, 2 nonmember
     segment: pa.Array | None = None  # null: none
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    # A generative student's rows (collector.contract.Generation, object arrays; None in a classifier's
+    # rows): its generation, or its replay's scoring of it; the prompt for the transfer set.
+    gen: np.ndarray | None = None
+    prompt: np.ndarray | None = None
     # Where each row stands in the merge of the inputs (see analyze_columnar): its merge key and row
     # number in its file; once stepped, its position in the merge and the watermark when it arrived.
     mkey: np.ndarray | None = None
@@ -273,14 +277,34 @@ class Block:
         return np.flatnonzero(to_numpy(same) & ~null_mask(same))
 
 
+OBJECT_FIELDS = ("gen", "prompt")
+
+
+def objects(values: list[Any]) -> np.ndarray:
+    """A 1-d object array of ``values`` (lists stay elements: numpy would stack them)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def present(values: np.ndarray | None, n: int) -> np.ndarray:
+    """Which rows of an object column hold a value (``values`` None: none of ``n``)."""
+    if values is None:
+        return np.zeros(n, dtype=bool)
+    return np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+
+
 def concat(blocks: list[Block]) -> Block:
-    """Rows of blocks of one kind and class count, in order."""
+    """Rows of blocks of one kind, in order (matrices NaN-padded to the widest class count)."""
     blocks = [b for b in blocks if b.n] or blocks[:1]
     if len(blocks) == 1:
         return blocks[0]
 
     def cat(name: str) -> Any:
         parts = [getattr(b, name) for b in blocks]
+        if name in OBJECT_FIELDS and any(p is not None for p in parts):  # blocks without: None rows
+            parts = [np.full(b.n, None, dtype=object) if p is None else p for p, b in zip(parts, blocks, strict=True)]
         if name == "logp" and any(p is not None for p in parts):  # blocks without logits: NaN rows
             parts = [np.full((b.n, b.probs.shape[1]), np.nan) if p is None else p  # type: ignore[union-attr]
                      for p, b in zip(parts, blocks, strict=True)]
@@ -304,6 +328,9 @@ def concat(blocks: list[Block]) -> Block:
             else:
                 kind = next(x.features[name].dtype for x in blocks if name in x.features)
                 parts.append(np.full(b.n, np.nan if kind.kind == "f" else None, dtype=kind))
+        if len({part.dtype.kind for part in parts}) > 1:  # numbers in some blocks, strings in others: values as sent
+            parts = [objects([None if np.isnan(v) else float(v) for v in part]) if part.dtype.kind == "f" else part
+                     for part in parts]
         features[name] = np.concatenate(parts)
     changes = {f.name: cat(f.name) for f in fields(Block) if f.name not in ("kind", "features")}
     return replace(blocks[0], features=features, **changes)

@@ -197,7 +197,7 @@ def _int_array(values: Any, field: str) -> np.ndarray:
         raise ContractError("wrong_type", f"{field} holds a token id beyond 64 bits") from None
 
 
-def _generation(obj: dict[str, Any], teacher: bool) -> Generation:
+def decode_generation(obj: dict[str, Any], teacher: bool) -> Generation:
     """``generation``: the student's {tokens, logprobs}, or the teacher's {logprobs, top1}."""
     value = obj["generation"]
     ids = "top1" if teacher else "tokens"
@@ -225,7 +225,7 @@ def _output(obj: dict[str, Any], teacher: bool) -> tuple[Distribution | None, Ge
     if len(present) != 1:
         raise ContractError("probs_or_logits", "exactly one of probs, logits or generation is required")
     if present[0] == "generation":
-        return None, _generation(obj, teacher)
+        return None, decode_generation(obj, teacher)
     return _distribution(obj), None
 
 

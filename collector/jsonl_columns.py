@@ -11,8 +11,8 @@ a line over the size limit: the fast way only ever keeps values whose meaning th
 on columns (collector.column_rules) and carry their merge keys and row numbers, so the engine sees
 the same rows, reasons and hints as the record path would.
 
-Generative events, or a feature holding numbers in some lines and strings in others, go back to the
-record joiner (Fallback), as on Parquet.
+Generative events are always read line by line (their generations are checked by the contract's own
+rule); a feature holding numbers in some lines and strings in others keeps each value as sent.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pyarrow.json as pj
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.collector.column_rules import Batch, Hint, validate
-from kdwatch.collector.columns import BATCH_ROWS, FIELDS, Block, Fallback, null_mask, to_numpy
+from kdwatch.collector.columns import BATCH_ROWS, FIELDS, Block, Fallback, null_mask, objects, to_numpy
 from kdwatch.collector.contract import DECODERS, MAX_FEATURES, MAX_STRING_CHARS, MAX_VALUE_BYTES, parse_ts
 from kdwatch.collector.ingest import merge_key, window_hint_fields
 from kdwatch.collector.parquet_io import columns_for, reference_from_batches
@@ -148,10 +148,8 @@ def fast_batch(lines: list[bytes], kind: str) -> pa.RecordBatch | None:
     if table is None or table.num_rows != len(lines):
         return None
     names = set(table.schema.names)
-    if "generation" in names:
-        raise Fallback("generative events take the record path")
-    if not names <= FIELDS[kind] or "prompt_tokens" in names:
-        return None  # an unknown field: the decoder names it
+    if not names <= FIELDS[kind] or "prompt_tokens" in names or "generation" in names:
+        return None  # an unknown field (the decoder names it), or a generative event (decoded line by line)
     if "features" in names:
         t = table.schema.field("features").type
         if not pa.types.is_struct(t) or t.num_fields > MAX_FEATURES:
@@ -182,6 +180,8 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
     rownos: list[int] = []
     mkeys: list[int] = []
     feature_types: dict[str, str] = {}
+    mixed: set[str] = set()  # features holding numbers in some lines and strings in others
+    prompts: list[Any] = []
     mkey = key0
     for i, line in enumerate(lines):
         key, obj = merge_key(line)
@@ -196,24 +196,29 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
                     hints.append((*fields, mkey, row0 + i))
             continue
         assert obj is not None
-        if "generation" in obj:
-            raise Fallback("generative events take the record path")
         row = dict(obj)
         row["ts"] = parse_ts(row["ts"])
         row.pop("v", None)
+        prompts.append(row.pop("prompt_tokens", None))
         features = row.get("features")
         if features is not None:
             for name, value in features.items():
                 t = "str" if isinstance(value, str) else "num"
                 if feature_types.setdefault(name, t) != t:
-                    raise Fallback(f"feature {name!r} holds both numbers and strings")
-            row["features"] = {k: (v if feature_types[k] == "str" else float(v)) for k, v in features.items()}
+                    mixed.add(name)
         rows.append(row)
         rownos.append(row0 + i)
         mkeys.append(mkey)
     if not rows:
         return None, dict(reasons), hints, mkey
-    schema = columns_for(kind, dict(sorted(feature_types.items())), False)
+    sent_features = [row.get("features") for row in rows]
+    for row in rows:
+        features = row.get("features")
+        if features is not None:  # numbers as floats; a feature of both kinds as text here, put back below
+            row["features"] = {k: (str(v) if k in mixed else v if feature_types[k] == "str" else float(v))
+                               for k, v in features.items()}
+    types = {name: "str" if name in mixed else t for name, t in sorted(feature_types.items())}
+    schema = columns_for(kind, types, any("generation" in row for row in rows))
     batch = pa.Table.from_pylist(rows, schema=schema).combine_chunks().to_batches()[0]
     block, more, _hints, _end = validate(batch, kind)
     reasons.update(more)  # none: the decoder accepted every one of these rows
@@ -222,6 +227,12 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
         local = block.rowno
         block.rowno = np.asarray(rownos, dtype=np.int64)[local]
         block.mkey = np.asarray(mkeys, dtype=np.int64)[local]
+        if kind == "prediction" and any(p is not None for p in prompts):
+            block.prompt = objects(prompts)[local]
+        for name in mixed:  # the values as sent (a number binned as a number, a string as a category)
+            sent = [None if f is None or f.get(name) is None else f[name] if isinstance(f[name], str) else float(f[name])
+                    for f in (sent_features[i] for i in local.tolist())]
+            block.features[name] = objects(sent)
     return block, dict(reasons), hints, mkey
 
 

@@ -498,4 +498,7 @@ _MESSAGES = {
     "unmatched": "no prediction for this request_id within the grace",
     "label_out_of_range": "the label is not one of the student's classes",
     "class_count_mismatch": "the replay has another class count than the student's prediction",
+    "generative_mismatch": "a generative record meets a classifier's (a prediction in a window of the other kind, a "
+                           "replay of the other kind, or a label for a generative prediction)",
+    "generation_length_mismatch": "the replay scores another number of tokens than the student's generation",
 }

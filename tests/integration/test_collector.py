@@ -68,6 +68,9 @@ def test_generative_windows_stored_from_kafka_equal_the_offline_analysis(kafka: 
     assert all(r["agreement"] is None and r["ece"] is None for r in stored.values())
     assert store.counters()[("label", "generative_mismatch")] == 1
     assert store.counters()[("teacher", "generation_length_mismatch")] == 1
+    for partition in range(3):  # on the columnar engine all along (no hand-over to the record joiner)
+        meta = store.load_engine(partition)[0]
+        assert meta is not None and meta.get("engine") != "record"
     diffs = differences(stored, expected)
     assert not diffs, explain(diffs)
 

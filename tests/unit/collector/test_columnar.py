@@ -16,7 +16,6 @@ import pytest
 from kdwatch.analyzer.window import MAX_SEGMENTS, OTHER_SEGMENT, window_result
 from kdwatch.collector import column_rules, columns, parquet_io
 from kdwatch.collector.columnar import analyze_columnar
-from kdwatch.collector.columns import Fallback
 from kdwatch.collector.offline import analyze_files, build_references, load_reference
 from kdwatch.collector.parquet_io import convert_jsonl, load_reference_parquet
 from kdwatch.errors import ContractError, SchemaError
@@ -613,22 +612,31 @@ def test_arrows_reader_takes_the_usual_lines_and_leaves_odd_ones_to_the_decoder(
     for odd in POISON_LINES:
         read = fast_batch([*good, odd], "prediction")
         assert (read is not None) == any(name in odd for name in arrow_reads), odd[:60]
-    with pytest.raises(Fallback, match="generative"):
-        fast_batch([b'{"request_id": "a", "model": "m", "student_version": "s", "ts": 1795000000000, '
-                    b'"generation": {"tokens": [1], "logprobs": [-0.1]}}'], "prediction")
+    # Generative lines: the decoder checks each generation (line by line)
+    assert fast_batch([b'{"request_id": "a", "model": "m", "student_version": "s", "ts": 1795000000000, '
+                       b'"generation": {"tokens": [1], "logprobs": [-0.1]}}'], "prediction") is None
 
 
-def test_a_feature_holding_numbers_and_strings_falls_back(tmp_path: Path) -> None:
-    rows = [{"request_id": f"r{i}", "model": "m", "student_version": "s", "ts": START + i, "probs": [0.5, 0.5],
-             "features": {"f": 1.0 if i % 2 else "x"}} for i in range(10)]
+@pytest.mark.parametrize("rows_per_batch", [3, 64])
+def test_a_feature_holding_numbers_and_strings_stays_on_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    rows_per_batch: int) -> None:
+    """Each value binned as sent (a number by the edges, a string as a category), in one batch or across batches."""
+    _batch_rows(monkeypatch, rows_per_batch)
+    rows = [{"request_id": f"r{i}", "model": "m", "student_version": "s", "ts": START + i * 1000, "probs": [0.5, 0.5],
+             "features": {"f": float(i % 7) if (i // 5) % 3 else ["x", "y"][i % 2], "g": i}} for i in range(60)]
+    rows[7]["features"] = {}
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    reference = tmp_path / "ref.jsonl"
+    reference.write_bytes(b"".join(orjson.dumps({**r, "request_id": "b" + r["request_id"]}) + b"\n" for r in rows))
+    refs = record_reference(reference)
+    assert refs["m"].features["f"].edges is not None or refs["m"].features["f"].categories is not None
+    w1, c1 = analyze_files(jsonl, references=refs, columnar=False)
     reasons: list[str] = []
-    w1, c1 = analyze_files(jsonl, columnar=False)
-    w2, c2 = analyze_files(jsonl, on_fallback=reasons.append)
-    assert reasons and "numbers and strings" in reasons[0]
+    w2, c2 = analyze_files(jsonl, references=refs, on_fallback=reasons.append)
+    assert not reasons
     assert c1 == c2
-    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+    assert_same(results(w1, refs, 60_000), results(w2, refs, 60_000))
 
 
 def test_event_times_as_rfc3339_text_stay_on_arrows_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

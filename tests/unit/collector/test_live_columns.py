@@ -25,6 +25,7 @@ from kdwatch.collector.merge import EventTimeMerge
 from kdwatch.collector.offline import analyze_files
 from kdwatch.collector.records import Changes, EngineDelta, Source, WindowKey
 from tests.unit.collector.test_columnar import assert_same
+from tests.unit.collector.test_generative_engine import _stream as generative_stream
 from tests.unit.collector.test_semantics_oracle import GRACE_MS, INPUTS, WINDOW_MS, _fields, _write, random_stream
 
 TOPICS = {"prediction": "p", "teacher": "t", "label": "l"}
@@ -213,3 +214,18 @@ def test_a_hand_over_to_the_record_joiner_changes_nothing(tmp_path: Path, seed: 
     expected = _analyze(stream, tmp_path)
     for at_poll in (3, 25, 60):
         assert_as_analyze(*run_handover(stream, seed + at_poll, at_poll), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_generative_students_stay_on_the_live_engine_through_restarts(tmp_path: Path, seed: int) -> None:
+    """A generative student, a classifier and a model whose windows get both kinds, with invalid generations, length
+    and kind mismatches and duplicates: the live engine (random polls, restarts from the stored blobs) equals analyze."""
+    stream = generative_stream(seed, 1_000)
+    for kind in INPUTS:  # some records twice, a few positions later (at-least-once producers)
+        rows = stream[kind]
+        for i in range(0, len(rows), 37):
+            rows.insert(min(i + 5, len(rows)), rows[i])
+    expected = _analyze(stream, tmp_path)
+    assert expected[1].get(("teacher", "generation_length_mismatch"), 0) > 0
+    for restarts in (0, 40):  # restarts at random polls of the first 400: many while records still flow
+        assert_as_analyze(*run_live(stream, seed * 10 + restarts, restarts), expected)
