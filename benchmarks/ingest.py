@@ -98,13 +98,13 @@ def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
     return n / elapsed
 
 
-def collector_in_process(bootstrap: str, topics: Topics, n: int, db: Path, engine: str) -> float:
+def collector_in_process(bootstrap: str, topics: Topics, n: int, db: Path) -> float:
     """The collector on a thread of this process, tuned as `kdwatch collect` is (kdwatch.runtime.tune_gc)."""
     tune_gc()
     store = SqlStore.from_url(f"sqlite:///{db}")
     store.migrate()
-    collector = Collector(CollectorConfig(bootstrap, group_id=f"g-{uuid.uuid4().hex[:8]}", topics=topics, idle_timeout_ms=1_000,
-                                          engine=engine), store)
+    collector = Collector(CollectorConfig(bootstrap, group_id=f"g-{uuid.uuid4().hex[:8]}", topics=topics, idle_timeout_ms=1_000),
+                          store)
     stop = threading.Event()
     thread = threading.Thread(target=collector.run, kwargs={"stop": stop}, daemon=True)
     thread.start()
@@ -120,11 +120,11 @@ def collector_in_process(bootstrap: str, topics: Topics, n: int, db: Path, engin
     return n / elapsed
 
 
-def collectors_as_processes(bootstrap: str, topics: Topics, n: int, db: Path, count: int, engine: str) -> tuple[float, list[int]]:
+def collectors_as_processes(bootstrap: str, topics: Topics, n: int, db: Path, count: int) -> tuple[float, list[int]]:
     """``count`` `kdwatch collect` processes in one group: events/s and each one's peak RSS (kB)."""
     store = SqlStore.from_url(f"sqlite:///{db}")
     store.migrate()
-    env = collector_env(bootstrap, topics, db, KDWATCH_SESSION_TIMEOUT="6s", KDWATCH_COLLECTOR_ENGINE=engine)
+    env = collector_env(bootstrap, topics, db, KDWATCH_SESSION_TIMEOUT="6s")
     procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "peak.py"), sys.executable, "-m", "kdwatch.cli",
                                "collect", "--idle-exit", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
              for _ in range(count)]
@@ -151,32 +151,29 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory-factor", type=int, default=4)
-    parser.add_argument("--engine", choices=["columnar", "record"], default="columnar", help="the engine of the process runs")
     args = parser.parse_args()
     with filled_broker(args.n) as (info, topics, home):
-        bare, full = [], {"record": [], "columnar": []}
+        bare, full = [], []
         for i in range(args.runs):  # interleaved, so a slow spell of the machine hits every contender
             bare.append(bare_consumer(info.bootstrap, topics.predictions, args.n))
-            for engine, rates in full.items():
-                rates.append(collector_in_process(info.bootstrap, topics, args.n, home / f"{engine}{i}.db", engine))
-        one = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"one{i}.db", 1, args.engine) for i in range(args.runs)]
-        two = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"two{i}.db", 2, args.engine) for i in range(args.runs)]
+            full.append(collector_in_process(info.bootstrap, topics, args.n, home / f"collector{i}.db"))
+        one = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"one{i}.db", 1) for i in range(args.runs)]
+        two = [collectors_as_processes(info.bootstrap, topics, args.n, home / f"two{i}.db", 2) for i in range(args.runs)]
         big = None
         if args.memory_factor > 1:
             big_topics = new_topics(info.bootstrap)
             fill(info.bootstrap, big_topics, args.n * args.memory_factor)
-            big = collectors_as_processes(info.bootstrap, big_topics, args.n * args.memory_factor, home / "big.db", 1, args.engine)
-    bare_rate, record_rate, full_rate = median(bare), median(full["record"]), median(full["columnar"])
+            big = collectors_as_processes(info.bootstrap, big_topics, args.n * args.memory_factor, home / "big.db", 1)
+    bare_rate, full_rate = median(bare), median(full)
     print(f"\n{args.n:,} predictions on a 4-partition topic, SQLite, median of {args.runs} runs\n")
     print("| run | events/s |")
     print("|---|---|")
     print(f"| bare kafka-python consumer (no processing) | {bare_rate:,.0f} |")
-    print(f"| collector, record joiner (validate, join, window, persist), in process | {record_rate:,.0f} |")
-    print(f"| collector, columnar engine, in process | {full_rate:,.0f} |")
-    print(f"| 1 `kdwatch collect` process ({args.engine}) | {median([r for r, _p in one]):,.0f} |")
-    print(f"| 2 `kdwatch collect` processes, one group ({args.engine}) | {median([r for r, _p in two]):,.0f} |")
-    print(f"\ncolumnar collector / bare consumer: {full_rate / bare_rate:.2f} (target >= 0.5, goal 0.7; record joiner "
-          f"{record_rate / bare_rate:.2f}); collector {full_rate:,.0f} events/s (target >= 100,000)")
+    print(f"| collector (validate, join, window, persist), in process | {full_rate:,.0f} |")
+    print(f"| 1 `kdwatch collect` process | {median([r for r, _p in one]):,.0f} |")
+    print(f"| 2 `kdwatch collect` processes, one group | {median([r for r, _p in two]):,.0f} |")
+    print(f"\ncollector / bare consumer: {full_rate / bare_rate:.2f} (target >= 0.5, goal 0.7); "
+          f"collector {full_rate:,.0f} events/s (target >= 100,000)")
     print(f"scale-out 2 vs 1 process: {median([r for r, _p in two]) / median([r for r, _p in one]):.2f}x")
     small_peak = median([float(p[0]) for _r, p in one]) / 1024
     if big is not None:

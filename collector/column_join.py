@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kdwatch.collector.columns import Block, Fallback, concat, is_range
+from kdwatch.collector.columns import Block, concat, is_range, to_numpy
 
 
 @dataclass(frozen=True)
@@ -17,17 +17,21 @@ class KeyIndex:
     """A hash table of join keys, built once per chunk, so later steps' replays and labels find their rows.
 
     pandas' Index keeps its hash table once built (the lookups of 65,536 keys: ~1 ms; pyarrow's
-    index_in rebuilds its table on every call, numpy's searchsorted misses the cache).
+    index_in rebuilds its table on every call, numpy's searchsorted misses the cache). ``unique`` is
+    False when two of the chunk's request_ids share a key: its lookups then compare strings.
     """
 
     index: pd.Index
+    unique: bool
 
     @classmethod
     def of(cls, keys: np.ndarray) -> KeyIndex:
-        return cls(pd.Index(keys))  # unique: a chunk's keys were checked for duplicates
+        index = pd.Index(keys)
+        return cls(index, bool(index.is_unique))
 
     def find(self, keys: np.ndarray, offset: int, n: int) -> np.ndarray:
         """Row (minus ``offset``) of each key among rows ``offset .. offset + n`` of the indexed ones; -1: absent."""
+        assert self.unique
         if not keys.size:
             return np.full(0, -1, dtype=np.int64)
         rows = self.index.get_indexer(keys).astype(np.int64)
@@ -56,14 +60,16 @@ class OpenRows:
         """This chunk's row of each request_id of ``values`` (-1: none); matches confirmed on the strings."""
         if self.index is None:
             self.index, self.index_offset = KeyIndex.of(self.preds.key), 0
-        at = self.index.find(values.key, self.index_offset, self.n)
-        confirm(values, self.preds, at)
-        return at
+        if not self.index.unique:
+            return by_string(values.request_id, self.preds.request_id)
+        return confirm(values, self.preds, self.index.find(values.key, self.index_offset, self.n))
 
     def rows_with(self, keys: np.ndarray) -> np.ndarray:
         """This chunk's rows whose join key is one of ``keys`` (hashes only: callers compare the strings)."""
         if self.index is None:
             self.index, self.index_offset = KeyIndex.of(self.preds.key), 0
+        if not self.index.unique:
+            return np.flatnonzero(np.isin(self.preds.key, keys))
         at = self.index.find(keys, self.index_offset, self.n)
         return np.unique(at[at >= 0])
 
@@ -158,21 +164,31 @@ class JoinBuffer:
 def lookup(values: Block, universe: Block) -> np.ndarray:
     """The row of ``universe`` with each request_id of ``values`` (-1: none).
 
-    Keys are matched by a hash lookup on 64-bit integers and every match is confirmed on the
-    strings; a key shared by two different request_ids raises Fallback.
+    Keys are matched by a hash lookup on 64-bit integers and every match is confirmed on the strings.
     """
-    at = KeyIndex.of(universe.key).find(values.key, 0, universe.n)
-    confirm(values, universe, at)
+    index = KeyIndex.of(universe.key)
+    if not index.unique:
+        return by_string(values.request_id, universe.request_id)
+    return confirm(values, universe, index.find(values.key, 0, universe.n))
+
+
+def confirm(values: Block, universe: Block, at: np.ndarray) -> np.ndarray:
+    """``at`` with each key match (``at`` >= 0) that is another request_id (a shared 64-bit key, about 1 in 10^13
+    for a million open requests) looked up again by its string."""
+    hit = np.flatnonzero(at >= 0)
+    if hit.size:
+        same = to_numpy(pc.equal(values.request_id.take(pa.array(hit)), universe.request_id.take(pa.array(at[hit]))))
+        if not same.all():
+            other = hit[~same]
+            at = at.copy()
+            at[other] = by_string(values.request_id.take(pa.array(other)), universe.request_id)
     return at
 
 
-def confirm(values: Block, universe: Block, at: np.ndarray) -> None:
-    """Raise Fallback unless each key match (``at`` >= 0) is the same request_id string."""
-    hit = np.flatnonzero(at >= 0)
-    if hit.size:
-        same = pc.equal(values.request_id.take(pa.array(hit)), universe.request_id.take(pa.array(at[hit])))
-        if not pc.all(same).as_py():
-            raise Fallback("two request_ids share a 64-bit join key")
+def by_string(values: pa.Array, universe: pa.Array) -> np.ndarray:
+    """The row of ``universe`` holding each string of ``values`` (-1: none): Arrow's hash of the strings themselves."""
+    found = pc.index_in(values, value_set=universe)
+    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def first_duplicate(values: pa.Array) -> str | None:
@@ -190,7 +206,4 @@ def duplicate(block: Block) -> str | None:
     keys = np.sort(block.key)
     if not (keys[1:] == keys[:-1]).any():
         return None
-    duplicate = first_duplicate(block.request_id)
-    if duplicate is None:
-        raise Fallback("two request_ids share a 64-bit join key")
-    return duplicate
+    return first_duplicate(block.request_id)  # None: two request_ids sharing a key

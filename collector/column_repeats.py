@@ -1,7 +1,7 @@
-"""Repeated request_ids on the columnar path: the rows the record joiner counts as duplicates.
+"""Repeated request_ids in the columnar engine: the rows the README's rules count as duplicates.
 
-At-least-once producers send some records twice. The record joiner (collector.join) decides record
-by record: a second prediction while the first's window is open, a second replay or label for a
+At-least-once producers send some records twice. The rules decide record by record (as the tests'
+record joiner, tests/record_joiner, applies them): a second prediction while the first's window is open, a second replay or label for a
 prediction that has one (or is an audit record), a label for a prediction that carried its own,
 and a second early replay or label while the first waits, are duplicates: counted, dead-lettered,
 and otherwise without effect. Those decisions depend only on the rows of the same ``request_id``,
@@ -10,11 +10,11 @@ request_ids involved, one row at a time, before the vectorised join; what is lef
 row per request_id and kind, which is what the vectorised join models.
 
 A replay or label waiting for its prediction whose window closed is unmatched; one for the same
-request_id arriving after that waits in its place (the record joiner counts the first when its
-window closes: the same totals). A prediction's request_id used again after the first one's window
+request_id arriving after that waits in its place (counting the first when its window closes
+gives the same totals). A prediction's request_id used again after the first one's window
 closed (a new request under an old id, not a retry) is a new prediction: the engine takes the
-stretch in two at it (``Repeats.reused``), closing the first one's window in between, as the
-record joiner had closed it by then.
+stretch in two at it (``Repeats.reused``), closing the first one's window in between, as a
+record-by-record join has closed it by then.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 
 from kdwatch.collector.column_join import JoinBuffer
 from kdwatch.collector.column_rules import row_classes, row_lengths
-from kdwatch.collector.columns import Block, Fallback, present
+from kdwatch.collector.columns import Block, InvariantError, present
 from kdwatch.collector.records import WindowKey
 
 PARTNERS = ("teacher", "label")
@@ -36,7 +36,7 @@ PARTNERS = ("teacher", "label")
 
 @dataclass
 class Repeats:
-    """What the record joiner's duplicate rules decide for one model's stretch."""
+    """What the duplicate rules decide for one model's stretch."""
 
     drop: dict[str, list[int]] = field(default_factory=lambda: {"prediction": [], "teacher": [], "label": []})
     drop_early: dict[str, list[int]] = field(default_factory=lambda: {"teacher": [], "label": []})
@@ -162,7 +162,7 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
         for rid, ver, r, k, n in zip(p.request_id.take(rows).to_pylist(), p.version.take(rows).to_pylist(), rows.tolist(),
                                      classes, lengths, strict=True):
             if rid in preds:
-                raise Fallback(f"prediction request_id {rid[:80]!r} of model {model!r} is buffered twice")
+                raise InvariantError(f"prediction request_id {rid[:80]!r} of model {model!r} is buffered twice")
             preds[rid] = _Prediction(int(chunk.starts[r]), ver, bool(p.audit[r] > 0), bool(p.label[r] >= 0),
                                      {"teacher": bool(chunk.has_teacher[r]),
                                       "label": bool(p.label[r] >= 0 or chunk.label_joined[r] >= 0)}, k, n)
@@ -173,7 +173,7 @@ def _buffered_state(model: str, buf: JoinBuffer, conflict: np.ndarray, start_of:
         rows = _rows_with(block, conflict)
         for rid, r in zip(block.request_id.take(rows).to_pylist(), rows.tolist(), strict=True):
             if (kind, rid) in early:
-                raise Fallback(f"{kind} request_id {rid[:80]!r} of model {model!r} is buffered twice")
+                raise InvariantError(f"{kind} request_id {rid[:80]!r} of model {model!r} is buffered twice")
             early[(kind, rid)] = _Early(start_of(int(block.ts[r])), ("buffer", r))
 
     return preds, early
@@ -188,7 +188,7 @@ def mixed_windows(buf: JoinBuffer, preds: Block | None, window_ms: int
     """Keys of the predictions of windows where generative and classifier predictions meet, those windows
     ((version, start)), and the kinds known for them from the buffer.
 
-    A window's kind is its first accepted prediction's (the record joiner's rule): a prediction of the
+    A window's kind is its first accepted prediction's (README, generative students): a prediction of the
     other kind is rejected as ``generative_mismatch``. Windows whose predictions so far (buffered) and in
     this stretch are all of one kind need no decision; the others are decided row by row. Usually none:
     without a generative row on either side nothing is computed.

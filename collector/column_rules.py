@@ -301,7 +301,7 @@ def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
     ``keys=False`` leaves the join keys out (zeros): a reference is never joined. ``row0`` is the
     batch's first row number in its file and ``key0`` the merge key before it: the merge of the
     inputs orders rows by their file's running maximum of ``ts`` (an unreadable ``ts`` counts as -1),
-    which is exactly the order in which the record path's heap merge reads them.
+    which is exactly the order in which a heap merge of the files reads them (collector.merge).
 
     The window hint mirrors collector.ingest: a rejected prediction whose model, student_version and
     ts are readable is counted in that window's ``n_rejected``. The caller knows the window size, so

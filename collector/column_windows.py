@@ -1,7 +1,8 @@
 """A closed window's state from its predictions and what joined them, computed on columns at once.
 
 Used by the columnar engine (collector.columnar) when the watermark closes a window; the fields are
-those the record joiner (collector.join) accumulates record by record, and tests hold them equal.
+those the README defines; tests hold them equal to the record joiner's (tests/record_joiner), which
+accumulates them record by record, and to the oracle's (tests/oracle.py).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def _add_segments(state: WindowState, p: Block, columns: list[np.ndarray]) -> No
         state.add_segments({NO_SEGMENT: [int(c.sum()) for c in columns]})
         return
     segment = pc.dictionary_encode(pc.fill_null(p.segment.filter(pa.array(prod)), NO_SEGMENT))
-    # Names in order of first appearance, as the record joiner meets them: past MAX_SEGMENTS names,
+    # Names in order of first appearance, as a record-by-record join meets them: past MAX_SEGMENTS names,
     # add_segments counts the later ones under OTHER_SEGMENT, in the same order.
     names = np.asarray(segment.dictionary.to_pylist(), dtype=object)
     inverse = to_numpy(segment.indices)
@@ -197,7 +198,7 @@ def _add_segments(state: WindowState, p: Block, columns: list[np.ndarray]) -> No
 
 
 def transfer_sample(model: str, rows: OpenRows, keep: int) -> list[TransferRecord]:
-    """The ``keep`` lowest-ranked joined predictions of one closed window (collector.join's rule), as transfer records.
+    """The ``keep`` lowest-ranked joined predictions of one closed window (the README's rule), as transfer records.
 
     Candidates are production predictions with a teacher replay and features, ranked by
     records.transfer_rank, so the live and the offline paths keep the same ones.

@@ -7,12 +7,12 @@ A column the contract does not know, or of a type it cannot hold, fails the whol
 naming the column.
 
 Rows are validated with the same rules, in the same order and with the same reason codes as
-:mod:`collector.contract`, but over whole columns. The three files are then read in the order the
-record path merges them (by event time; a file out of order as a heap merge reads it, i.e. by the
-file's running maximum of ``ts``), a stretch at a time, and each record arrives with the watermark
-it would see there. The rules are the stream joiner's (collector.join), with the watermark moving
-after every record as on the record path offline: the least newest event time of the inputs still
-being read; a window closes at ``start + size + grace``; a replay or label joins its prediction when
+:mod:`collector.contract`, but over whole columns. The three files are then read in the order of
+collector.merge (by event time; a file out of order as a heap merge reads it, i.e. by the file's
+running maximum of ``ts``), a stretch at a time, and each record arrives with the watermark it would
+see there, one record at a time. The rules are the README's ("Join and windows"), with the watermark
+moving after every record: the least newest event time of the inputs still being read
+(collector.merge.watermark_candidate); a window closes at ``start + size + grace``; a replay or label joins its prediction when
 both arrive before the prediction's window closes (one that comes first waits while its own window
 is open); predictions of closed windows are late; replays or labels left without a prediction when
 their own window closes are unmatched. So the result depends on the events and their order in each
@@ -22,14 +22,16 @@ batch per input plus the open windows.
 
 Duplicates (a ``request_id`` repeated while the first is open, partners for audit records, a label
 record for a prediction that carried its own) are decided first, row by row for the few request_ids
-involved (:mod:`collector.column_repeats`), and so is a prediction's ``request_id`` used again after
-the first one's window closed. A model's events may have different class counts: matrices are as wide
-as the widest, NaN beyond each row's classes; a replay joins only a prediction of its class count, a
-label only one that has its class (else rejected, as the record joiner does), and a window of several
-class counts computes its metrics per class count (analyzer.window's rule). What the vectorised join
-does not model (a 64-bit key shared by two request_ids), it hands back. Then the run restarts on the
-per-record path (the same decoder and joiner as JSONL and Kafka) and says why on stderr, so the
-result is always the stream joiner's.
+involved (:mod:`collector.column_repeats`), and so are a prediction's ``request_id`` used again after
+the first one's window closed, and the predictions of a window where a generative student's and a
+classifier's meet (the first accepted one sets the window's kind; the others are rejected as
+``generative_mismatch``). A model's events may have different class counts: matrices are as wide as
+the widest, NaN beyond each row's classes (a generative student's rows have none: their generations
+are object columns); a replay joins only a prediction of its kind and class count or length, a label
+only a classifier's prediction that has its class (else rejected with the contract's reason), and a
+window of several class counts computes its metrics per class count (analyzer.window's rule). Two
+request_ids sharing a 64-bit join key are told apart by their strings. There is no other engine: a
+broken rule of the engine's own bookkeeping raises InvariantError (a bug, never the data).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from kdwatch.collector.column_join import MAX_CHUNKS, JoinBuffer, OpenRows, conc
 from kdwatch.collector.column_repeats import find_repeats, without
 from kdwatch.collector.column_rules import Batch, Hint, read_blocks, row_classes, row_lengths, trim
 from kdwatch.collector.column_windows import transfer_sample, window_state
-from kdwatch.collector.columns import NEVER, ORDER, Block, Fallback, concat, distinct, is_parquet, to_numpy
+from kdwatch.collector.columns import NEVER, ORDER, Block, InvariantError, concat, distinct, is_parquet, to_numpy
 from kdwatch.collector.parquet_io import prefetch
 from kdwatch.collector.records import INPUTS, TransferRecord, WindowKey
 
@@ -131,8 +133,8 @@ class ColumnarAnalyzer:
     def _arrivals(self, blocks: dict[str, Block], hints: list[Hint], ends: dict[str, tuple[int, int]]) -> np.ndarray:
         """Each row's position in the merge and the watermark when it arrived (``position``, ``arrival_wm``).
 
-        The watermark moves after every record, as in the record path offline: the least, over the
-        inputs whose file has not ended yet, of the newest event time seen (collector.join's rule),
+        The watermark moves after every record: the least, over the inputs whose file has not ended
+        yet, of the newest event time seen (collector.merge.watermark_candidate's rule),
         never moving back. Returns the watermark at each hint's row; the step's last watermark is
         kept for advance().
         """
@@ -196,7 +198,7 @@ class ColumnarAnalyzer:
         """Join a stretch in which a prediction's request_id comes again after the first one's window closed.
 
         At each such prediction (``cut``: its merge position and watermark) what came before it is joined, this
-        model's windows closed by then are closed (the first prediction goes, as in the record joiner), and the
+        model's windows closed by then are closed (the first prediction goes, as in a record-by-record join), and the
         rest follows, SPLIT_ROWS merge positions at a time: ids reused over and over cost that much each.
         """
         while True:
@@ -265,7 +267,7 @@ class ColumnarAnalyzer:
     def _add_predictions(self, model: str, buf: JoinBuffer, preds: Block, starts: np.ndarray) -> None:
         dup = duplicate(preds)  # repeats against the buffer were decided by collector.column_repeats
         if dup is not None:
-            raise Fallback(f"prediction request_id {dup[:80]!r} of model {model!r} appears twice")
+            raise InvariantError(f"prediction request_id {dup[:80]!r} of model {model!r} appears twice")
         assert preds.arrival_wm is not None
         assert preds.probs is not None
         chunk = OpenRows.new(preds, starts, preds.probs.shape[1])
@@ -281,7 +283,7 @@ class ColumnarAnalyzer:
             matched[matched] &= preds.audit[at[matched]] == 0  # an audit record joins nothing: its partners wait
             if not matched.any():
                 continue
-            consumed = matched.copy()  # a replay or label of another class count: rejected, not joined (record joiner)
+            consumed = matched.copy()  # a replay or label of another class count: rejected, not joined (README)
             matched[matched] = ~self._misfits(kind, early, np.flatnonzero(matched), preds, at[matched])
             rows = at[matched]
             partners = early.take(np.flatnonzero(matched))
@@ -331,12 +333,12 @@ class ColumnarAnalyzer:
         return bad
 
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
-        """What collector.column_repeats leaves to the vectorised join holds (else Fallback, see the module docstring)."""
+        """What collector.column_repeats leaves to the vectorised join holds (else InvariantError: a bug)."""
         assert preds.audit is not None and preds.label is not None
         if (preds.audit[rows] > 0).any():
-            raise Fallback(f"a {kind} record for an audit prediction of model {model!r}")
+            raise InvariantError(f"a {kind} record for an audit prediction of model {model!r}")
         if kind == "label" and (preds.label[rows] >= 0).any():
-            raise Fallback(f"a label record for a prediction of model {model!r} that carried its own label")
+            raise InvariantError(f"a label record for a prediction of model {model!r} that carried its own label")
 
     def _add_partners(self, model: str, buf: JoinBuffer, block: Block, kind: str) -> None:
         assert block.arrival_wm is not None and block.position is not None
@@ -376,11 +378,11 @@ class ColumnarAnalyzer:
             self._check_partner(model, p, rows, partners, kind)
             if kind == "teacher":
                 if chunk.has_teacher[rows].any():
-                    raise Fallback(f"a second teacher replay for a request of model {model!r}")
+                    raise InvariantError(f"a second teacher replay for a request of model {model!r}")
                 chunk.set_teacher(rows, partners)
             else:
                 if (chunk.label_joined[rows] >= 0).any():
-                    raise Fallback(f"a second label for a request of model {model!r}")
+                    raise InvariantError(f"a second label for a request of model {model!r}")
                 assert partners.label is not None
                 chunk.label_joined[rows] = partners.label
             if self.track:
@@ -410,7 +412,7 @@ class ColumnarAnalyzer:
             if (hits >= 0).any():
                 dup = str(rows.request_id[int(np.argmax(hits >= 0))].as_py())
         if dup is not None:
-            raise Fallback(f"{kind} request_id {dup[:80]!r} of model {model!r} waits twice")
+            raise InvariantError(f"{kind} request_id {dup[:80]!r} of model {model!r} waits twice")
 
     def advance(self, close_all: bool = False) -> None:
         """Move the watermark to where the last step left it and compute every window it closes."""
@@ -513,9 +515,9 @@ def analyze_columnar(
     grace_ms: int = 600_000,
     references: References | Callable[[], References] | None = None,
 ) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
-    """Final window states and per-(kind, reason) counters of JSONL or Parquet files; raises Fallback when the data needs the joiner.
+    """Final window states and per-(kind, reason) counters of JSONL or Parquet files.
 
-    The inputs are read as the record path merges them (collector.offline.merged_events: by event
+    The inputs are read as collector.merge orders a co-partition's records (by event
     time, ties by input and row; a file out of order is merged as a heap merge would, which is the
     order of the file's running maximum of ``ts``), in stretches: each step takes every row before
     the least merge key read so far among the files still open, reading the file that is furthest
@@ -583,5 +585,3 @@ def analyze_batches(
     analyzer.advance(close_all=True)
     return analyzer.windows, dict(analyzer.counters)
 
-
-# ---- the per-record path over Parquet rows (the fallback) ----

@@ -34,8 +34,12 @@ AUDIT_CODE = {AUDIT_VALUES[0]: 1, AUDIT_VALUES[1]: 2}
 
 
 
-class Fallback(Exception):
-    """The data needs the per-record joiner (see the module docstring); the message says why."""
+class InvariantError(RuntimeError):
+    """A rule of the engine's own bookkeeping broke: a bug in kdwatch, never a property of the data.
+
+    The run stops (nothing of the step is stored) with the message, to be reported with the data
+    that caused it; a Kafka collector reloads the partition from its last commit and meets it again.
+    """
 
 
 def is_parquet(path: Path) -> bool:
@@ -174,7 +178,7 @@ def string_keys(values: pa.Array) -> np.ndarray:
 
     Equal strings get equal keys, so joins and duplicate checks hash integers instead of strings.
     Different strings may share a key (about 1 in 10^13 for a million open requests): every match
-    is confirmed by comparing the strings, and a collision sends the run to the record joiner.
+    is confirmed by comparing the strings; a shared key is looked up again by the strings (collector.column_join).
     """
     n = len(values)
     if n == 0:

@@ -1,8 +1,8 @@
 """The Kafka collector: a consumer-group member that joins, windows and stores, exactly once.
 
 Each co-partition ``p`` (partition p of the predictions, teacher and labels topics, which the range
-assignor gives to one member) has an engine (collector.live_columns, or the record joiner
-collector.join) whose whole state (windows, join buffer, watermark) and offsets live in the database. A poll's records of ``p`` become one
+assignor gives to one member) has an engine (collector.live_columns: the columnar engine of `kdwatch
+analyze`) whose whole state (windows, join buffer, watermark) and offsets live in the database. A poll's records of ``p`` become one
 transaction (PartitionStore.commit_batch, kdwatch.storage.sql.SqlStore); on (re)assignment the member loads ``p`` from the
 database and seeks to the stored offsets. So after a crash at any moment the stored aggregates equal
 those of an uninterrupted run. Dead letters are produced and flushed before the commit: the
@@ -27,19 +27,16 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
 from kdwatch.analyzer.drift import Reference
-from kdwatch.collector.columns import NEVER, Fallback
-from kdwatch.collector.ingest import ingest, merge_key
-from kdwatch.collector.join import PartitionJoiner
+from kdwatch.collector.columns import NEVER
 from kdwatch.collector.live_columns import ColumnarUnit
-from kdwatch.collector.merge import EventTimeMerge
-from kdwatch.collector.records import Changes, EngineDelta, PartitionSnapshot, Source
+from kdwatch.collector.records import Changes, PartitionSnapshot
 from kdwatch.collector.telemetry import CollectorMetrics
 from kdwatch.errors import ConfigError, StoreConflict, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 DLT_SUFFIX = ".DLT"
-RECORD = "record"
+RECORD = "record"  # the engine meta of a partition stored by the record joiner (before the one engine)
 STUCK_AFTER_S = 30.0  # an input with more on the broker that the client does not return for this long: reopen the consumer
 
 
@@ -91,50 +88,41 @@ class CollectorConfig:
     # watermark) back after this long (collector.merge); until then the others wait for it.
     idle_timeout_ms: int = 30_000
     max_queued: int = 20_000  # records queued per input partition before it is paused (memory bound)
-    # "columnar": the engine of `kdwatch analyze` (collector.live_columns); "record": the record joiner (collector.join).
-    engine: str = "columnar"
-    provisional_interval_s: float = 5.0  # columnar: how often open windows' states so far are stored
+    provisional_interval_s: float = 5.0  # how often open windows' states so far are stored
 
 
 @dataclass
 class _Unit:
-    """One owned co-partition: its merge, its joiner and its offsets.
+    """One owned co-partition: its engine and its offsets.
 
     ``fetched``: per topic, the next offset to queue; ``expected``: the next offset to process (what a
     commit stores); ``committed``: as last committed.
     """
 
-    joiner: PartitionJoiner | None  # the record engine's; None on the columnar engine
+    columnar: ColumnarUnit
     committed: dict[str, int | None]
     expected: dict[str, int]
     fetched: dict[str, int]
-    merge: Any  # EventTimeMerge (each record with its value as parsed for the merge key), or the columnar unit's queues
-    columnar: ColumnarUnit | None = None
     paused: set[str] = field(default_factory=set)
     progress_at: float = field(default_factory=time.monotonic)  # last record processed, or queues empty
-    provisional_at: float = 0.0  # columnar: when the open windows were last stored
-    provisional_stale: bool = False  # columnar: records processed since
+    provisional_at: float = 0.0  # when the open windows were last stored
+    provisional_stale: bool = False  # records processed since
+
+    @property
+    def merge(self) -> Any:  # the queues of the records fetched and not yet processed (collector.live_columns)
+        return self.columnar.queues
 
     @property
     def watermark(self) -> int | None:
-        if self.columnar is not None:
-            return self.columnar.analyzer.watermark
-        assert self.joiner is not None
-        return self.joiner.watermark
+        return self.columnar.analyzer.watermark
 
     @property
     def observed(self) -> dict[str, int]:  # input kind -> newest event time processed
-        if self.columnar is not None:
-            return {k: v for k, v in self.columnar.analyzer.observed.items() if v != NEVER}
-        assert self.joiner is not None
-        return self.joiner.observed
+        return {k: v for k, v in self.columnar.analyzer.observed.items() if v != NEVER}
 
     @property
     def buffered(self) -> int:  # open predictions and waiting replays and labels (the join buffer)
-        if self.columnar is not None:
-            return self.columnar.buffered
-        assert self.joiner is not None
-        return len(self.joiner.entries)
+        return self.columnar.buffered
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
@@ -249,24 +237,15 @@ class Collector:
         committed = {t: snapshot.offsets.get(t) for t in self.kinds}
         consumer.resume(*[tp for tp in tps if tp in consumer.assignment()])  # a reload starts with empty queues
         meta, blobs = self.store.load_engine(p)
-        columnar_state = meta is not None and meta.get("engine") != RECORD
-        if columnar_state and self.config.engine == RECORD:
-            snapshot = self._hand_over(p, "KDWATCH_COLLECTOR_ENGINE=record", self._columnar_unit(p, meta, blobs), committed)
-        elif columnar_state or (self.config.engine == "columnar" and meta is None and not (snapshot.entries or snapshot.windows)):
-            # The columnar engine: configured, on a partition without the record joiner's state.
-            unit = self._columnar_unit(p, meta, blobs)
-            self.units[p] = _Unit(None, committed, expected, dict(expected), unit.queues, unit)
-            log.info("partition %d loaded on the columnar engine: offsets %s, %d buffered", p, expected, unit.buffered)
-            return
-        # The record joiner: configured, or the partition holds its state (it stays there until a new group).
-        joiner = PartitionJoiner(self.config.window_ms, self.config.grace_ms, self.references,
-                                 watermark=snapshot.watermark, observed=snapshot.observed, windows=snapshot.windows,
-                                 entries=snapshot.entries, max_future_ms=self.config.max_future_ms,
-                                 transfer_per_window=self.config.transfer_per_window)
-        merge: EventTimeMerge[tuple[Source, Any]] = EventTimeMerge(self.config.idle_timeout_ms / 1000)
-        self.units[p] = _Unit(joiner, committed, expected, dict(expected), merge)
-        log.info("partition %d loaded: offsets %s, %d open windows, %d buffered", p, expected,
-                 len(snapshot.windows), len(snapshot.entries))
+        if (meta is not None and meta.get("engine") == RECORD) or (meta is None and (snapshot.entries or snapshot.windows)):
+            raise ConfigError(
+                "KDWATCH_GROUP_ID", f"partition {p} of group {self.config.group_id!r} holds open state of the record "
+                "joiner, the per-record engine of development builds (KDWATCH_COLLECTOR_ENGINE=record, or a generative "
+                "student handed over to it), which kdwatch no longer has: start a new consumer group to read the topics "
+                "again (CHANGELOG, one engine)")
+        unit = self._columnar_unit(p, meta, blobs)
+        self.units[p] = _Unit(unit, committed, expected, dict(expected))
+        log.info("partition %d loaded: offsets %s, %d buffered", p, expected, unit.buffered)
 
     def _columnar_unit(self, p: int, meta: dict[str, Any] | None, blobs: list[tuple[str, str, int, bytes]]) -> ColumnarUnit:
         unit = ColumnarUnit(p, self.config.window_ms, self.config.grace_ms, self.references,
@@ -274,23 +253,6 @@ class Collector:
                             max_future_ms=self.config.max_future_ms, transfer_per_window=self.config.transfer_per_window)
         unit.restore(meta, blobs)
         return unit
-
-    def _hand_over(self, p: int, why: str, unit: ColumnarUnit, committed: dict[str, int | None]) -> PartitionSnapshot:
-        """Move a co-partition from the columnar engine to the record joiner in one commit (data it does not take yet).
-
-        Its stored state is converted (ColumnarUnit.record_state: the same decisions follow); it stays there.
-        """
-        log.warning("partition %d: handing over to the record joiner (%s)", p, why)
-        state = unit.record_state()
-        changes = Changes(upserted={(e.kind, e.model, e.request_id): e for e in state.entries}, windows=state.windows,
-                          watermark=state.watermark, observed=state.observed or None,
-                          engine=EngineDelta(meta={"engine": RECORD}, drop_blobs=True))
-        fence: dict[str, tuple[int | None, int]] = {t: (old, old) for t, old in committed.items() if old is not None}
-        self.store.commit_batch(self.config.group_id, p, self.config.window_ms, changes, fence,
-                                transfer_max=self.config.transfer_max_records)
-        if self.metrics is not None:
-            self.metrics.handovers.inc()
-        return state
 
     # ---- the loop ----
 
@@ -391,26 +353,9 @@ class Collector:
         # can move its watermark and close windows.
         for p in sorted(self.units):
             unit = self.units[p]
-            try:
-                self._queue(consumer, p, unit, by_unit.get(p, {}))
-                before = dict(unit.expected)
-                if unit.columnar is not None:
-                    advanced, changes = self._step_columnar(p, unit, bool(by_unit.get(p)))
-            except _HandOver as exc:
-                # From the last commit: what this unit did since is dropped and read again.
-                del self.units[p]
-                meta, blobs = self.store.load_engine(p)
-                try:
-                    self._hand_over(p, str(exc), self._columnar_unit(p, meta, blobs), unit.committed)
-                except StoreConflict as conflict:
-                    log.warning("dropping partition %d: %s", p, conflict)
-                    continue
-                self._load(consumer, p)
-                continue
-            if unit.columnar is None:
-                assert unit.joiner is not None
-                advanced = self._merge_unit(unit)
-                changes = unit.joiner.end_batch(unit.merge.idle())
+            self._queue(consumer, p, unit, by_unit.get(p, {}))
+            before = dict(unit.expected)
+            advanced, changes = self._step_columnar(p, unit, bool(by_unit.get(p)))
             self._watch_stall(p, unit, bool(advanced))
             self._flow_control(consumer, p, unit)
             if self.metrics is not None:
@@ -443,11 +388,7 @@ class Collector:
     def _step_columnar(self, p: int, unit: _Unit, fetched: bool) -> tuple[dict[str, tuple[int | None, int]], Changes]:
         """One step of the columnar engine; open windows' states so far are stored every ``provisional_interval_s``,
         and once the unit has caught up (a poll brought nothing new), so a quiet stream's windows are up to date."""
-        assert unit.columnar is not None
-        try:
-            changes, moved = unit.columnar.step()
-        except Fallback as exc:
-            raise _HandOver(str(exc)) from exc
+        changes, moved = unit.columnar.step()
         unit.provisional_stale |= bool(moved)
         now = time.monotonic()
         if unit.provisional_stale and (not fetched or now - unit.provisional_at >= self.config.provisional_interval_s):
@@ -479,34 +420,9 @@ class Collector:
                     break
                 fresh.append(record)
                 unit.fetched[topic] = record.offset + 1
-            if unit.columnar is not None:
-                try:
-                    unit.columnar.push(kind, fresh)
-                except Fallback as exc:
-                    raise _HandOver(str(exc)) from exc
-            else:
-                for record in fresh:
-                    value = record.value or b""
-                    key, parsed = merge_key(value)
-                    unit.merge.push(kind, key, (Source(topic, p, record.offset, record.timestamp, record.key, value), parsed))
+            unit.columnar.push(kind, fresh)
             highwater = consumer.highwater(TopicPartition(topic, p))
             unit.merge.set_at_end(kind, highwater is not None and unit.fetched[topic] >= highwater)
-
-    def _merge_unit(self, unit: _Unit) -> dict[str, tuple[int | None, int]]:
-        """Process the unit's records in merge order, as far as the merge allows; topic -> (committed, new) that moved."""
-        start = dict(unit.expected)
-        joiner = unit.joiner
-        assert joiner is not None
-        # The watermark moves before and after every record, with the inputs idle at that moment, exactly
-        # as the offline path moves it: so which records join or are late follows from the merge order alone.
-        joiner.advance_watermark(unit.merge.idle())
-        while (item := unit.merge.next()) is not None:
-            kind, (source, parsed) = item
-            ingest(joiner, kind, source.value, source, parsed=parsed)
-            unit.expected[source.topic] = source.offset + 1
-            self.processed += 1
-            joiner.advance_watermark(unit.merge.idle())
-        return {t: (unit.committed[t], unit.expected[t]) for t in self.kinds if unit.expected[t] != start[t]}
 
     def _watch_stall(self, p: int, unit: _Unit, progressed: bool) -> None:
         """Catch a co-partition whose records wait on an input the client stopped returning.
@@ -568,10 +484,6 @@ class Collector:
             producer.flush(timeout=30)
         except KafkaError as exc:
             raise RuntimeError(f"could not write {len(changes.dead_letters)} dead letters: {exc}") from exc
-
-
-class _HandOver(Exception):
-    """The columnar engine met data it does not take yet: the co-partition moves to the record joiner."""
 
 
 def _resume(consumer: KafkaConsumer, tp: TopicPartition, position: int) -> None:

@@ -9,7 +9,7 @@ writes it). So does a batch where a row may mean something else to the two (an e
 the decoder tells it from an absent field, ``NaN`` or ``Infinity``, which Arrow reads as numbers) or
 a line over the size limit: the fast way only ever keeps values whose meaning the two agree on. Either way the rows are then validated
 on columns (collector.column_rules) and carry their merge keys and row numbers, so the engine sees
-the same rows, reasons and hints as the record path would.
+the same rows, reasons and hints as the decoder gives record by record.
 
 Generative events are always read line by line (their generations are checked by the contract's own
 rule); a feature holding numbers in some lines and strings in others keeps each value as sent.
@@ -30,7 +30,7 @@ import pyarrow.json as pj
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.collector.column_rules import Batch, Hint, validate
-from kdwatch.collector.columns import BATCH_ROWS, FIELDS, Block, Fallback, null_mask, objects, to_numpy
+from kdwatch.collector.columns import BATCH_ROWS, FIELDS, Block, null_mask, objects, to_numpy
 from kdwatch.collector.contract import DECODERS, MAX_FEATURES, MAX_STRING_CHARS, MAX_VALUE_BYTES, parse_ts
 from kdwatch.collector.ingest import merge_key, window_hint_fields
 from kdwatch.collector.parquet_io import columns_for, reference_from_batches
@@ -38,7 +38,7 @@ from kdwatch.errors import ContractError
 
 
 def line_chunks(path: Path, rows: int | None = None) -> Iterator[list[bytes]]:
-    """The file's non-blank lines (line ends stripped), ``rows`` at a time (the record path's lines, in order)."""
+    """The file's non-blank lines (line ends stripped), ``rows`` at a time (in order)."""
     with path.open("rb") as handle:
         yield from chunked(handle, rows)
 
@@ -258,13 +258,13 @@ def jsonl_batches(chunks: Iterator[list[bytes]], kind: str) -> Iterator[Batch]:
 
 
 class _NeedsDecoder(Exception):
-    """A reference line the fast way cannot vouch for: the record path's builder reads the file."""
+    """A reference line the fast way cannot vouch for: the contract's decoder reads the file."""
 
 
 def load_reference_jsonl(path: Path) -> dict[str, Reference] | None:
     """Per-model references from a JSONL file through Arrow; None when a line needs the contract's decoder.
 
-    The record path's builder (collector.offline.build_references) then reads the file, so an
+    The decoder's builder (collector.offline.build_references) then reads the file, so an
     invalid line fails with its line number and message as before.
     """
 
@@ -278,5 +278,5 @@ def load_reference_jsonl(path: Path) -> dict[str, Reference] | None:
     try:
         # A valid prediction takes at least 40 bytes: the file's size bounds its row count.
         return reference_from_batches(batches(), path.stat().st_size // 40 + 1, lambda _row, _reason: _NeedsDecoder())
-    except (_NeedsDecoder, Fallback):
+    except _NeedsDecoder:
         return None

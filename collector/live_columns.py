@@ -27,27 +27,21 @@ import numpy as np
 
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.column_join import JoinBuffer, OpenRows
+from kdwatch.collector.column_join import JoinBuffer
 from kdwatch.collector.column_rules import Hint, validate
 from kdwatch.collector.column_state import apply_patch, chunk_blob, chunk_from, early_blob, early_from, patch_blob
 from kdwatch.collector.column_windows import window_state
 from kdwatch.collector.columnar import ColumnarAnalyzer
 from kdwatch.collector.columns import NEVER, ORDER, Block, concat
-from kdwatch.collector.contract import DECODERS, Distribution
+from kdwatch.collector.contract import DECODERS
 from kdwatch.collector.ingest import merge_key
-from kdwatch.collector.join import watermark_candidate
 from kdwatch.collector.jsonl_columns import by_line, fast_batch
-from kdwatch.collector.merge import Idleness
+from kdwatch.collector.merge import Idleness, watermark_candidate
 from kdwatch.collector.records import (
     INPUTS,
-    LABEL,
-    PREDICTION,
-    TEACHER,
     Changes,
     DeadLetter,
     EngineDelta,
-    Entry,
-    PartitionSnapshot,
     Source,
     WindowKey,
 )
@@ -249,7 +243,7 @@ class ColumnarUnit:
         counts = self.queues.ready(idle)
         taken = {kind: self.queues.take(kind, n) for kind, n in counts.items() if n}
         before_wm, before_obs = a.watermark, dict(a.observed)
-        # The watermark moves with the inputs idle now before the first record, as the record path's does.
+        # The watermark moves with the inputs idle now before the first record, as collector.merge's rule moves it.
         seen = {k: v for k, v in a.observed.items() if v != NEVER}
         candidate = watermark_candidate(seen, idle)
         if candidate is not None and (a.watermark is None or candidate > a.watermark):
@@ -323,7 +317,7 @@ class ColumnarUnit:
             self.waiting[kind] = kept
 
     def provisional(self) -> dict[WindowKey, WindowState]:
-        """The open windows' states so far (what has joined until now), as the record joiner stores them each commit."""
+        """The open windows' states so far (what has joined until now): what `GET /windows` shows of an open window."""
         a = self.analyzer
         out: dict[WindowKey, WindowState] = {}
         for model, buf in a.buffers.items():
@@ -338,43 +332,6 @@ class ColumnarUnit:
             state = out.setdefault(key, WindowState())
             for name, count in counts.items():
                 setattr(state, name, getattr(state, name) + count)
-        return out
-
-    def record_state(self) -> PartitionSnapshot:
-        """The buffer and open windows in the record joiner's form (collector.join): for a hand-over, offsets left empty.
-
-        Each open prediction becomes an entry with what joined it, each waiting replay or label an entry
-        with its source, and each open window its state so far: the record joiner goes on from there
-        exactly as if it had taken every record (tests/unit/collector/test_live_columns.py).
-        """
-        a = self.analyzer
-        entries: list[Entry] = []
-        for model, buf in a.buffers.items():
-            for chunk in buf.chunks:
-                entries.extend(_prediction_entries(model, chunk, a.transfer_per_window > 0))
-            for kind, attr in EARLY.items():
-                early = getattr(buf, attr)
-                if early is not None and early.n:
-                    entries.extend(self._early_entries(model, kind, early))
-        observed = {k: v for k, v in a.observed.items() if v != NEVER}
-        return PartitionSnapshot({}, a.watermark, self.provisional(), entries, observed)
-
-    def _early_entries(self, model: str, kind: str, early: Block) -> list[Entry]:
-        assert early.rowno is not None
-        ids = early.request_id.to_pylist()
-        versions = early.version.to_pylist()
-        starts = self.analyzer._starts(early.ts)
-        out = []
-        for i, offset in enumerate(early.rowno.tolist()):
-            ts, key, value = self.waiting[kind][offset]
-            source = Source(self.topics[kind], self.partition, offset, ts, key, value)
-            if kind == "teacher":
-                assert early.probs is not None
-                dist = _distribution(early.probs, early.logp, i)
-                out.append(Entry(TEACHER, model, ids[i], int(starts[i]), versions[i] or "", dist, source=source))
-            else:
-                assert early.label is not None
-                out.append(Entry(LABEL, model, ids[i], int(starts[i]), label=int(early.label[i]), source=source))
         return out
 
     # ---- persistence ----
@@ -465,31 +422,6 @@ class ColumnarUnit:
             for kind in EARLY:
                 if self.saved_early.get((model, kind)) is None:
                     self.saved_early[(model, kind)] = None
-
-
-def _distribution(probs: np.ndarray, logp: np.ndarray | None, i: int) -> Distribution:
-    k = int(np.count_nonzero(~np.isnan(probs[i])))
-    exact = None if logp is None or np.isnan(logp[i, 0]) else logp[i, :k].copy()
-    return Distribution(probs[i, :k].copy(), exact)
-
-
-def _prediction_entries(model: str, chunk: OpenRows, features: bool) -> list[Entry]:
-    p = chunk.preds
-    assert p.probs is not None and p.label is not None and p.audit is not None and p.segment is not None
-    ids, versions, segments = p.request_id.to_pylist(), p.version.to_pylist(), p.segment.to_pylist()
-    out = []
-    for i in range(p.n):
-        own = int(p.label[i])
-        label = own if own >= 0 else int(chunk.label_joined[i])
-        teacher = _distribution(chunk.teacher_probs, chunk.teacher_logp, i) if chunk.has_teacher[i] else None
-        kept = None
-        if features and p.audit[i] == 0 and p.features:
-            kept = {name: (float(col[i]) if col.dtype.kind == "f" else col[i]) for name, col in p.features.items()
-                    if not (col[i] is None or (col.dtype.kind == "f" and np.isnan(col[i])))}
-        out.append(Entry(PREDICTION, model, ids[i], int(chunk.starts[i]), versions[i], _distribution(p.probs, p.logp, i),
-                         None if label < 0 else label, teacher, bool(chunk.has_teacher[i]), label >= 0, bool(p.audit[i] > 0),
-                         segment=segments[i], features=kept, ts_ms=int(p.ts[i])))
-    return out
 
 
 _MESSAGES = {

@@ -1,5 +1,5 @@
 """Parquet files in and out: batches read ahead on a worker thread, a PSI reference read from Parquet,
-Parquet rows as contract records for the per-record path, and `kdwatch convert` (JSONL to Parquet).
+Parquet rows as contract records (a generative baseline's reference), and `kdwatch convert` (JSONL to Parquet).
 """
 
 from __future__ import annotations
@@ -171,13 +171,6 @@ def parquet_records(path: Path, kind: str) -> Iterator[dict[str, Any]]:
             if isinstance(features, dict):
                 obj["features"] = {k: v for k, v in features.items() if v is not None}
             yield obj
-
-
-def parquet_lines(path: Path, kind: str, order: int) -> Iterator[tuple[int, int, int, str, bytes, dict[str, Any] | None]]:
-    """The offline merge's stream entries (see collector.offline.merged_events) for a Parquet file."""
-    for rowno, obj in enumerate(parquet_records(path, kind)):
-        ts = obj.get("ts")
-        yield (ts if type(ts) is int else -1, order, rowno, kind, orjson.dumps(obj), obj)
 
 
 # ---- JSONL -> Parquet ----

@@ -1,6 +1,6 @@
 """What the join produces and keeps, and how it is stored: buffer entries, window keys, transfer records.
 
-Plain data and their JSON codecs, shared by the join (``kdwatch.collector.join``), the store
+Plain data and their JSON codecs, shared by the engine (``kdwatch.collector.columnar``), the store
 (``kdwatch.storage.sql``) and the training runner, so none of those imports another's logic.
 """
 
@@ -130,7 +130,6 @@ class EngineDelta:
     put: list[tuple[str, str, int, int, bytes]] = field(default_factory=list)
     delete: list[tuple[str, str, int]] = field(default_factory=list)
     purge_through: int | None = None
-    drop_blobs: bool = False  # every blob goes first (a hand-over to the record joiner)
 
 
 @dataclass
@@ -149,7 +148,7 @@ class Changes:
     watermark: int | None = None
     observed: dict[str, int] | None = None  # set when an input's highest event time moved
     transfer: list[TransferRecord] = field(default_factory=list)  # sampled from the windows closed now
-    engine: EngineDelta | None = None  # the columnar engine's buffer (collector.live_columns); None: the record joiner's entries
+    engine: EngineDelta | None = None  # the engine's buffer (collector.live_columns); None: entries (tests/record_joiner)
 
 
 def dist_to_list(d: Distribution | None) -> list[Any] | None:

@@ -50,8 +50,9 @@ class CollectorMetrics:
         self.owned = Gauge("kdwatch_collector_partitions_owned", "Co-partitions this member owns", registry=registry)
         self.reopens = Counter("kdwatch_collector_consumer_reopens", "Kafka consumers replaced because the client "
                                "stopped returning a partition it had records for", registry=registry)
-        self.handovers = Counter("kdwatch_collector_engine_handovers", "Co-partitions moved from the columnar engine "
-                                 "to the record joiner (data it does not take yet, e.g. a generative student)", registry=registry)
+        # Kept for dashboards and alerts that name it: always 0 since the collector has one engine.
+        self.handovers = Counter("kdwatch_collector_engine_handovers", "Co-partitions moved to another engine "
+                                 "(always 0: the collector has one engine)", registry=registry)
         self.pauses = Counter("kdwatch_collector_outages", "Pauses for an unavailable database or broker",
                               ["dependency"], registry=registry)
 

@@ -83,8 +83,7 @@ def analyze(
     else:
         windows, counters = analyze_files(
             predictions, teacher, labels, window_ms=window_ms, grace_ms=grace_ms, references=refs,
-            partitions=partitions, partitioner=_kafka_partitioner() if partitions > 1 else None,
-            on_fallback=lambda why: err.print(f"[yellow]columnar path not applicable ({why}); analysing row by row[/]"))
+            partitions=partitions, partitioner=_kafka_partitioner() if partitions > 1 else None)
     results = []
     for key in sorted(windows, key=lambda k: (k.window_start, k.model, k.student_version)):
         result = window_result(key.model, key.student_version, key.window_start, window_ms, windows[key], refs.get(key.model))

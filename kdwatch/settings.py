@@ -35,9 +35,9 @@ class Settings(BaseSettings):
     # An input partition that has nothing queued and nothing more to fetch stops holding the others back
     # after this long (README "Join and windows"); until then the collector waits for it.
     idle_timeout: str = "30s"
-    # "columnar": the engine of `kdwatch analyze`, a poll at a time on columns (collector.live_columns);
-    # "record": the record joiner (collector.join), which also takes generative students.
-    collector_engine: Literal["columnar", "record"] = "columnar"
+    # The collector has one engine (collector.live_columns): "columnar" is the only value, kept so existing
+    # configurations start; "record" (the per-record joiner of development builds) fails naming the field.
+    collector_engine: Literal["columnar"] = "columnar"
     max_future: str = "1h"
     transfer_per_window: int = Field(50, ge=0, le=10_000)
     transfer_max_records: int = Field(100_000, ge=1)

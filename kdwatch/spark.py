@@ -7,8 +7,7 @@ The same engine as `kdwatch analyze --partitions N`, distributed:
    ``request_id`` would go to (murmur2, as `analyze --partitions N` and the collector assign them).
 2. ``groupBy(partition).applyInArrow``: each co-partition's records, back in file order, run through
    kdwatch's columnar engine on an executor (collector.columnar.analyze_batches: the event-time merge,
-   join and windows of `kdwatch analyze`; what it leaves to the record joiner runs there,
-   collector.offline.analyze_partition); out come the final window states, serialised with the
+   join and windows of `kdwatch analyze`); out come the final window states, serialised with the
    database's codec, and the counters.
 3. ``groupBy(model, student_version, window).applyInArrow``: the states of a window are merged
    (exactly: sums are integers, sketches merge bin by bin) and its public row computed.
@@ -33,11 +32,9 @@ import pyarrow as pa
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState, window_result
 from kdwatch.collector.columnar import analyze_batches
-from kdwatch.collector.columns import Fallback
 from kdwatch.collector.consumer import kafka_partition
 from kdwatch.collector.ingest import merge_key
 from kdwatch.collector.jsonl_columns import chunked, jsonl_batches
-from kdwatch.collector.offline import analyze_partition, merge_inputs
 from kdwatch.collector.records import INPUTS, WindowKey
 
 STATES = "model string, student_version string, window_start long, kind string, payload string"
@@ -96,28 +93,14 @@ def _rows(spark: Any, source: Any, kind: str, partitions: int) -> Any:
 def _analyze_group(window_ms: int, grace_ms: int, references: dict[str, dict[str, Any]]) -> Callable[[pa.Table], pa.Table]:
     refs = {model: Reference.from_dict(data) for model, data in references.items()}
 
-    def parsed(lines: list[bytes]) -> Iterator[tuple[int, bytes, dict[str, Any] | None]]:
-        # Parsed as the merge pulls them: only the records queued in the merge are held as objects.
-        for raw in lines:
-            line = raw.rstrip(b"\r\n")
-            if line.strip():
-                key, obj = merge_key(line)
-                yield key, line, obj
-
     def run(table: pa.Table) -> pa.Table:
         order = table.sort_by([("input", "ascending"), ("row", "ascending")])
         inputs = order.column("input").to_numpy()
         lines = {kind: order.column("raw").filter(pa.array(inputs == i)).to_pylist() for i, kind in enumerate(INPUTS)}
         del order, table
-        windows: dict[WindowKey, WindowState] = {}
-        counters: dict[tuple[str, str], int] = {}
-        try:  # kdwatch's columnar engine, as `kdwatch analyze` runs it
-            readers = {kind: jsonl_batches(chunked(raw), kind) for kind, raw in lines.items() if raw}
-            windows, counters = analyze_batches(readers, window_ms=window_ms, grace_ms=grace_ms, references=refs)
-        except Fallback:  # what the engine leaves to the record joiner (see README, "Parquet input")
-            windows, counters = {}, {}
-            streams = {kind: parsed(raw) for kind, raw in lines.items()}
-            analyze_partition(merge_inputs(streams), window_ms, grace_ms, refs, windows, counters)
+        # kdwatch's columnar engine, as `kdwatch analyze` runs it
+        readers = {kind: jsonl_batches(chunked(raw), kind) for kind, raw in lines.items() if raw}
+        windows, counters = analyze_batches(readers, window_ms=window_ms, grace_ms=grace_ms, references=refs)
         rows = [(k.model, k.student_version, k.window_start, "window", orjson.dumps(s.to_dict()).decode())
                 for k, s in windows.items()]
         rows += [(kind, reason, 0, "counter", str(count)) for (kind, reason), count in counters.items()]

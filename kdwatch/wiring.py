@@ -56,7 +56,7 @@ def collector_config(settings: Settings, **overrides: Any) -> CollectorConfig:
         "session_timeout_ms": settings.session_timeout_ms, "idle_timeout_ms": settings.idle_timeout_ms,
         "max_future_ms": parse_duration_ms(settings.max_future),
         "kafka_options": settings.kafka_options(), "transfer_per_window": settings.transfer_per_window,
-        "transfer_max_records": settings.transfer_max_records, "engine": settings.collector_engine,
+        "transfer_max_records": settings.transfer_max_records,
     }
     return CollectorConfig(**{**fields, **overrides})
 

@@ -145,7 +145,7 @@ slo_config = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
-# The transfer set: joined predictions sampled per closed window (collector.join.TransferRecord), the
+# The transfer set: joined predictions sampled per closed window (collector.records.TransferRecord), the
 # data the training runner distils from. Bounded per model: the oldest rows go first.
 transfer_set = Table(
     "transfer_set",

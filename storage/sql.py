@@ -217,8 +217,6 @@ class SqlStore:
         meta = orjson.dumps(delta.meta).decode()
         stmt = self._insert(engine_meta).values(partition=partition, meta=meta)
         conn.execute(stmt.on_conflict_do_update(index_elements=["partition"], set_={"meta": meta}))
-        if delta.drop_blobs:
-            conn.execute(delete(engine_blobs).where(engine_blobs.c.partition == partition))
         for kind, model, seq in delta.delete:
             where = [engine_blobs.c.partition == partition, engine_blobs.c.kind == kind, engine_blobs.c.seq == seq]
             if model:
@@ -291,7 +289,7 @@ class SqlStore:
                 conn.execute(update(window_state).where(key).values(state=payload, updated_at=now))
 
     def _write_entries(self, conn: Connection, partition: int, changes: Changes) -> None:
-        if changes.closed_starts:  # whole closed windows: no entry of theirs is upserted again (collector.join)
+        if changes.closed_starts:  # whole closed windows: no entry of theirs is upserted again
             conn.execute(delete(join_entries).where(join_entries.c.partition == partition,
                                                     join_entries.c.window_start.in_(sorted(changes.closed_starts))))
         if changes.deleted:

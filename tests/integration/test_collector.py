@@ -68,11 +68,29 @@ def test_generative_windows_stored_from_kafka_equal_the_offline_analysis(kafka: 
     assert all(r["agreement"] is None and r["ece"] is None for r in stored.values())
     assert store.counters()[("label", "generative_mismatch")] == 1
     assert store.counters()[("teacher", "generation_length_mismatch")] == 1
-    for partition in range(3):  # on the columnar engine all along (no hand-over to the record joiner)
-        meta = store.load_engine(partition)[0]
-        assert meta is not None and meta.get("engine") != "record"
     diffs = differences(stored, expected)
     assert not diffs, explain(diffs)
+
+
+def test_a_partition_stored_by_the_record_joiner_is_refused_naming_the_way_out(kafka: str, store: SqlStore) -> None:
+    """Open state of the per-record engine of development builds cannot be taken over: the collector stops at once
+    with an error naming the partition and what to do, instead of losing or double-counting it."""
+    import pytest
+
+    from kdwatch.collector.consumer import Collector
+    from kdwatch.collector.ingest import merge_key
+    from kdwatch.errors import ConfigError
+    from tests.record_joiner.ingest import ingest
+    from tests.record_joiner.join import PartitionJoiner
+
+    topics = new_topics(kafka, partitions=1)
+    config = CollectorConfig(kafka, idle_timeout_ms=TEST_IDLE_MS, group_id="g-" + topics.predictions, topics=topics)
+    joiner = PartitionJoiner(config.window_ms, config.grace_ms)
+    _kind, _rid, value = next(r for r in generate(TrafficSpec(seed=2), 5) if r[0] == "prediction")
+    ingest(joiner, "prediction", value, parsed=merge_key(value)[1])
+    store.commit_batch(config.group_id, 0, config.window_ms, joiner.end_batch({}), {topics.predictions: (None, 1)})
+    with pytest.raises(ConfigError, match=r"partition 0 of group .* holds open state of the record joiner"):
+        Collector(config, store).run(idle_exit_s=30)
 
 
 def test_a_backlog_over_the_queue_limit_is_consumed_through_pauses_and_resumes(kafka: str, store: SqlStore,

@@ -26,7 +26,7 @@ from kafka import KafkaProducer
 from kdwatch.collector.column_state import early_from
 from kdwatch.collector.consumer import Collector, CollectorConfig, kafka_partition
 from kdwatch.collector.offline import analyze_files
-from kdwatch.generator import TrafficSpec, generate
+from kdwatch.generator import GenerativeSpec, TrafficSpec, generate, generate_generative
 from kdwatch.storage.sql import SqlStore
 from tests.integration.helpers import (
     collector_process,
@@ -43,10 +43,10 @@ from tests.integration.helpers import (
 WINDOW_MS, GRACE_MS = 10_000, 60_000
 IDLE_MS = 8_000  # longer than any wall-clock gap the producer leaves in one topic
 PARTITIONS = 3
-# (collectors, database, engine): one in-process collector, two processes in a group, one process killed and
-# restarted; the columnar engine in each, the record joiner under kills.
-MODES = [("one", "sqlite", "columnar"), ("two", "postgresql", "columnar"), ("kills", "sqlite", "columnar"),
-         ("kills", "sqlite", "record")]
+# (collectors, database, traffic): one in-process collector, two processes in a group, one process killed and
+# restarted, with a classifier student; and a generative (language-model) student's traffic under kills.
+MODES = [("one", "sqlite", "classifier"), ("two", "postgresql", "classifier"), ("kills", "sqlite", "classifier"),
+         ("kills", "postgresql", "generative")]
 SEEDS = int(os.environ.get("KDWATCH_LIVE_SEEDS", "1"))  # per mode; `make soak` sets 20 (80 runs)
 
 
@@ -87,9 +87,9 @@ def _produce(kafka: str, topics: dict[str, str], bursts: list[list[tuple[str, st
         producer.close(timeout=30)
 
 
-def _consume_in_thread(kafka: str, topics: Any, store: SqlStore, rng: random.Random, done: threading.Event, engine: str) -> None:
+def _consume_in_thread(kafka: str, topics: Any, store: SqlStore, rng: random.Random, done: threading.Event) -> None:
     config = CollectorConfig(kafka, group_id="live-" + topics.predictions, topics=topics, window_ms=WINDOW_MS, grace_ms=GRACE_MS,
-                             idle_timeout_ms=IDLE_MS, max_poll_records=rng.choice([37, 200, 1_000, 5_000]), engine=engine)
+                             idle_timeout_ms=IDLE_MS, max_poll_records=rng.choice([37, 200, 1_000, 5_000]))
     collector = Collector(config, store)
     stop = threading.Event()
     thread = threading.Thread(target=collector.run, kwargs={"stop": stop}, daemon=True)
@@ -111,10 +111,10 @@ def _wait_until_caught_up(processed: Any, done: threading.Event) -> None:
 
 
 def _consume_in_processes(kafka: str, database_url: str, topics: Any, tmp_path: Path, rng: random.Random,
-                          done: threading.Event, members: int, kills: int, engine: str) -> None:
+                          done: threading.Event, members: int, kills: int) -> None:
     group = "live-" + topics.predictions
     log = tmp_path / "collector.log"
-    env = {"KDWATCH_WINDOW": f"{WINDOW_MS}ms", "KDWATCH_GRACE": f"{GRACE_MS}ms", "KDWATCH_COLLECTOR_ENGINE": engine}
+    env = {"KDWATCH_WINDOW": f"{WINDOW_MS}ms", "KDWATCH_GRACE": f"{GRACE_MS}ms"}
 
     def start() -> Any:
         return collector_process(kafka, database_url, topics, group, log, max_poll_records=rng.choice([37, 200, 1_000]),
@@ -136,13 +136,17 @@ def _consume_in_processes(kafka: str, database_url: str, topics: Any, tmp_path: 
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize(("mode", "database_url", "engine"), MODES, indirect=["database_url"])
+@pytest.mark.parametrize(("mode", "database_url", "traffic"), MODES, indirect=["database_url"])
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analysis(
-        kafka: str, database_url: str, store: SqlStore, tmp_path: Path, mode: str, engine: str, seed: int) -> None:
-    rng = random.Random(f"{mode}-{engine}-{seed}")
-    spec = TrafficSpec(seed=1000 + seed, events_per_second=20, teacher_rate=0.4, label_rate=0.3, audit_rate=0.03)
-    records = list(generate(spec, 3_000))
+        kafka: str, database_url: str, store: SqlStore, tmp_path: Path, mode: str, traffic: str, seed: int) -> None:
+    rng = random.Random(f"{mode}-{traffic}-{seed}")
+    if traffic == "generative":
+        records = list(generate_generative(GenerativeSpec(seed=2000 + seed, events_per_second=20, teacher_rate=0.4,
+                                                          audit_rate=0.03), 2_000))
+    else:
+        spec = TrafficSpec(seed=1000 + seed, events_per_second=20, teacher_rate=0.4, label_rate=0.3, audit_rate=0.03)
+        records = list(generate(spec, 3_000))
     topics = new_topics(kafka, partitions=PARTITIONS)
     sent: list[tuple[str, str, bytes]] = []
     done = threading.Event()
@@ -157,10 +161,10 @@ def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analys
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     if mode == "one":
-        _consume_in_thread(kafka, topics, store, rng, done, engine)
+        _consume_in_thread(kafka, topics, store, rng, done)
     else:
         _consume_in_processes(kafka, database_url, topics, tmp_path, rng, done, members=2 if mode == "two" else 1,
-                              kills=3 if mode == "kills" else 0, engine=engine)
+                              kills=3 if mode == "kills" else 0)
     producer.join(60)
     assert len(sent) == len(records)
 
@@ -176,19 +180,16 @@ def test_windows_stored_while_producers_write_in_bursts_equal_the_offline_analys
     # Offline, the end of the files closes every window; live, the newest windows are still open, and the
     # replays and labels still waiting there for a prediction count as unmatched only when they close.
     live = dict(store.counters())
-    for (kind, reason), count in waiting(store, "live-" + topics.predictions, topic_map(topics).values()).items():
+    for (kind, reason), count in waiting(store).items():
         live[(kind, reason)] = live.get((kind, reason), 0) + count
     assert {k: v for k, v in live.items() if v} == {k: v for k, v in counters.items() if v}
 
 
-def waiting(store: SqlStore, group: str, topics: Any, partitions: int = PARTITIONS) -> Counter[tuple[str, str]]:
+def waiting(store: SqlStore, partitions: int = PARTITIONS) -> Counter[tuple[str, str]]:
     """Replays and labels still waiting for their prediction in open windows, as (kind, "unmatched") counts."""
     out: Counter[tuple[str, str]] = Counter()
     for p in range(partitions):
-        for entry in store.load_partition(group, p, topics).entries:  # the record joiner's buffer
-            if entry.kind != "p":
-                out[("teacher" if entry.kind == "t" else "label", "unmatched")] += 1
-        for kind, _model, _seq, blob in store.load_engine(p)[1]:  # the columnar engine's
+        for kind, _model, _seq, blob in store.load_engine(p)[1]:
             if kind in ("teacher", "label"):
                 out[(kind, "unmatched")] += early_from(blob, kind)[0].n
     return out

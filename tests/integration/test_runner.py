@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kdwatch.api import ApiSettings, create_app
-from kdwatch.collector.join import PartitionJoiner
 from kdwatch.runner.distill import TrainConfig
 from kdwatch.runner.service import Runner, RunnerConfig, create_runner_app
 from kdwatch.slo.webhooks import headers, new_secret
 from kdwatch.storage.jobs import JobStore
 from kdwatch.storage.sql import SqlStore
+from tests.record_joiner.join import PartitionJoiner
 from tests.unit.runner.test_distill import synthetic_transfer
 
 SECRET = new_secret()

@@ -11,11 +11,11 @@ from alembic.migration import MigrationContext
 
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.contract import Distribution, Prediction
-from kdwatch.collector.join import PartitionJoiner
 from kdwatch.collector.records import Changes, WindowKey
 from kdwatch.errors import StoreConflict
 from kdwatch.storage.schema import metadata
 from kdwatch.storage.sql import SqlStore
+from tests.record_joiner.join import PartitionJoiner
 
 T0 = 1_795_000_020_000
 ALL_READ = {"prediction": False, "teacher": False, "label": False}

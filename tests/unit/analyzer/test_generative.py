@@ -14,9 +14,9 @@ import pytest
 from kdwatch.analyzer.generative import GenerativeState
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.contract import Generation, decode_prediction, decode_teacher
-from kdwatch.collector.join import PartitionJoiner
 from kdwatch.collector.records import entry_from_dict, entry_to_dict
 from kdwatch.errors import ContractError
+from tests.record_joiner.join import PartitionJoiner
 
 TS = 1_795_000_000_000
 

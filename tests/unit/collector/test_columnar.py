@@ -20,6 +20,7 @@ from kdwatch.collector.offline import analyze_files, build_references, load_refe
 from kdwatch.collector.parquet_io import convert_jsonl, load_reference_parquet
 from kdwatch.errors import ContractError, SchemaError
 from kdwatch.generator import TrafficSpec, generate
+from tests.record_joiner.offline import record_analyze
 
 START = 1_795_000_000_000
 
@@ -80,8 +81,8 @@ def compare(paths: dict[str, Path], parquet: dict[str, Path], reference: Path | 
     for columnar_reference in ([reference, reference.with_suffix(".parquet")] if reference is not None else []):
         assert {m: r.to_dict() for m, r in load_reference(columnar_reference).items()} == \
             {m: r.to_dict() for m, r in refs.items()}
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=window_ms, grace_ms=grace_ms,
-                           references=refs, columnar=False)
+    w1, c1 = record_analyze(paths["prediction"], paths["teacher"], paths["label"], window_ms=window_ms, grace_ms=grace_ms,
+                           references=refs)
     r1 = results(w1, refs, window_ms)
     for source in (paths, parquet):
         w2, c2 = analyze_columnar(source["prediction"], source["teacher"], source["label"], window_ms=window_ms,
@@ -174,8 +175,8 @@ def test_many_small_chunks_and_rows_out_of_order_give_the_same_windows(tmp_path:
 def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Labels come up to ~100 s after their prediction with 10 s windows and 60 s grace: some join,
     # some are unmatched. The watermark moves after every record on both offline paths, so neither
-    # the record path's end_batch cadence nor the columnar path's batch size changes which.
-    from kdwatch.collector import offline
+    # the record joiner's end_batch cadence nor the columnar engine's batch size changes which.
+    from tests.record_joiner import offline
 
     spec = TrafficSpec(seed=11, events_per_second=10.0, teacher_rate=0.5, label_rate=0.3)
     paths = write_jsonl(tmp_path, spec, 2_500)
@@ -184,9 +185,9 @@ def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytes
     for records, rows in ((5_000, 65_536), (7, 40), (333, 1_000)):
         monkeypatch.setattr(offline, "BATCH", records)
         _batch_rows(monkeypatch, rows)
-        for source, columnar in ((paths, False), (paths, True), (parquet, True)):
-            windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"],
-                                              window_ms=10_000, grace_ms=60_000, columnar=columnar)
+        for source, engine in ((paths, record_analyze), (paths, analyze_files), (parquet, analyze_files)):
+            windows, counters = engine(source["prediction"], source["teacher"], source["label"], window_ms=10_000,
+                                       grace_ms=60_000)
             runs.append((counters, results(windows, {}, 10_000)))
     assert 0 < runs[0][0][("label", "unmatched")] < runs[0][0][("label", "valid")]
     for counters, r in runs[1:]:
@@ -195,10 +196,10 @@ def test_results_do_not_depend_on_batch_sizes(tmp_path: Path, monkeypatch: pytes
 
 
 def test_the_merge_of_files_out_of_order_is_the_heap_merge(tmp_path: Path) -> None:
-    # collector.offline.merged_events merges the files with a heap; the columnar path orders rows by
+    # The record joiner's merged_events merges the files with a heap; the columnar path orders rows by
     # their file's running maximum of ts (then input, then row): the same order, also when a file is
     # not sorted by ts.
-    from kdwatch.collector.offline import merged_events
+    from tests.record_joiner.offline import merged_events
 
     rng = np.random.default_rng(3)
     for trial in range(30):
@@ -253,19 +254,22 @@ def test_join_keys_depend_on_the_string_alone() -> None:
     assert np.unique(many).size == 200_000
 
 
-def test_a_join_key_shared_by_two_request_ids_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("batch", [65_536, 97])
+def test_request_ids_sharing_a_join_key_are_told_apart_by_their_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         batch: int) -> None:
+    _batch_rows(monkeypatch, batch)
     spec = TrafficSpec(seed=8, events_per_second=40.0, teacher_rate=0.5, label_rate=0.3)
     paths = write_jsonl(tmp_path, spec, 2_000)
+    with_retries(paths, 0.05, 8)
     parquet = to_parquet(paths)
-    # A key of 12 bits: many different request_ids share one.
+    w1, c1 = record_analyze(paths["prediction"], paths["teacher"], paths["label"])
+    # A key of 12 bits: many different request_ids share one (in a chunk, across chunks, waiting and open).
     monkeypatch.setattr(column_rules, "string_keys",
                         lambda values: np.array([hash(v) & 0xFFF for v in values.to_pylist()], dtype=np.uint64))
-    reasons: list[str] = []
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], columnar=False)
-    w2, c2 = analyze_files(parquet["prediction"], parquet["teacher"], parquet["label"], on_fallback=reasons.append)
-    assert reasons == ["two request_ids share a 64-bit join key"]
-    assert c1 == c2
-    assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
+    for source in (paths, parquet):
+        w2, c2 = analyze_files(source["prediction"], source["teacher"], source["label"])
+        assert c1 == c2
+        assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))
 
 
 BAD_PREDICTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -302,7 +306,7 @@ def test_invalid_rows_are_rejected_with_the_decoders_reasons(tmp_path: Path) -> 
                         ("label", pa.int64()), ("audit", pa.string()), ("segment", pa.string())])
     parquet = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(good + rows, schema=schema), parquet)
-    w1, c1 = analyze_files(jsonl, columnar=False)
+    w1, c1 = record_analyze(jsonl)
     w2, c2 = analyze_columnar(parquet)
     w3, c3 = analyze_columnar(jsonl)
     assert c3 == c1
@@ -323,7 +327,7 @@ def test_a_label_is_checked_against_its_own_rows_class_count(tmp_path: Path) -> 
     jsonl, parquet = tmp_path / "p.jsonl", tmp_path / "p.parquet"
     jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), parquet)
-    w1, c1 = analyze_files(jsonl, columnar=False)
+    w1, c1 = record_analyze(jsonl)
     w2, c2 = analyze_columnar(parquet)
     w3, c3 = analyze_columnar(jsonl)
     assert c3 == c1
@@ -379,9 +383,7 @@ def test_a_model_whose_class_count_changes_stays_on_the_engine(tmp_path: Path, m
     reference = ref_dir / "prediction.jsonl"
     reference.write_bytes(paths["prediction"].read_bytes())
     convert_jsonl(reference, reference.with_suffix(".parquet"), "prediction")
-    reasons: list[str] = []
-    analyze_files(paths["prediction"], paths["teacher"], paths["label"], on_fallback=reasons.append)
-    assert reasons == []
+    analyze_files(paths["prediction"], paths["teacher"], paths["label"])
     r, counters = compare(paths, to_parquet(paths), reference)
     assert counters[("teacher", "class_count_mismatch")] > 0 and counters[("label", "label_out_of_range")] > 0
     assert sum(w["n_joined"] for w in r.values()) > 500 and all(w["psi"]["_confidence"] is not None for w in r.values())
@@ -453,11 +455,8 @@ def test_a_request_id_used_again_after_its_window_closed_is_a_new_prediction(tmp
     replays = [{"request_id": r["request_id"], "model": spec.model, "teacher_version": "t1", "ts": r["ts"] + 1_000,
                 "probs": [0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]} for r in again[::2]]
     paths = write_jsonl(tmp_path, spec, 3_000, {"prediction": again, "teacher": replays})
-    reasons: list[str] = []
     r, counters = compare(paths, to_parquet(paths), None, window_ms=10_000, grace_ms=20_000)
-    analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
-                  on_fallback=reasons.append)
-    assert reasons == []
+    analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
     late_window = [w for key, w in r.items() if key.window_start >= START + 3_000_000 - 10_000]
     assert sum(w["n"] for w in late_window) == len(again) and sum(w["n_joined"] for w in late_window) == len(replays)
     assert counters.get(("prediction", "duplicate"), 0) == 0
@@ -589,8 +588,7 @@ def test_jsonl_lines_of_every_kind_give_the_record_paths_reasons_and_windows(tmp
     labels[3:3] = [b'{"request_id": "q", "model": "fraud-distil", "label": "1", "ts": 1795000001000}',
                    b'{"request_id": "q", "model": "fraud-distil", "label": -1, "ts": 1795000001000}']
     paths["label"].write_bytes(b"\n".join(labels) + b"\n")
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
-                           columnar=False)
+    w1, c1 = record_analyze(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
     w2, c2 = analyze_columnar(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
     assert c1 == c2
     assert_same(results(w1, {}, 10_000), results(w2, {}, 10_000))
@@ -631,10 +629,8 @@ def test_a_feature_holding_numbers_and_strings_stays_on_the_engine(tmp_path: Pat
     reference.write_bytes(b"".join(orjson.dumps({**r, "request_id": "b" + r["request_id"]}) + b"\n" for r in rows))
     refs = record_reference(reference)
     assert refs["m"].features["f"].edges is not None or refs["m"].features["f"].categories is not None
-    w1, c1 = analyze_files(jsonl, references=refs, columnar=False)
-    reasons: list[str] = []
-    w2, c2 = analyze_files(jsonl, references=refs, on_fallback=reasons.append)
-    assert not reasons
+    w1, c1 = record_analyze(jsonl, references=refs)
+    w2, c2 = analyze_files(jsonl, references=refs)
     assert c1 == c2
     assert_same(results(w1, refs, 60_000), results(w2, refs, 60_000))
 
@@ -658,7 +654,7 @@ def test_event_times_as_rfc3339_text_stay_on_arrows_reader(tmp_path: Path, monke
         path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     lines = paths["prediction"].read_bytes().splitlines()
     assert fast_batch(lines[:500], "prediction") is not None and fast_batch(lines[500:1000], "prediction") is None
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], columnar=False)
+    w1, c1 = record_analyze(paths["prediction"], paths["teacher"], paths["label"])
     w2, c2 = analyze_columnar(paths["prediction"], paths["teacher"], paths["label"])
     assert c1 == c2 and c1[("prediction", "invalid_timestamp")] == 1
     assert_same(results(w1, {}, 60_000), results(w2, {}, 60_000))

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from kdwatch.collector.offline import analyze_files
+from tests.record_joiner.offline import record_analyze
 from tests.unit.collector.test_columnar import (
     START,
     _batch_rows,
@@ -131,12 +132,10 @@ def test_generative_streams_give_the_record_joiners_windows_on_the_engine(tmp_pa
     # With invalid rows and a reference (drift of the generative outputs and the inputs), JSONL.
     paths = _write(tmp_path, _stream(seed, 3_000))
     with_retries(paths, 0.03, seed)
-    expected = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=WINDOW_MS,
-                             grace_ms=GRACE_MS, references=refs, columnar=False)
+    expected = record_analyze(paths["prediction"], paths["teacher"], paths["label"], window_ms=WINDOW_MS,
+                             grace_ms=GRACE_MS, references=refs)
     assert expected[1].get(("prediction", "bad_generation"), 0) > 0
-    reasons: list[str] = []
     got = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=WINDOW_MS,
-                        grace_ms=GRACE_MS, references=refs, on_fallback=reasons.append)
-    assert reasons == []
+                        grace_ms=GRACE_MS, references=refs)
     assert got[1] == expected[1]
     assert_same(results(expected[0], refs, WINDOW_MS), results(got[0], refs, WINDOW_MS), "windows")

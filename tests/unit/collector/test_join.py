@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from kdwatch.collector.contract import Distribution, Label, Prediction, TeacherReplay
-from kdwatch.collector.join import PartitionJoiner, window_start_of
 from kdwatch.collector.records import Source, WindowKey, entry_from_dict, entry_to_dict
+from tests.record_joiner.join import PartitionJoiner, window_start_of
 
 MIN = 60_000
 T0 = 1_795_000_020_000  # inside the window starting at 1_794_999_960_000

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kdwatch.analyzer.window import window_result
 from kdwatch.collector import column_rules, columns, parquet_io
 from kdwatch.collector.columnar import analyze_columnar
-from kdwatch.collector.offline import analyze_files
+from tests.record_joiner.offline import record_analyze
 from tests.unit.collector.test_columnar import POISON_LINES
 
 T0 = 1_795_000_000_000
@@ -82,8 +82,7 @@ def test_any_lines_give_the_record_paths_windows_and_counters(tmp_path_factory: 
     for kind, body in lines.items():
         paths[kind] = directory / f"{kind}.jsonl"
         paths[kind].write_bytes(b"".join(line + b"\n" for line in body))
-    w1, c1 = analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000,
-                           columnar=False)
+    w1, c1 = record_analyze(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
     saved = [(m, m.BATCH_ROWS) for m in (columns, column_rules, parquet_io)]
     try:
         for module, _rows in saved:
@@ -92,9 +91,6 @@ def test_any_lines_give_the_record_paths_windows_and_counters(tmp_path_factory: 
 
         jc.BATCH_ROWS = rows
         w2, c2 = analyze_columnar(paths["prediction"], paths["teacher"], paths["label"], window_ms=10_000, grace_ms=20_000)
-    except columns.Fallback:
-        event("fallback")
-        return  # the record path decides (class counts of one model differing, a reused id...): nothing to compare
     finally:
         for module, value in saved:
             module.BATCH_ROWS = value

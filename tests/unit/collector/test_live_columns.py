@@ -3,7 +3,7 @@
 Records arrive in polls of random sizes, the three inputs fetched in random interleavings, and the
 unit is restarted from its stored state (the blobs and scalars its commits wrote) at random moments,
 re-reading from the committed offsets. Its closed windows, counters and dead letters must equal the
-record joiner (`kdwatch analyze` with ``columnar=False``) on the same events: the result cannot
+record joiner (tests/record_joiner) on the same events: the result cannot
 depend on fetch timing or restarts.
 """
 
@@ -18,12 +18,9 @@ import orjson
 import pytest
 
 from kdwatch.analyzer.window import WindowState
-from kdwatch.collector.ingest import ingest, merge_key
-from kdwatch.collector.join import PartitionJoiner
 from kdwatch.collector.live_columns import ColumnarUnit
-from kdwatch.collector.merge import EventTimeMerge
-from kdwatch.collector.offline import analyze_files
-from kdwatch.collector.records import Changes, EngineDelta, Source, WindowKey
+from kdwatch.collector.records import Changes, EngineDelta, WindowKey
+from tests.record_joiner.offline import record_analyze
 from tests.unit.collector.test_columnar import assert_same
 from tests.unit.collector.test_generative_engine import _stream as generative_stream
 from tests.unit.collector.test_semantics_oracle import GRACE_MS, INPUTS, WINDOW_MS, _fields, _write, random_stream
@@ -155,8 +152,7 @@ def test_live_engine_equals_analyze_whatever_the_fetch_timing_and_restarts(tmp_p
 
 def _analyze(stream: dict[str, list[dict[str, Any]]], tmp_path: Path) -> tuple[dict[WindowKey, WindowState], dict[tuple[str, str], int]]:
     paths = _write(stream, tmp_path)
-    return analyze_files(paths["prediction"], paths["teacher"], paths["label"], window_ms=WINDOW_MS, grace_ms=GRACE_MS,
-                         columnar=False)
+    return record_analyze(paths["prediction"], paths["teacher"], paths["label"], window_ms=WINDOW_MS, grace_ms=GRACE_MS)
 
 
 def assert_as_analyze(windows: dict[WindowKey, WindowState], counters: Counter[tuple[str, str]], letters: Counter[tuple[str, str]],
@@ -178,42 +174,6 @@ def test_poison_records_are_dead_lettered_with_their_reason(tmp_path: Path) -> N
     assert counters[("prediction", "invalid_json")] == 1
     clean, _c, _l = run_live(stream, 1, 0)
     assert _fields(windows) == _fields(clean)  # poison changes nothing else
-
-
-def run_handover(stream: dict[str, list[dict[str, Any]]], seed: int, at_poll: int
-                 ) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, str]], Counter[tuple[str, str]]]:
-    """The columnar engine for ``at_poll`` polls, then the record joiner from the stored state (a hand-over)."""
-    rng = random.Random(seed)
-    feed = Feed(_records(stream))
-    for _ in range(at_poll):
-        feed.poll(rng, [1, 5, 40])
-    records, store = feed.records, feed.store
-    windows, counters, letters = feed.windows, feed.counters, feed.letters
-    snapshot = _unit(store).record_state()
-    joiner = PartitionJoiner(WINDOW_MS, GRACE_MS, {}, watermark=snapshot.watermark, observed=snapshot.observed,
-                             windows=snapshot.windows, entries=snapshot.entries)
-    merge: EventTimeMerge[tuple[Source, Any]] = EventTimeMerge(0.0)
-    for kind in INPUTS:
-        for r in records[kind][store.offsets[kind]:]:
-            key, parsed = merge_key(r.value)
-            merge.push(kind, key, (Source(r.topic, 0, r.offset, r.timestamp, r.key, r.value), parsed))
-        merge.set_at_end(kind, True)
-    joiner.advance_watermark(merge.idle())
-    while (item := merge.next()) is not None:
-        kind, (source, parsed) = item
-        ingest(joiner, kind, source.value, source, parsed=parsed)
-        joiner.advance_watermark(merge.idle())
-    _collect(joiner.end_batch(merge.idle(), close_all=True), windows, counters, letters)
-    return windows, counters, letters
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_a_hand_over_to_the_record_joiner_changes_nothing(tmp_path: Path, seed: int) -> None:
-    """Data the columnar engine cannot take yet (a generative student) goes on on the record joiner from its state."""
-    stream = random_stream(seed, 300, retries_only=True)
-    expected = _analyze(stream, tmp_path)
-    for at_poll in (3, 25, 60):
-        assert_as_analyze(*run_handover(stream, seed + at_poll, at_poll), expected)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -23,6 +23,7 @@ from kdwatch.collector.offline import analyze_files
 from kdwatch.collector.parquet_io import convert_jsonl
 from kdwatch.collector.records import WindowKey
 from tests.oracle import INPUTS, Oracle
+from tests.record_joiner.offline import record_analyze
 
 WINDOW_MS, GRACE_MS = 10_000, 20_000
 T0 = 1_795_000_000_000
@@ -113,14 +114,12 @@ def _fields(windows: dict[WindowKey, WindowState]) -> dict[tuple[str, str, int],
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), n=st.integers(20, 400), retries_only=st.booleans())
 def test_jsonl_parquet_and_the_oracle_agree_on_random_streams(tmp_path: Path, seed: int, n: int, retries_only: bool) -> None:
-    """The record joiner (JSONL), the columnar engine (JSONL, Parquet) and the oracle agree.
-
-    Retries only: the columnar engine keeps its path (duplicates decided there); ids reused: it may fall back.
-    """
+    """The record joiner (JSONL), the columnar engine (JSONL, Parquet) and the oracle agree (with retries only, or
+    with request_ids also reused after their window closed)."""
     stream = random_stream(seed, n, retries_only)
     paths = _write(stream, tmp_path / f"s{seed}-{n}-{retries_only}")
-    jsonl_windows, jsonl_counters = analyze_files(paths["prediction"], paths["teacher"], paths["label"],
-                                                  window_ms=WINDOW_MS, grace_ms=GRACE_MS, columnar=False)
+    jsonl_windows, jsonl_counters = record_analyze(paths["prediction"], paths["teacher"], paths["label"],
+                                                  window_ms=WINDOW_MS, grace_ms=GRACE_MS)
     parquet = {kind: path.with_suffix(".parquet") for kind, path in paths.items()}
     for kind in INPUTS:
         convert_jsonl(paths[kind], parquet[kind], kind)
@@ -131,11 +130,8 @@ def test_jsonl_parquet_and_the_oracle_agree_on_random_streams(tmp_path: Path, se
     assert _fields(jsonl_windows) == expected
     assert {k: v for k, v in jsonl_counters.items() if v} == counted
     for source in (paths, parquet):  # the columnar engine on both formats
-        fallbacks: list[str] = []
         windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"],
-                                          window_ms=WINDOW_MS, grace_ms=GRACE_MS, on_fallback=fallbacks.append)
-        if retries_only:
-            assert fallbacks == []
+                                          window_ms=WINDOW_MS, grace_ms=GRACE_MS)
         assert _fields(windows) == expected
         assert {k: v for k, v in counters.items() if v} == counted
 
@@ -166,12 +162,9 @@ def test_partitions_run_on_the_engine_as_on_the_record_joiner(tmp_path: Path, se
         return zlib.crc32(key) % n
 
     for source in (paths, parquet):  # (Parquet: convert left the unreadable line out)
-        expected = analyze_files(source["prediction"], source["teacher"], source["label"], window_ms=WINDOW_MS,
-                                 grace_ms=GRACE_MS, partitions=partitions, partitioner=partitioner, columnar=False)
-        fallbacks: list[str] = []
+        expected = record_analyze(source["prediction"], source["teacher"], source["label"], window_ms=WINDOW_MS,
+                                 grace_ms=GRACE_MS, partitions=partitions, partitioner=partitioner)
         windows, counters = analyze_files(source["prediction"], source["teacher"], source["label"], window_ms=WINDOW_MS,
-                                          grace_ms=GRACE_MS, partitions=partitions, partitioner=partitioner,
-                                          on_fallback=fallbacks.append)
-        assert fallbacks == []
+                                          grace_ms=GRACE_MS, partitions=partitions, partitioner=partitioner)
         assert _fields(windows) == _fields(expected[0])
         assert {k: v for k, v in counters.items() if v} == {k: v for k, v in expected[1].items() if v}

@@ -1,4 +1,6 @@
-"""The request_id join and event-time windows of one co-partition, as pure logic.
+"""The record joiner: kdwatch's former per-record engine, kept as a second reference for the tests.
+
+The request_id join and event-time windows of one co-partition, as pure logic.
 
 ``PartitionJoiner`` takes decoded events in arrival order and keeps:
 
@@ -33,8 +35,8 @@ import numpy as np
 from kdwatch.analyzer.drift import Reference
 from kdwatch.analyzer.window import WindowState
 from kdwatch.collector.contract import Distribution, Generation, Label, Prediction, TeacherReplay
+from kdwatch.collector.merge import watermark_candidate, window_start_of
 from kdwatch.collector.records import (
-    INPUTS,
     LABEL,
     NO_SEGMENT,
     PREDICTION,
@@ -79,32 +81,6 @@ class _Pending:
 
     def segment(self, name: str | None) -> list[int]:
         return self.segments.setdefault(name or NO_SEGMENT, [0, 0, 0, 0, 0])
-
-
-def watermark_candidate(observed: dict[str, int], caught_up: dict[str, bool]) -> int | None:
-    """The least newest event time over the inputs still being read (Flink's min-over-inputs watermark).
-
-    ``observed``: input kind -> highest event time seen; an input with nothing left to read counts as
-    the newest time seen anywhere. None while an input that is still read has shown nothing: it may
-    hold anything. Shared by the stream joiner and the columnar offline path.
-    """
-    if not observed:
-        return None
-    newest = max(observed.values())
-    candidates = []
-    for kind in INPUTS:
-        if caught_up.get(kind, False):
-            candidates.append(newest)
-        elif kind in observed:
-            candidates.append(observed[kind])
-        else:
-            return None
-    return min(candidates)
-
-
-def window_start_of(ts_ms: int, window_ms: int) -> int:
-    """Tumbling windows aligned to the epoch."""
-    return ts_ms - ts_ms % window_ms
 
 
 class PartitionJoiner:
