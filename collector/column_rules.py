@@ -21,6 +21,7 @@ from kdwatch.collector.columns import (
     float_column,
     int_column,
     null_mask,
+    present,
     string_column,
     string_keys,
     to_numpy,
@@ -294,8 +295,8 @@ def _prediction_fields(batch: pa.RecordBatch, rej: Rejections, probs: np.ndarray
     return latency, audit, features, seg[0]
 
 
-def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
-             key0: int = -1) -> tuple[Block | None, dict[str, int], list[Hint], int]:
+def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0, key0: int = -1,
+             generations: np.ndarray | None = None) -> tuple[Block | None, dict[str, int], list[Hint], int]:
     """(valid rows, rejected count per reason, rejected predictions naming a window, merge key after the batch).
 
     ``keys=False`` leaves the join keys out (zeros): a reference is never joined. ``row0`` is the
@@ -305,7 +306,9 @@ def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
 
     The window hint mirrors collector.ingest: a rejected prediction whose model, student_version and
     ts are readable is counted in that window's ``n_rejected``. The caller knows the window size, so
-    the keys here hold the event time itself in the window_start place.
+    the keys here hold the event time itself in the window_start place. ``generations``: each row's
+    decoded Generation (None: a classifier's row), when the rows were decoded already; else a
+    ``generation`` column is checked here row by row.
     """
     n = batch.num_rows
     rej = Rejections(n)
@@ -330,10 +333,11 @@ def validate(batch: pa.RecordBatch, kind: str, keys: bool = True, row0: int = 0,
     probs = logp = gen = None
     latency = audit = segment = None
     features: dict[str, np.ndarray] = {}
-    generative = _generative(batch) if kind != "label" else np.zeros(n, dtype=bool)
+    # ``generations``: decoded already (collector.jsonl_columns.by_line), a Generation or None per row.
+    generative = present(generations, n) if generations is not None else _generative(batch)
     if kind != "label":
         probs, logp = _distribution(batch, rej, generative)
-        gen = _generations(batch, rej, generative, kind == "teacher")
+        gen = generations if generations is not None else _generations(batch, rej, generative, kind == "teacher")
     if kind == "prediction":
         latency, audit, features, segment = _prediction_fields(batch, rej, probs, label, label_missing, generative)
     ok = rej.ok

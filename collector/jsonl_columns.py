@@ -36,6 +36,8 @@ from kdwatch.collector.ingest import merge_key, window_hint_fields
 from kdwatch.collector.parquet_io import columns_for, reference_from_batches
 from kdwatch.errors import ContractError
 
+BATCH_BYTES = 32 << 20  # a batch of lines holds at most about this much text
+
 
 def line_chunks(path: Path, rows: int | None = None) -> Iterator[list[bytes]]:
     """The file's non-blank lines (line ends stripped), ``rows`` at a time (in order)."""
@@ -44,17 +46,20 @@ def line_chunks(path: Path, rows: int | None = None) -> Iterator[list[bytes]]:
 
 
 def chunked(values: Iterable[bytes], rows: int | None = None) -> Iterator[list[bytes]]:
-    """The non-blank ones of ``values``, line ends stripped, in lists of ``rows`` (default BATCH_ROWS)."""
+    """The non-blank ones of ``values``, line ends stripped, in lists of ``rows`` (default BATCH_ROWS) lines or
+    BATCH_BYTES bytes, whichever comes first (a generative student's lines are kilobytes each)."""
     size = rows or BATCH_ROWS
     chunk: list[bytes] = []
+    held = 0
     for value in values:
         line = value.rstrip(b"\r\n")
         if not line.strip():
             continue
         chunk.append(line)
-        if len(chunk) == size:
+        held += len(line)
+        if len(chunk) == size or held >= BATCH_BYTES:
             yield chunk
-            chunk = []
+            chunk, held = [], 0
     if chunk:
         yield chunk
 
@@ -133,8 +138,8 @@ def _ts_to_ms(table: pa.Table) -> pa.Table | None:
 def fast_batch(lines: list[bytes], kind: str) -> pa.RecordBatch | None:
     """The lines as one record batch parsed by Arrow, or None where the line-by-line way must decide."""
     blob = b"\n".join(lines)
-    if max(map(len, lines)) > MAX_VALUE_BYTES:
-        return None
+    if max(map(len, lines)) > MAX_VALUE_BYTES or b'"generation"' in blob:
+        return None  # a line over the limit, or a generative student's events: decoded line by line
     if not blob.isascii():
         try:
             blob.decode("utf-8")  # Arrow's reader takes invalid UTF-8 inside strings; the decoder calls it invalid JSON
@@ -182,12 +187,13 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
     feature_types: dict[str, str] = {}
     mixed: set[str] = set()  # features holding numbers in some lines and strings in others
     prompts: list[Any] = []
+    generations: dict[int, Any] = {}  # row -> its Generation
     mkey = key0
     for i, line in enumerate(lines):
         key, obj = merge_key(line)
         mkey = max(mkey, key)
         try:
-            decode(obj if obj is not None else line)
+            event = decode(obj if obj is not None else line)
         except ContractError as exc:
             reasons[exc.reason] += 1
             if kind == "prediction":
@@ -200,6 +206,8 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
         row["ts"] = parse_ts(row["ts"])
         row.pop("v", None)
         prompts.append(row.pop("prompt_tokens", None))
+        if row.pop("generation", None) is not None:  # kept as the decoder made it, not as an Arrow column
+            generations[len(rows)] = getattr(event, "generation", None)
         features = row.get("features")
         if features is not None:
             for name, value in features.items():
@@ -218,9 +226,10 @@ def by_line(lines: list[bytes], kind: str, row0: int, key0: int) -> tuple[Block 
             row["features"] = {k: (str(v) if k in mixed else v if feature_types[k] == "str" else float(v))
                                for k, v in features.items()}
     types = {name: "str" if name in mixed else t for name, t in sorted(feature_types.items())}
-    schema = columns_for(kind, types, any("generation" in row for row in rows))
+    schema = columns_for(kind, types, False)
     batch = pa.Table.from_pylist(rows, schema=schema).combine_chunks().to_batches()[0]
-    block, more, _hints, _end = validate(batch, kind)
+    gen = objects([generations.get(i) for i in range(len(rows))]) if generations else None
+    block, more, _hints, _end = validate(batch, kind, generations=gen)
     reasons.update(more)  # none: the decoder accepted every one of these rows
     if block is not None:
         assert block.rowno is not None
