@@ -304,32 +304,32 @@ class ColumnarAnalyzer:
             buf.chunks = [concat_open(buf.chunks)]
 
     def _misfits(self, kind: str, block: Block, rows: np.ndarray, preds: Block, at: np.ndarray) -> np.ndarray:
-        """Which of the replay or label ``rows`` about to join the predictions at ``at`` do not fit them (the record
-        joiner's rules): a generative replay for a classifier's prediction or the other way round, or a label for a
+        """Which of the replay or label ``rows`` about to join the predictions at ``at`` do not fit them (the README's
+        rules): a generative replay for a classifier's prediction or the other way round, or a label for a
         generative one (``generative_mismatch``), a replay scoring another number of tokens
         (``generation_length_mismatch``) or of another class count (``class_count_mismatch``), a label outside the
         classes (``label_out_of_range``). Those are rejected (counted and dead-lettered) and join nothing; the
         prediction takes another."""
         classes = row_classes(preds, at)
         generative = classes == 0
-        reason = np.full(rows.size, "", dtype=object)
+        masks: dict[str, np.ndarray] = {}
         if kind == "label":
             assert block.label is not None
-            reason[~generative & (block.label[rows] >= classes)] = "label_out_of_range"
-            reason[generative] = "generative_mismatch"
+            masks["generative_mismatch"] = generative
+            masks["label_out_of_range"] = ~generative & (block.label[rows] >= classes)
         else:
             theirs = row_classes(block, rows)
             same_kind = (theirs == 0) == generative
-            reason[same_kind & (theirs != classes)] = "class_count_mismatch"
+            masks["generative_mismatch"] = ~same_kind
+            masks["class_count_mismatch"] = same_kind & (theirs != classes)
             if generative.any():
-                longer = same_kind & generative & (row_lengths(block, rows) != row_lengths(preds, at))
-                reason[longer] = "generation_length_mismatch"
-            reason[~same_kind] = "generative_mismatch"
-        bad = reason != ""
-        for why in set(reason[bad].tolist()):
-            which = reason == why
-            self.counters[(kind, why)] += int(which.sum())
-            self._letter(kind, block, rows[which], why)
+                masks["generation_length_mismatch"] = same_kind & generative & (row_lengths(block, rows) != row_lengths(preds, at))
+        bad = np.zeros(rows.size, dtype=bool)
+        for why, mask in masks.items():
+            if mask.any():
+                self.counters[(kind, why)] += int(mask.sum())
+                self._letter(kind, block, rows[mask], why)
+                bad |= mask
         return bad
 
     def _check_partner(self, model: str, preds: Block, rows: np.ndarray, partners: Block, kind: str) -> None:
