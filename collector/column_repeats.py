@@ -194,8 +194,8 @@ def mixed_windows(buf: JoinBuffer, preds: Block | None, window_ms: int
     without a generative row on either side nothing is computed.
     """
     none: tuple[np.ndarray, set[tuple[str, int]], dict[tuple[str, int], bool]] = (np.zeros(0, dtype=np.uint64), set(), {})
-    if preds is None or not preds.n:
-        return none
+    if preds is None or not preds.n or (preds.gen is None and all(c.preds.gen is None for c in buf.chunks)):
+        return none  # a classifier's stretch and buffer (the usual case): nothing computed per buffered row
     gen = _generative_rows(preds)
     buffered = [(chunk, _generative_rows(chunk.preds)) for chunk in buf.chunks]
     if not gen.any() and not any(g.any() for _c, g in buffered):
