@@ -47,8 +47,10 @@ from tests.integration.receiver import webhook_receiver
 
 # The shipped rules, in seconds instead of minutes. As in the shipped ones, the stall window is longer than
 # the collector's idle timeout (10 s here): a collector waiting that long for a silent input legitimately
-# commits nothing (the columnar engine commits processed records only).
-SHORT = SelfAlertTimings(stall_after_ms=15_000, stall_for_ms=0, lag_unknown_after_ms=5_000, lag_unknown_for_ms=0,
+# commits nothing (the columnar engine commits processed records only); twice it, so a collector slowed by the
+# test's other processes on a 2-vCPU machine does not page in a healthy phase (15 s did in a fresh-clone run),
+# and idle + window (30 s) stays inside the broker outage (60 s).
+SHORT = SelfAlertTimings(stall_after_ms=20_000, stall_for_ms=0, lag_unknown_after_ms=5_000, lag_unknown_for_ms=0,
                          dead_letter_over_ms=20_000, dead_letter_for_ms=0, backlog_after_ms=4_000, backlog_for_ms=0,
                          engine_stalled_after_ms=60_000, engine_stalled_for_ms=0)
 OUTAGE_S = 60.0
